@@ -1,0 +1,116 @@
+"""Where a tensor sits in a transformer: its layer, its component, and which tensors carry a
+layer's residual-branch output (the ones a DFS slot scale multiplies).
+
+Covers the decoder families EvoMerge merges (Llama, Mistral, Qwen2, SmolLM, Gemma, Phi-3,
+GPT-2-style ``h.N`` blocks); names are matched by pattern, not by a per-architecture table
+of full names.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .techniques import TensorLocation
+
+_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
+
+#: Suffixes of the projections that write a layer's branch output into the residual stream.
+RESIDUAL_OUTPUTS = (
+    "self_attn.o_proj",
+    "mlp.down_proj",
+    "attn.c_proj",
+    "mlp.c_proj",
+    "self_attention.dense",
+    "mlp.dense_4h_to_h",
+    "attention.o_proj",
+    "feed_forward.w2",
+    "block_sparse_moe.experts",  # each expert's w2 (matched by the rule below)
+)
+
+
+@dataclass(frozen=True)
+class LayerName:
+    prefix: str
+    index: int
+    rest: str
+
+    def with_index(self, index: int) -> str:
+        return f"{self.prefix}.{index}.{self.rest}"
+
+
+def parse_layer(name: str) -> LayerName | None:
+    """``model.layers.3.mlp.up_proj.weight`` → (``model.layers``, 3, ``mlp.up_proj.weight``)."""
+    match = _LAYER.match(name)
+    if match is None:
+        return None
+    return LayerName(match["prefix"], int(match["index"]), match["rest"])
+
+
+def is_residual_output(rest: str) -> bool:
+    """Whether a layer tensor (name after the layer index) is a residual-branch output projection."""
+    module = rest.rsplit(".", 1)[0]
+    if module.startswith("block_sparse_moe.experts."):
+        return module.endswith(".w2")
+    return module in RESIDUAL_OUTPUTS
+
+
+def component_of(name: str) -> str:
+    """``embeddings``, ``attention``, ``mlp``, ``norms``, ``head`` or ``default``."""
+    lowered = name.lower()
+    if "embed" in lowered or lowered.endswith(("wte.weight", "wpe.weight")):
+        return "embeddings"
+    if lowered.startswith(("lm_head", "output.")) or ".lm_head." in lowered:
+        return "head"
+    if "norm" in lowered or ".ln_" in lowered or lowered.startswith("ln_"):
+        return "norms"
+    if "attn" in lowered or "attention" in lowered:
+        return "attention"
+    if "mlp" in lowered or "feed_forward" in lowered or "moe" in lowered:
+        return "mlp"
+    return "default"
+
+
+def tensor_locations(names: Sequence[str], layers: int) -> dict[str, TensorLocation]:
+    """Locations for a model's tensor names in file order (non-layer tensors before the first
+    layer tensor count as embeddings-side, after it as head-side)."""
+    seen_layer = False
+    out = {}
+    for name in names:
+        parsed = parse_layer(name)
+        if parsed is not None:
+            seen_layer = True
+            out[name] = TensorLocation(component_of(name), parsed.index + 1, layers)
+        elif component_of(name) == "embeddings" or not seen_layer and component_of(name) != "head":
+            out[name] = TensorLocation(component_of(name), 0, layers)
+        else:
+            out[name] = TensorLocation(component_of(name), layers + 1, layers)
+    return out
+
+
+def order_names(names: Sequence[str]) -> list[str]:
+    """Hugging Face order: pre-layer tensors, layers by index, then the rest (norm, head)."""
+    def key(name: str) -> tuple[int, int, str]:
+        parsed = parse_layer(name)
+        if parsed is not None:
+            return (1, parsed.index, parsed.rest)
+        return (0 if component_of(name) == "embeddings" else 2, 0, name)
+
+    return sorted(names, key=key)
+
+
+def remap_layer_config(config: dict[str, Any], path: Sequence[int], source_layers: int) -> dict[str, Any]:
+    """A config for a model whose layer k is source layer ``path[k]``.
+
+    Sets the layer count and re-maps every per-layer list (e.g. ``layer_types``).
+    """
+    out = dict(config)
+    for key, value in config.items():
+        if isinstance(value, list) and len(value) == source_layers and key not in ("architectures",):
+            out[key] = [value[i] for i in path]
+    out["num_hidden_layers"] = len(path)
+    if "n_layer" in out:
+        out["n_layer"] = len(path)
+    return out

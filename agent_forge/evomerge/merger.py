@@ -1,0 +1,324 @@
+"""AdvancedModelMerger: materialise recipes — streamed to a Hugging Face folder, or in place.
+
+Two ways to turn a recipe into weights, both through :meth:`RecipeGraph.compute`, so they give
+bit-identical tensors:
+
+- :meth:`AdvancedModelMerger.merge` streams: for each output tensor, read its inputs from the
+  memory-mapped sources, compute, append to the output shard. Peak memory is a few tensors.
+  The folder appears atomically with config, tokenizer, the recipe and a model card.
+- :meth:`AdvancedModelMerger.materialize` writes a candidate into one resident model's
+  parameters (sources and task vectors held on the device): no disk, no re-instantiation
+  unless the layer count changes. This is what evaluation uses.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .config import Configuration, MergeSettings, parse_size
+from .exceptions import ConfigurationError, EvoMergeException, MergeError
+from .graph import RecipeGraph, SourcePool
+from .recipe import LayerSlot, LayerStack, Merge, RecipeNode, Source
+from .sources import ModelSource, check_compatible, open_source
+from .storage import (
+    StreamingSafetensorsWriter,
+    TensorPlan,
+    atomic_directory,
+    check_destination,
+    plan_shards,
+    shard_file_names,
+    write_shard_index,
+)
+from .techniques import get_technique
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel
+
+logger = logging.getLogger(__name__)
+
+RECIPE_FILE = "evomerge_recipe.json"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def open_sources(config: Configuration) -> tuple[dict[str, ModelSource], str | None]:
+    """Open the configuration's models and base lazily. Returns (name → source, base name)."""
+    settings = config.merge_settings
+    refs = list(config.models) + ([config.base_model] if config.base_model is not None else [])
+    names = [r.name for r in refs]
+    if len(set(names)) != len(names):
+        raise ConfigurationError(f"model and base names must differ; got {', '.join(names)}")
+    sources = {
+        ref.name: open_source(ref.name, ref.path, allow_pickle=settings.allow_pickle,
+                              trust_remote_code=settings.trust_remote_code)
+        for ref in refs
+    }
+    return sources, (config.base_model.name if config.base_model is not None else None)
+
+
+class AdvancedModelMerger:
+    """Merges the configured models by recipe.
+
+    Args:
+        config: the run configuration (models, base, merge settings). Sources are opened lazily
+            and checked for compatibility unless ``sources`` are given.
+        sources: already opened sources by name (the names recipes use).
+        base: the name of the base model among ``sources``.
+        device: where tensors are computed.
+        resident: hold every source tensor (and task vector) on ``device`` — for evaluating
+            many candidates; streaming merges of large models leave it off.
+    """
+
+    def __init__(
+        self,
+        config: Configuration | None = None,
+        *,
+        sources: Mapping[str, ModelSource] | None = None,
+        base: str | None = None,
+        device: str | torch.device = "cpu",
+        resident: bool = False,
+        subtree_cache_bytes: int = 0,
+    ) -> None:
+        self.config = config
+        self.settings = config.merge_settings if config is not None else MergeSettings()
+        if sources is None:
+            if config is None:
+                raise ConfigurationError("AdvancedModelMerger needs a configuration or opened sources")
+            sources, base = open_sources(config)
+            stacking = self.settings.merge_method in ("dfs", "ps_dfs", "mixed")
+            check_compatible(list(sources.values()), layer_stacking=stacking)
+        self.sources = dict(sources)
+        self.base = base
+        self.model_names = [n for n in self.sources if n != base]
+        self.device = torch.device(device)
+        self.pool = SourcePool(self.sources, base, resident=resident, device=self.device)
+        self.graph = RecipeGraph(self.pool, subtree_cache_bytes=subtree_cache_bytes)
+        self._resident_models: dict[int, PreTrainedModel] = {}
+
+    # -- recipes implied by the settings ---------------------------------------------------------
+
+    def default_recipe(self) -> RecipeNode:
+        """The one-shot recipe ``MergeSettings`` describes (``merge_method`` and ``parameters``)."""
+        method, params = self.settings.merge_method, dict(self.settings.parameters)
+        if method == "mixed":
+            raise ConfigurationError(
+                "merge_method 'mixed' names a search, not one merge; choose a technique (e.g. ties) "
+                "or ps / dfs / ps_dfs for a one-shot merge"
+            )
+        if method == "ps":
+            return self._ps_merge(params)
+        if method == "dfs":
+            return self._dfs_merge(params.get("slots"), embed_from=int(params.get("embed_from", 0)))
+        if method == "ps_dfs":
+            ps = self._ps_merge(params.get("ps", {}))
+            return self._dfs_merge(params.get("slots"), inputs=[ps, *self._source_nodes()])
+        seed = params.pop("seed", self.config.seed if self.config is not None else 0)
+        return Merge(method, self._source_nodes(), params, self._base_node(method), seed)
+
+    def _source_nodes(self) -> list[RecipeNode]:
+        return [Source(n) for n in self.model_names]
+
+    def _base_node(self, technique: str) -> RecipeNode | None:
+        if self.base is None:
+            if get_technique(technique).needs_base:
+                raise ConfigurationError(f"{technique} needs a base model; set base_model (or --base)")
+            return None
+        return Source(self.base)
+
+    def _ps_merge(self, params: Mapping[str, Any] | None = None, technique: str | None = None) -> Merge:
+        """A parameter-space merge of the sources with per-layer-group parameters.
+
+        Each model's ``weight``/``density`` may be a scalar, a list over layer groups, or a
+        mapping by component (``attention``, ``mlp``, ``embeddings``, ``norms``, ``head``).
+        """
+        technique = technique or self.settings.ps_technique
+        params = dict(params or {})
+        seed = params.pop("seed", self.config.seed if self.config is not None else 0)
+        return Merge(technique, self._source_nodes(), params, self._base_node(technique), seed)
+
+    def _dfs_merge(
+        self,
+        slots: Sequence[Any] | None = None,
+        inputs: Sequence[RecipeNode] | None = None,
+        embed_from: int = 0,
+    ) -> LayerStack:
+        """A data-flow-space merge: a path of (input, layer, scale) slots over ``inputs``.
+
+        Without ``slots`` the path is every layer of the first input in order (scale 1).
+        """
+        inputs = list(inputs) if inputs is not None else self._source_nodes()
+        if not slots:
+            slots = [LayerSlot(0, k, 1.0) for k in range(self.graph.layers(inputs[0]))]
+        stack = LayerStack(tuple(inputs), tuple(s if isinstance(s, LayerSlot) else LayerSlot(*s) for s in slots),
+                           embed_from)
+        self.graph.names(stack)  # validates every slot's layer index
+        return stack
+
+    # -- streaming to disk ------------------------------------------------------------------------
+
+    def output_dtype(self) -> torch.dtype:
+        if self.settings.dtype != "auto":
+            return _DTYPES[self.settings.dtype]
+        first = self.sources[self.model_names[0]]
+        stored = first.info(first.tensor_names[0]).dtype
+        return _DTYPES.get(stored, torch.float32)
+
+    def merge(
+        self,
+        recipe: RecipeNode | None = None,
+        output_dir: str | Path | None = None,
+        *,
+        overwrite: bool = False,
+        source_paths: Mapping[str, str] | None = None,
+    ) -> Path:
+        """Stream ``recipe`` (default: the one the settings imply) to a Hugging Face folder.
+
+        Returns the folder. Raises a subclass of EvoMergeException on bad input; on any failure
+        no output folder is left behind.
+        """
+        recipe = recipe if recipe is not None else self.default_recipe()
+        if output_dir is None:
+            base_dir = self.config.output_dir if self.config is not None else "evomerge_output"
+            output_dir = Path(base_dir) / f"merge-{recipe.short_hash}"
+        protected = [s.folder for s in self.sources.values()]
+        dest = check_destination(output_dir, overwrite=overwrite, protected=protected)
+        started = time.perf_counter()
+        dtype = self.output_dtype()
+        plan = [TensorPlan(n, self.graph.shape(recipe, n), dtype) for n in self.graph.names(recipe)]
+        shards = plan_shards(plan, parse_size(self.settings.max_shard_size))
+        files = shard_file_names(len(shards))
+        with atomic_directory(dest, overwrite=overwrite) as tmp:
+            for shard, file in zip(shards, files):
+                writer = StreamingSafetensorsWriter(tmp / file, shard)
+                for item in shard:
+                    writer.write(item.name, self._compute_checked(recipe, item).to(dtype))
+                writer.close()
+            write_shard_index(tmp, shards, files)
+            self._write_metadata(tmp, recipe, dtype, source_paths)
+        for source in self.sources.values():
+            source.close()
+        logger.info("merged %s into %s in %.2f s", recipe.short_hash, dest, time.perf_counter() - started)
+        return dest
+
+    def _compute_checked(self, recipe: RecipeNode, item: TensorPlan) -> torch.Tensor:
+        try:
+            value = self.graph.compute(recipe, item.name)
+        except EvoMergeException:
+            raise
+        except RuntimeError as exc:  # torch shape errors: a source that does not match the others
+            raise MergeError(f"cannot merge tensor {item.name}: {str(exc).splitlines()[0]}; "
+                             "the sources' tensors differ in shape (check the models)") from None
+        if tuple(value.shape) != item.shape:
+            raise MergeError(f"tensor {item.name} came out {list(value.shape)}, expected {list(item.shape)}")
+        return value
+
+    def _write_metadata(self, folder: Path, recipe: RecipeNode, dtype: torch.dtype,
+                        source_paths: Mapping[str, str] | None) -> None:
+        config = self.graph.config(recipe)
+        dtype_name = str(dtype).removeprefix("torch.")
+        config["dtype"] = dtype_name
+        if "torch_dtype" in config:
+            config["torch_dtype"] = dtype_name
+        (folder / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        template = self._template_source(recipe)
+        for file in [*template.tokenizer_files(), template.folder / "generation_config.json"]:
+            if file.is_file():
+                shutil.copy2(file, folder / file.name)
+        paths = {name: (source_paths or {}).get(name, source.path) for name, source in self.sources.items()}
+        document = recipe_document(recipe, paths, self.base, dtype_name)
+        (folder / RECIPE_FILE).write_text(json.dumps(document, indent=2) + "\n")
+        (folder / "README.md").write_text(model_card(recipe, paths, self.base))
+
+    def _template_source(self, recipe: RecipeNode) -> ModelSource:
+        node = recipe
+        while not isinstance(node, Source):
+            node = node.inputs[node.embed_from] if isinstance(node, LayerStack) else node.inputs[0]  # type: ignore[attr-defined]
+        return self.sources[node.name]
+
+    # -- in memory ---------------------------------------------------------------------------------
+
+    def materialize(self, recipe: RecipeNode) -> PreTrainedModel:
+        """Write ``recipe`` into a resident model's parameters and return the model (eval mode).
+
+        One model is kept per layer count; switching candidates overwrites parameters in place.
+        """
+        layers = self.graph.layers(recipe)
+        model = self._resident_models.get(layers)
+        if model is None:
+            model = self._build_model(recipe)
+            self._resident_models[layers] = model
+        targets = dict(model.named_parameters())
+        targets.update(dict(model.named_buffers()))
+        names = self.graph.names(recipe)
+        missing = sorted(set(dict(model.named_parameters())) - set(names))
+        if missing:
+            raise MergeError(f"the recipe gives no value for model parameter {missing[0]}")
+        with torch.no_grad():
+            for name in names:
+                target = targets.get(name)
+                if target is None:
+                    raise MergeError(f"the model has no parameter {name} to receive the merged tensor")
+                target.copy_(self.graph.compute(recipe, name).to(target.dtype))
+        return model
+
+    def _build_model(self, recipe: RecipeNode) -> PreTrainedModel:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
+
+        config_dict = self.graph.config(recipe)
+        config_dict.pop("dtype", None)
+        config_dict.pop("torch_dtype", None)
+        model_type = config_dict.pop("model_type")
+        hf_config = AutoConfig.for_model(model_type, **config_dict)
+        with no_init_weights():
+            model = AutoModelForCausalLM.from_config(hf_config, dtype=self.output_dtype())
+        return model.to(self.device).eval()
+
+
+def recipe_document(recipe: RecipeNode, sources: Mapping[str, str], base: str | None, dtype: str) -> dict[str, Any]:
+    """The content of ``evomerge_recipe.json``: enough for ``--merge`` to rebuild the model."""
+    used = recipe.source_names()
+    return {
+        "format": "evomerge-recipe",
+        "version": 1,
+        "hash": recipe.hash,
+        "dtype": dtype,
+        "base": base if base in used else None,
+        "sources": {name: path for name, path in sources.items() if name in used},
+        "recipe": recipe.to_dict(),
+    }
+
+
+def describe(recipe: RecipeNode, indent: str = "") -> str:
+    """A readable outline of a recipe tree (for model cards and logs)."""
+    if isinstance(recipe, Source):
+        return f"{indent}- {recipe.name}\n"
+    if isinstance(recipe, LayerStack):
+        path = ", ".join(f"{s.input}:{s.layer}×{s.scale:.3g}" for s in recipe.slots)
+        text = f"{indent}- layer stack of {len(recipe.slots)} layers [{path}] (embeddings from input {recipe.embed_from})\n"
+        return text + "".join(describe(i, indent + "  ") for i in recipe.inputs)
+    assert isinstance(recipe, Merge)
+    params = json.dumps(recipe.params, separators=(", ", ": "))
+    base = f", base {recipe.base.name}" if isinstance(recipe.base, Source) else ""
+    text = f"{indent}- {recipe.technique}{base} {params}\n"
+    return text + "".join(describe(i, indent + "  ") for i in recipe.inputs)
+
+
+def model_card(recipe: RecipeNode, sources: Mapping[str, str], base: str | None) -> str:
+    used = sorted(recipe.source_names())
+    lines = ["---", "library_name: transformers", "tags:", "- merge", "- evomerge", "base_model:"]
+    lines += [f"- {sources[name]}" for name in used if name in sources]
+    lines += ["---", "", f"# Merged model `{recipe.short_hash}`", "",
+              "Made with EvoMerge (`agent_forge.evomerge`) from these models:", ""]
+    lines += [f"- **{name}**: `{sources.get(name, '?')}`" + (" (base)" if name == base else "") for name in used]
+    lines += ["", "## Recipe", "", describe(recipe).rstrip(), "",
+              f"The full recipe is in `{RECIPE_FILE}`; rebuild the weights with",
+              "", "```", f"python -m agent_forge.evomerge.cli --merge {RECIPE_FILE} --output DIR", "```", ""]
+    return "\n".join(lines)
