@@ -55,7 +55,11 @@ def tiny_llama_config(vocab_size: int, layers: int = 2, tie: bool = False):
 
 def save_tiny_llama(path: Path, tokenizer, *, seed: int, layers: int = 2, tie: bool = False,
                     from_model=None, noise: float = 0.0, dtype=torch.float32) -> Path:
-    """Save a tiny Llama: fresh weights from ``seed``, or ``from_model`` plus seeded noise (a "fine-tune")."""
+    """Save a tiny Llama: fresh weights from ``seed``, or ``from_model`` plus seeded noise (a "fine-tune").
+
+    The noise has a part shared by every fine-tune (as real fine-tunes of one base move in
+    partly the same direction) and a part of its own.
+    """
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
@@ -64,10 +68,12 @@ def save_tiny_llama(path: Path, tokenizer, *, seed: int, layers: int = 2, tie: b
     else:
         model = LlamaForCausalLM(from_model.config)
         model.load_state_dict(from_model.state_dict())
-        generator = torch.Generator().manual_seed(seed)
+        own = torch.Generator().manual_seed(seed)
+        shared = torch.Generator().manual_seed(1234)
         with torch.no_grad():
             for param in model.parameters():
-                param.add_(torch.randn(param.shape, generator=generator) * noise)
+                common = torch.randn(param.shape, generator=shared)
+                param.add_((common + torch.randn(param.shape, generator=own)) * noise)
     model = model.to(dtype)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)

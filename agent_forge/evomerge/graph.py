@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .exceptions import ConfigurationError, MergeError
-from .layout import is_residual_output, order_names, parse_layer, remap_layer_config, tensor_locations
+from .layout import component_of, is_residual_output, order_names, parse_layer, remap_layer_config, tensor_locations
 from .recipe import LayerStack, Merge, RecipeNode, Source
 from .sources import ModelSource
 from .techniques import Technique, TensorLocation, apply_technique, get_technique
@@ -130,7 +130,8 @@ class RecipeGraph:
         if isinstance(node, Merge):
             return self.names(node.inputs[0])
         assert isinstance(node, LayerStack)
-        outer = [n for n in self.names(node.inputs[node.embed_from]) if parse_layer(n) is None]
+        outer = [n for n in self.names(node.inputs[node.embed_from]) if parse_layer(n) is None and not _is_post(n)]
+        outer += [n for n in self.names(node.inputs[node.head_input]) if parse_layer(n) is None and _is_post(n)]
         layer_names = []
         for k, slot in enumerate(node.slots):
             available = self.layers(node.inputs[slot.input])
@@ -233,7 +234,7 @@ class RecipeGraph:
     def _slot_lookup(self, node: LayerStack, name: str) -> tuple[RecipeNode, str, float]:
         parsed = parse_layer(name)
         if parsed is None:
-            return node.inputs[node.embed_from], name, 1.0
+            return node.inputs[node.head_input if _is_post(name) else node.embed_from], name, 1.0
         if parsed.index >= len(node.slots):
             raise MergeError(f"tensor {name} is beyond the layer stack's {len(node.slots)} layers")
         slot = node.slots[parsed.index]
@@ -249,6 +250,11 @@ class RecipeGraph:
         while self._subtree_bytes > self._subtree_limit:
             _, old = self._subtree_cache.popitem(last=False)
             self._subtree_bytes -= old.numel() * old.element_size()
+
+
+def _is_post(name: str) -> bool:
+    """Whether a non-layer tensor sits after the layers (final norm, head)."""
+    return component_of(name) in ("head", "norms")
 
 
 def is_layer_dependent(tech: Technique, params: Mapping[str, Any]) -> bool:

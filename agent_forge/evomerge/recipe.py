@@ -156,12 +156,14 @@ class LayerSlot:
 class LayerStack(RecipeNode):
     """The data-flow-space merge: a path of layer slots over ``inputs``.
 
-    Embeddings, final norm and head come from ``inputs[embed_from]``.
+    Embeddings come from ``inputs[embed_from]``; the final norm and head from
+    ``inputs[head_from]`` (the same input unless given).
     """
 
     inputs: tuple[RecipeNode, ...]
     slots: tuple[LayerSlot, ...]
     embed_from: int = 0
+    head_from: int | None = None
 
     def __post_init__(self) -> None:
         inputs = tuple(self.inputs)
@@ -173,21 +175,32 @@ class LayerStack(RecipeNode):
         for slot in slots:
             if slot.input >= len(inputs):
                 raise ConfigurationError(f"layer slot {slot} names input {slot.input}, but there are {len(inputs)}")
-        if not 0 <= self.embed_from < len(inputs):
-            raise ConfigurationError(f"embed_from {self.embed_from} is not an input index (0..{len(inputs) - 1})")
+        for key in ("embed_from", "head_from"):
+            index = getattr(self, key)
+            if index is not None and not 0 <= index < len(inputs):
+                raise ConfigurationError(f"{key} {index} is not an input index (0..{len(inputs) - 1})")
+        if self.head_from == self.embed_from:
+            object.__setattr__(self, "head_from", None)
         object.__setattr__(self, "inputs", inputs)
         object.__setattr__(self, "slots", slots)
 
     def children(self) -> tuple[RecipeNode, ...]:
         return self.inputs
 
+    @property
+    def head_input(self) -> int:
+        return self.embed_from if self.head_from is None else self.head_from
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "type": "layer_stack",
             "inputs": [i.to_dict() for i in self.inputs],
             "slots": [[s.input, s.layer, s.scale] for s in self.slots],
             "embed_from": self.embed_from,
         }
+        if self.head_from is not None:
+            out["head_from"] = self.head_from
+        return out
 
     def __repr__(self) -> str:
         return f"LayerStack({len(self.slots)} layers over {len(self.inputs)} inputs, #{self.short_hash})"
@@ -215,7 +228,7 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> RecipeNode:
         raise ConfigurationError(f"{where}: expected a mapping with a 'type' (source, merge or layer_stack)")
     kind = data["type"]
     allowed = {"source": {"type", "name"}, "merge": {"type", "technique", "inputs", "params", "base", "seed"},
-               "layer_stack": {"type", "inputs", "slots", "embed_from"}}
+               "layer_stack": {"type", "inputs", "slots", "embed_from", "head_from"}}
     if kind not in allowed:
         raise ConfigurationError(f"{where}: unknown node type {kind!r}; allowed: source, merge, layer_stack")
     unknown = sorted(set(data) - allowed[kind])
@@ -238,7 +251,8 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> RecipeNode:
                 seed=data.get("seed"),
             )
         slots = tuple(_slot(s) for s in data.get("slots") or ())
-        return LayerStack(parsed, slots, int(data.get("embed_from", 0)))
+        head = data.get("head_from")
+        return LayerStack(parsed, slots, int(data.get("embed_from", 0)), int(head) if head is not None else None)
     except ConfigurationError as exc:
         message = str(exc)
         raise ConfigurationError(message if message.startswith(where) else f"{where}: {message}") from None
@@ -277,7 +291,8 @@ def collapse_linear(recipe: RecipeNode) -> RecipeNode:
     if isinstance(recipe, Source):
         return recipe
     if isinstance(recipe, LayerStack):
-        return LayerStack(tuple(collapse_linear(i) for i in recipe.inputs), recipe.slots, recipe.embed_from)
+        return LayerStack(tuple(collapse_linear(i) for i in recipe.inputs), recipe.slots, recipe.embed_from,
+                          recipe.head_from)
     assert isinstance(recipe, Merge)
     inputs = tuple(collapse_linear(i) for i in recipe.inputs)
     base = collapse_linear(recipe.base) if recipe.base is not None else None

@@ -113,7 +113,7 @@ def find_weight_files(folder: Path, *, allow_pickle: bool = False) -> tuple[dict
     if files:
         mapping: dict[str, Path] = {}
         for file in files:
-            with safe_open(str(file), framework="pt") as handle:
+            with open_safetensors(file) as handle:
                 for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                     mapping[name] = file
         return mapping, "safetensors"
@@ -126,6 +126,17 @@ def find_weight_files(folder: Path, *, allow_pickle: bool = False) -> tuple[dict
             )
         return {name: file for file in pickled for name in _pickle_state(file)}, "pickle"
     raise ModelLoadError(f"{folder} holds no model weights (*.safetensors); pass a Hugging Face model folder")
+
+
+def open_safetensors(file: Path) -> Any:
+    """``safe_open`` with a damaged or missing file reported as ModelLoadError."""
+    try:
+        return safe_open(str(file), framework="pt")
+    except Exception as exc:  # safetensors raises its own SafetensorError / OSError
+        raise ModelLoadError(
+            f"cannot read {file}: {str(exc).splitlines()[0]}; the file is damaged or incomplete "
+            "(re-download or re-save the model)"
+        ) from None
 
 
 _pickle_cache: dict[Path, dict[str, torch.Tensor]] = {}
@@ -179,7 +190,7 @@ class ModelSource:
                 self._infos[name] = TensorInfo(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
             return
         for file in sorted(set(self.weight_files.values())):
-            with safe_open(str(file), framework="pt") as handle:
+            with open_safetensors(file) as handle:
                 for name in handle.keys():  # noqa: SIM118
                     if name in self.weight_files:
                         sl = handle.get_slice(name)
@@ -196,7 +207,7 @@ class ModelSource:
         if handle is None or self._bytes_since_open > REMAP_AFTER_BYTES:
             if self._bytes_since_open > REMAP_AFTER_BYTES:
                 self.close()
-            handle = safe_open(str(file), framework="pt")
+            handle = open_safetensors(file)
             self._handles[file] = handle
         try:
             tensor = handle.get_tensor(name).clone()

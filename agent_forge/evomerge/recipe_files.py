@@ -1,0 +1,261 @@
+"""Recipe files: EvoMerge's own (JSON/YAML) and mergekit-style YAML, read into one recipe.
+
+EvoMerge's document (written next to every merged model as ``evomerge_recipe.json``)::
+
+    {"format": "evomerge-recipe", "version": 1, "sources": {"m1": "path/or/hub-id", ...},
+     "base": "base", "dtype": "bfloat16", "recipe": {"type": "merge", ...}}
+
+A mergekit YAML (``merge_method``, ``base_model``, ``models[].model``, ``models[].parameters``,
+top-level ``parameters``, ``dtype``, ``out_dtype``, ``slices`` for passthrough stacking) is
+translated: parameters it leaves out take the defaults mergekit documents for that method
+(e.g. TIES density 1, DARE rescale by L1 norm), so the same file gives the same tensors.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .exceptions import ConfigurationError
+from .recipe import LayerSlot, LayerStack, Merge, RecipeNode, Source, recipe_from_dict
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class RecipeDocument:
+    """A recipe with the locations of the models it names."""
+
+    recipe: RecipeNode
+    sources: dict[str, str]
+    base: str | None = None
+    dtype: str | None = None
+
+
+def load_recipe_file(path: str | Path, *, layer_count: Any = None) -> RecipeDocument:
+    """Read an EvoMerge or mergekit recipe file.
+
+    Args:
+        layer_count: callable ``path -> int`` used to expand mergekit per-layer gradients
+            (the number of layers of a model); only needed for such files.
+
+    Raises:
+        ConfigurationError: unreadable file, unknown format, or an unsupported mergekit feature.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigurationError(f"recipe file {path} does not exist; pass an evomerge_recipe.json or a mergekit YAML")
+    text = path.read_text(encoding="utf-8")
+    try:
+        if path.suffix.lower() == ".json":
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as exc:  # noqa: BLE001 - json and yaml raise different types
+        raise ConfigurationError(f"{path}: cannot parse the recipe: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, Mapping):
+        raise ConfigurationError(f"{path}: a recipe file holds a mapping at the top level")
+    if "merge_method" in data:
+        return from_mergekit(data, origin=str(path), layer_count=layer_count)
+    if "recipe" in data:
+        sources = data.get("sources") or {}
+        if not isinstance(sources, Mapping):
+            raise ConfigurationError(f"{path}: 'sources' must map model names to paths")
+        recipe = recipe_from_dict(data["recipe"], f"{path}: recipe")
+        missing = sorted(recipe.source_names() - set(sources))
+        if missing:
+            raise ConfigurationError(f"{path}: the recipe names model {missing[0]!r} but 'sources' gives no path for it")
+        dtype = data.get("dtype")
+        if dtype is not None and dtype not in _DTYPES:
+            raise ConfigurationError(f"{path}: dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
+        return RecipeDocument(recipe, {str(k): str(v) for k, v in sources.items()}, data.get("base"), dtype)
+    if "type" in data:
+        return RecipeDocument(recipe_from_dict(data, f"{path}: recipe"), {})
+    raise ConfigurationError(
+        f"{path}: not a recipe (expected EvoMerge's 'recipe' and 'sources', or mergekit's 'merge_method')"
+    )
+
+
+# -- mergekit -----------------------------------------------------------------------------------------
+
+#: Defaults mergekit 0.1.x documents for each method, where they differ from EvoMerge's.
+_MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
+    "linear": {"normalize": True},
+    "task_arithmetic": {"normalize": False, "lambda": 1.0},
+    "ties": {"normalize": True, "density": 1.0, "lambda": 1.0},
+    "dare_ties": {"normalize": False, "density": 1.0, "rescale": "l1", "lambda": 1.0},
+    "dare_linear": {"normalize": False, "density": 1.0, "rescale": "l1", "lambda": 1.0},
+    "breadcrumbs": {"normalize": False, "density": 1.0, "gamma": 0.01, "lambda": 1.0},
+    "breadcrumbs_ties": {"normalize": False, "density": 1.0, "gamma": 0.01, "lambda": 1.0},
+    "della": {"normalize": True, "density": 1.0, "epsilon": 0.15, "rescale": "l1", "lambda": 1.0},
+    "della_linear": {"normalize": False, "density": 1.0, "epsilon": 0.15, "rescale": "l1", "lambda": 1.0},
+    "model_stock": {"filter_wise": False},
+    "slerp": {},
+    "passthrough": {},
+}
+_PER_MODEL = ("weight", "density", "gamma", "epsilon")
+_SHARED = ("normalize", "lambda", "t", "rescale", "filter_wise", "int8_mask")
+_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "slices", "name",
+             "tokenizer_source", "tokenizer", "chat_template"}
+_FILTER_COMPONENTS = {"self_attn": "attention", "attn": "attention", "attention": "attention", "mlp": "mlp",
+                      "embed_tokens": "embeddings", "lm_head": "head", "norm": "norms"}
+
+
+class _Names:
+    """Short unique source names for model paths (``m1`` for ``org/m1``, ``m1_2`` on a clash)."""
+
+    def __init__(self) -> None:
+        self.by_path: dict[str, str] = {}
+
+    def __call__(self, path: str) -> str:
+        if path not in self.by_path:
+            stem = Path(path.rstrip("/")).name.removesuffix(".gguf") or "model"
+            name, n = stem, 1
+            while name in self.by_path.values():
+                n += 1
+                name = f"{stem}_{n}"
+            self.by_path[path] = name
+        return self.by_path[path]
+
+
+def from_mergekit(data: Mapping[str, Any], *, origin: str = "mergekit YAML", layer_count: Any = None) -> RecipeDocument:
+    """Translate a mergekit configuration into a recipe (see the module docstring)."""
+    unknown = sorted(set(data) - _TOP_KEYS)
+    if unknown:
+        raise ConfigurationError(f"{origin}: unsupported mergekit key {unknown[0]!r}")
+    method = data["merge_method"]
+    if method not in _MERGEKIT_DEFAULTS:
+        raise ConfigurationError(
+            f"{origin}: mergekit merge_method {method!r} is not supported; supported: {', '.join(_MERGEKIT_DEFAULTS)}"
+        )
+    for key in ("tokenizer_source", "tokenizer"):
+        if data.get(key) not in (None, "base"):
+            raise ConfigurationError(f"{origin}: {key} {data[key]!r} is not supported (tokenizers are copied, not merged)")
+    names = _Names()
+    dtype = data.get("out_dtype") or data.get("dtype")
+    if dtype is not None and dtype not in _DTYPES:
+        raise ConfigurationError(f"{origin}: dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
+    if data.get("slices"):
+        if method != "passthrough":
+            raise ConfigurationError(f"{origin}: 'slices' are supported with merge_method passthrough only")
+        recipe = _slices_to_stack(data["slices"], names, origin)
+        return RecipeDocument(recipe, {v: k for k, v in names.by_path.items()}, None, dtype)
+    models = data.get("models") or []
+    if not models:
+        raise ConfigurationError(f"{origin}: 'models' lists no models")
+    base_path = data.get("base_model")
+    base = names(str(base_path)) if base_path else None
+    entries = [(names(str(m["model"])), m.get("parameters") or {}) for m in models]
+    depth = _depth_of(layer_count, base_path or models[0]["model"])
+    recipe = _merge_node(method, entries, base, data.get("parameters") or {}, depth, origin)
+    return RecipeDocument(recipe, {v: k for k, v in names.by_path.items()}, base, dtype)
+
+
+def _merge_node(method: str, entries: list[tuple[str, Mapping[str, Any]]], base: str | None,
+                shared: Mapping[str, Any], depth: Any, origin: str) -> RecipeNode:
+    from .techniques import get_technique
+
+    tech = get_technique(method)
+    if method == "slerp":
+        if base is None:
+            raise ConfigurationError(f"{origin}: slerp needs base_model (the t = 0 end)")
+        others = [name for name, _ in entries if name != base]
+        if len(others) != 1:
+            raise ConfigurationError(f"{origin}: slerp merges base_model with exactly one other model")
+        inputs = [base, others[0]]
+        entries = []
+    elif tech.needs_base:
+        if base is None:
+            raise ConfigurationError(f"{origin}: {method} needs base_model")
+        entries = [(n, p) for n, p in entries if n != base]
+        inputs = [n for n, _ in entries]
+    else:
+        inputs = [n for n, _ in entries]
+    params: dict[str, Any] = dict(_MERGEKIT_DEFAULTS[method])
+    for key, value in shared.items():
+        if key not in _SHARED and key not in _PER_MODEL:
+            raise ConfigurationError(f"{origin}: parameter {key!r} is not supported for {method}")
+        if key == "int8_mask":
+            continue
+        params[key] = _translate_value(key, value, depth, origin)
+    per_model_keys = {k for _, p in entries for k in p} | {k for k in params if k in _PER_MODEL}
+    for key in sorted(per_model_keys):
+        if key not in _PER_MODEL:
+            raise ConfigurationError(f"{origin}: per-model parameter {key!r} is not supported for {method}")
+        fallback = params.get(key, 1.0 if key in ("weight", "density") else None)
+        params[key] = [_translate_value(key, p.get(key, fallback), depth, origin) for _, p in entries]
+    params = {k: v for k, v in params.items() if any(p.name == k for p in tech.params)}
+    node_base = Source(base) if tech.needs_base else None
+    return Merge(method, [Source(n) for n in inputs], params, node_base, 0)
+
+
+def _translate_value(key: str, value: Any, depth: Any, origin: str) -> Any:
+    """mergekit value → EvoMerge value: scalars pass; ``rescale`` booleans map to l1/none;
+    filters map to components; gradients expand to one value per position."""
+    if key == "rescale":
+        return "l1" if value else "none" if isinstance(value, bool) else value
+    if isinstance(value, bool | int | float | str) or value is None:
+        return value
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, Sequence) and all(isinstance(v, bool | int | float) for v in value):
+        return _gradient(value, depth(), origin)
+    if isinstance(value, Sequence) and all(isinstance(v, Mapping) for v in value):
+        out: dict[str, Any] = {}
+        for cond in value:
+            target = cond.get("filter")
+            component = "default" if target in (None, "*") else _FILTER_COMPONENTS.get(str(target))
+            if component is None:
+                raise ConfigurationError(
+                    f"{origin}: filter {target!r} is not supported; use one of {', '.join(_FILTER_COMPONENTS)}"
+                )
+            out.setdefault(component, _translate_value(key, cond.get("value"), depth, origin))
+        return out
+    raise ConfigurationError(f"{origin}: cannot read the value of {key!r}: {value!r}")
+
+
+def _gradient(values: Sequence[float], layers: int, origin: str) -> list[float]:
+    """mergekit's gradient: layer i of L takes the value interpolated at t = i / (L − 1); tensors
+    before and after the layers take t = 0. Returned as one value per position (L + 2)."""
+    def at(t: float) -> float:
+        scaled = t * (len(values) - 1)
+        low = int(scaled)
+        high = min(len(values) - 1, low + 1)
+        frac = scaled - low
+        return float((1 - frac) * values[low] + frac * values[high])
+
+    per_layer = [at(i / (layers - 1) if layers > 1 else 1.0) for i in range(layers)]
+    return [at(0.0), *per_layer, at(0.0)]
+
+
+def _depth_of(layer_count: Any, model: str) -> Any:
+    def depth() -> int:
+        if layer_count is None:
+            raise ConfigurationError("this mergekit file uses per-layer gradients; the models' layer count is needed")
+        return int(layer_count(model))
+
+    return depth
+
+
+def _slices_to_stack(slices: Sequence[Mapping[str, Any]], names: _Names, origin: str) -> LayerStack:
+    inputs: list[str] = []
+    slots: list[LayerSlot] = []
+    for i, entry in enumerate(slices):
+        sources = entry.get("sources") or []
+        if len(sources) != 1:
+            raise ConfigurationError(f"{origin}: slice {i} has {len(sources)} sources; passthrough takes one per slice")
+        model = names(str(sources[0]["model"]))
+        if model not in inputs:
+            inputs.append(model)
+        if sources[0].get("parameters") or entry.get("parameters"):
+            raise ConfigurationError(f"{origin}: slice {i}: passthrough parameters are not supported")
+        start, stop = sources[0]["layer_range"]
+        slots += [LayerSlot(inputs.index(model), layer, 1.0) for layer in range(int(start), int(stop))]
+    first = inputs.index(names(str(slices[0]["sources"][0]["model"])))
+    last = inputs.index(names(str(slices[-1]["sources"][0]["model"])))
+    return LayerStack(tuple(Source(n) for n in inputs), tuple(slots), first, last)

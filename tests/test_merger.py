@@ -1,0 +1,320 @@
+"""The merge engine on tiny real Llama models: every technique loads and generates, every output
+tensor matches the formula, streaming equals in-memory, bytes are deterministic, DFS is exact."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agent_forge.evomerge.exceptions import ConfigurationError, EvoMergeException, ModelLoadError
+from agent_forge.evomerge.merger import RECIPE_FILE, AdvancedModelMerger
+from agent_forge.evomerge.recipe import LayerSlot, LayerStack, Merge, Source
+from agent_forge.evomerge.recipe_files import load_recipe_file
+from agent_forge.evomerge.sources import open_source
+from agent_forge.evomerge.techniques import MERGE_TECHNIQUES
+
+
+def states(family):
+    return {name: load_file(Path(path) / "model.safetensors") for name, path in family.items()}
+
+
+@pytest.fixture()
+def merger(tiny_family):
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    return AdvancedModelMerger(sources=sources, base="base")
+
+
+@pytest.fixture(scope="module")
+def resident(tiny_family):
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    return AdvancedModelMerger(sources=sources, base="base", resident=True)
+
+
+def recipe_for(technique: str) -> Merge:
+    tech = MERGE_TECHNIQUES[technique]
+    inputs = [Source("m1"), Source("m2"), Source("m3")][: tech.max_inputs or 3]
+    return Merge(technique, inputs, {}, Source("base") if tech.needs_base else None, seed=5)
+
+
+@pytest.mark.parametrize("technique", sorted(MERGE_TECHNIQUES))
+def test_each_technique_merges_to_a_loadable_model_that_generates(technique, merger, resident, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    recipe = recipe_for(technique)
+    out = merger.merge(recipe, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("the quick", return_tensors="pt")
+    generated = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] == ids["input_ids"].shape[1] + 4
+    document = json.loads((out / RECIPE_FILE).read_text())
+    assert document["hash"] == recipe.hash and document["recipe"] == recipe.to_dict()
+    # streamed and in-memory materialisation agree bit for bit
+    streamed = load_file(out / "model.safetensors")
+    params = dict(resident.materialize(recipe).named_parameters())
+    assert set(streamed) == set(params)
+    for name, tensor in streamed.items():
+        assert torch.equal(tensor, params[name].detach()), name
+
+
+def test_linear_task_arithmetic_and_ties_match_the_formula_tensor_by_tensor(merger, tiny_family, tmp_path):
+    sd = states(tiny_family)
+    weights = [0.5, 0.3, 0.2]
+    out = merger.merge(Merge("linear", [Source("m1"), Source("m2"), Source("m3")], {"weight": weights}),
+                       tmp_path / "linear")
+    merged = load_file(out / "model.safetensors")
+    for name in sd["base"]:
+        expected = sum(w * sd[m][name] for w, m in zip(weights, ["m1", "m2", "m3"])) / sum(weights)
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
+
+    out = merger.merge(Merge("task_arithmetic", [Source("m1"), Source("m2")], {"weight": [1.0, 0.5], "lambda": 0.7},
+                             Source("base")), tmp_path / "ta")
+    merged = load_file(out / "model.safetensors")
+    for name, base in sd["base"].items():
+        expected = base + 0.7 * ((sd["m1"][name] - base) + 0.5 * (sd["m2"][name] - base))
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
+
+    out = merger.merge(Merge("ties", [Source("m1"), Source("m2"), Source("m3")], {"density": 0.3}, Source("base")),
+                       tmp_path / "ties")
+    merged = load_file(out / "model.safetensors")
+    for name, base in sd["base"].items():
+        assert torch.allclose(merged[name], base + reference_ties([sd[m][name] - base for m in ("m1", "m2", "m3")], 0.3),
+                              atol=1e-6), name
+
+
+def reference_ties(deltas, density):
+    """TIES written out entry by entry, straight from the paper's three steps."""
+    flat = [d.flatten().tolist() for d in deltas]
+    n = len(flat[0])
+    keep = int(density * n)
+    trimmed = []
+    for values in flat:
+        threshold_order = sorted(range(n), key=lambda i: -abs(values[i]))[:keep]
+        kept = set(threshold_order)
+        trimmed.append([v if i in kept else 0.0 for i, v in enumerate(values)])
+    out = []
+    for i in range(n):
+        column = [t[i] for t in trimmed]
+        sign = 1.0 if sum(column) >= 0 else -1.0
+        agreeing = [v for v in column if v != 0 and (v > 0) == (sign > 0)]
+        out.append(sum(agreeing) / len(agreeing) if agreeing else 0.0)
+    return torch.tensor(out).reshape(deltas[0].shape)
+
+
+def test_per_layer_group_weights_apply_to_the_right_layers(merger, tiny_family, tmp_path):
+    """A PS merge with one weight per position (embeddings, layer 0, layer 1, head)."""
+    sd = states(tiny_family)
+    w1 = [0.1, 0.9, 0.5, 0.3]
+    recipe = merger._ps_merge({"weight": [w1, 1.0, 1.0], "normalize": False}, technique="task_arithmetic")
+    merged = load_file(merger.merge(recipe, tmp_path / "ps") / "model.safetensors")
+    expected_w = {"model.embed_tokens.weight": 0.1, "model.layers.0.mlp.up_proj.weight": 0.9,
+                  "model.layers.1.self_attn.q_proj.weight": 0.5, "model.norm.weight": 0.3, "lm_head.weight": 0.3}
+    for name, w in expected_w.items():
+        base = sd["base"][name]
+        expected = base + w * (sd["m1"][name] - base) + (sd["m2"][name] - base) + (sd["m3"][name] - base)
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
+
+
+def test_component_weights_split_attention_and_mlp(merger, tiny_family, tmp_path):
+    sd = states(tiny_family)
+    recipe = Merge("linear", [Source("m1"), Source("m2")],
+                   {"weight": [{"attention": 1.0, "mlp": 0.0, "default": 0.5}, {"attention": 0.0, "mlp": 1.0, "default": 0.5}]})
+    merged = load_file(merger.merge(recipe, tmp_path / "c") / "model.safetensors")
+    assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], sd["m1"]["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(merged["model.layers.1.mlp.down_proj.weight"], sd["m2"]["model.layers.1.mlp.down_proj.weight"])
+    norm = "model.layers.0.input_layernorm.weight"
+    assert torch.allclose(merged[norm], (sd["m1"][norm] + sd["m2"][norm]) / 2)
+
+
+def test_same_recipe_gives_identical_bytes_twice_and_in_another_process(merger, tiny_family, tmp_path):
+    recipe = Merge("della", [Source("m1"), Source("m2"), Source("m3")], {"density": 0.5, "epsilon": 0.1},
+                   Source("base"), seed=3)
+    first = merger.merge(recipe, tmp_path / "a")
+    second = merger.merge(recipe, tmp_path / "b")
+    digest = hashlib.sha256((first / "model.safetensors").read_bytes()).hexdigest()
+    assert digest == hashlib.sha256((second / "model.safetensors").read_bytes()).hexdigest()
+    recipe_file = tmp_path / "recipe.json"
+    shutil.copy(first / RECIPE_FILE, recipe_file)
+    script = (
+        "import hashlib, sys\n"
+        "from pathlib import Path\n"
+        "from agent_forge.evomerge.recipe_files import load_recipe_file\n"
+        "from agent_forge.evomerge.sources import open_source\n"
+        "from agent_forge.evomerge.merger import AdvancedModelMerger\n"
+        "doc = load_recipe_file(sys.argv[1])\n"
+        "m = AdvancedModelMerger(sources={n: open_source(n, p) for n, p in doc.sources.items()}, base=doc.base)\n"
+        "out = m.merge(doc.recipe, Path(sys.argv[2]))\n"
+        "print(hashlib.sha256((out / 'model.safetensors').read_bytes()).hexdigest())\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script, str(recipe_file), str(tmp_path / "c")],
+                            capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == digest
+
+
+def test_sharded_output_has_an_index_and_loads(merger, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    single = load_file(merger.merge(recipe_for("linear"), tmp_path / "single") / "model.safetensors")
+    merger.settings = merger.settings.model_copy(update={"max_shard_size": "20KB"})
+    out = merger.merge(recipe_for("linear"), tmp_path / "sharded")
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    files = sorted(set(index["weight_map"].values()))
+    assert len(files) > 1 and all((out / f).is_file() for f in files)
+    sharded = {name: tensor for f in files for name, tensor in load_file(out / f).items()}
+    assert set(sharded) == set(single) and all(torch.equal(sharded[n], single[n]) for n in single)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert torch.equal(model.model.embed_tokens.weight, single["model.embed_tokens.weight"])
+
+
+def test_bf16_sources_merge_in_float32_and_keep_bf16(tiny_family, tiny_tokenizer, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from conftest import save_tiny_llama
+
+    base = LlamaForCausalLM.from_pretrained(tiny_family["base"])
+    paths = {"base": save_tiny_llama(tmp_path / "b", tiny_tokenizer, seed=0, from_model=base, dtype=torch.bfloat16),
+             "x": save_tiny_llama(tmp_path / "x", tiny_tokenizer, seed=1, from_model=base, noise=0.05, dtype=torch.bfloat16),
+             "y": save_tiny_llama(tmp_path / "y", tiny_tokenizer, seed=2, from_model=base, noise=0.05, dtype=torch.bfloat16)}
+    merger = AdvancedModelMerger(sources={n: open_source(n, str(p)) for n, p in paths.items()}, base="base")
+    out = merger.merge(Merge("linear", [Source("x"), Source("y")], {}), tmp_path / "out")
+    merged = load_file(out / "model.safetensors")
+    sd = states(paths)
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert merged[name].dtype == torch.bfloat16
+    expected = ((sd["x"][name].float() + sd["y"][name].float()) / 2).to(torch.bfloat16)
+    assert torch.equal(merged[name], expected)
+
+
+# -- DFS ----------------------------------------------------------------------------------------------
+
+
+def manual_forward(models, path, stream_scales, input_ids):
+    """Run source layers in ``path`` order, scaling the hidden stream by ``stream_scales[k]`` before slot k."""
+    embed_model = models[0]
+    hidden = embed_model.model.embed_tokens(input_ids)
+    positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
+    rotary = embed_model.model.rotary_emb(hidden, positions)
+    for (model_index, layer), w in zip(path, stream_scales):
+        hidden = hidden * w
+        layer_module = models[model_index].model.layers[layer]
+        out = layer_module(hidden, position_embeddings=rotary, attention_mask=None, position_ids=positions)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return embed_model.lm_head(embed_model.model.norm(hidden))
+
+
+def test_dfs_layer_path_with_scales_equals_scaling_the_stream(merger, tiny_family, tmp_path):
+    """Branch scales s_k = 1/Π_{j≤k} w_j equal scaling the stream by w_k before slot k (DESIGN.md)."""
+    from transformers import AutoModelForCausalLM
+
+    models = [AutoModelForCausalLM.from_pretrained(tiny_family[n]).eval() for n in ("m1", "m2")]
+    path = [(0, 0), (1, 1), (1, 0), (0, 1), (1, 1)]
+    stream = [1.0, 0.8, 1.5, 0.6, 1.25]
+    products = torch.tensor(stream).cumprod(0)
+    slots = [LayerSlot(i, layer, float(1 / p)) for (i, layer), p in zip(path, products)]
+    stack = merger._dfs_merge(slots, inputs=[Source("m1"), Source("m2")])
+    merged = AutoModelForCausalLM.from_pretrained(merger.merge(stack, tmp_path / "dfs")).eval()
+    assert merged.config.num_hidden_layers == 5
+    ids = torch.tensor([[5, 17, 42, 9, 100, 3]])
+    with torch.no_grad():
+        expected = manual_forward(models, path, stream, ids)
+        actual = merged(ids).logits
+    assert torch.allclose(actual, expected, atol=1e-4), (actual - expected).abs().max()
+
+
+def test_dfs_repeated_layers_give_a_deeper_model_that_runs(merger, resident, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    slots = [LayerSlot(0, 0), LayerSlot(0, 1), LayerSlot(1, 0), LayerSlot(1, 1), LayerSlot(2, 1, 0.5), LayerSlot(0, 1)]
+    stack = LayerStack((Source("m1"), Source("m2"), Source("m3")), tuple(slots))
+    out = merger.merge(stack, tmp_path / "deep")
+    model = AutoModelForCausalLM.from_pretrained(out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    assert model.config.num_hidden_layers == 6
+    generated = model.generate(**tokenizer("hello", return_tensors="pt"), max_new_tokens=3, do_sample=False,
+                               pad_token_id=tokenizer.pad_token_id)
+    assert generated.shape[1] > 1
+    streamed = load_file(out / "model.safetensors")
+    sd3 = load_file(Path(merger.sources["m3"].folder) / "model.safetensors")
+    assert torch.equal(streamed["model.layers.4.mlp.down_proj.weight"], sd3["model.layers.1.mlp.down_proj.weight"] * 0.5)
+    assert torch.equal(streamed["model.layers.4.mlp.up_proj.weight"], sd3["model.layers.1.mlp.up_proj.weight"])
+    params = dict(resident.materialize(stack).named_parameters())
+    assert all(torch.equal(streamed[n], params[n].detach()) for n in streamed)
+
+
+def test_ps_dfs_stacks_a_ps_merge_with_the_sources(merger, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    ps = merger._ps_merge({"density": 0.5}, technique="ties")
+    stack = merger._dfs_merge([(0, 0), (1, 1), (0, 1)], inputs=[ps, Source("m1"), Source("m2")])
+    model = AutoModelForCausalLM.from_pretrained(merger.merge(stack, tmp_path / "psdfs"))
+    assert model.config.num_hidden_layers == 3
+
+
+# -- bad input ------------------------------------------------------------------------------------------
+
+
+def test_layer_slot_beyond_the_source_is_a_clear_error(merger):
+    with pytest.raises(ConfigurationError, match="takes layer 7 of input 0, which has 2 layers"):
+        merger._dfs_merge([(0, 7)])
+
+
+def test_truncated_source_fails_without_leaving_an_output_folder(tiny_family, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_family["m2"], broken)
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelLoadError, match="damaged or incomplete"):
+        sources = {"m1": open_source("m1", str(tiny_family["m1"])), "m2": open_source("m2", str(broken))}
+        AdvancedModelMerger(sources=sources).merge(Merge("linear", [Source("m1"), Source("m2")], {}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
+
+
+def test_shape_mismatch_mid_merge_is_a_clear_error_and_leaves_nothing(tiny_family, tiny_tokenizer, tmp_path):
+    from conftest import save_tiny_llama
+
+    wide = tmp_path / "wide"
+    save_tiny_llama(wide, tiny_tokenizer, seed=3, layers=2)
+    cfg = json.loads((wide / "config.json").read_text())
+    assert cfg["hidden_size"] == 32
+    # rewrite one tensor with another shape: the folder is otherwise valid
+    sd = load_file(wide / "model.safetensors")
+    sd["model.layers.1.mlp.up_proj.weight"] = torch.zeros(65, 32)
+    from safetensors.torch import save_file
+
+    save_file(sd, wide / "model.safetensors")
+    sources = {"m1": open_source("m1", str(tiny_family["m1"])), "w": open_source("w", str(wide))}
+    with pytest.raises(EvoMergeException, match="model.layers.1.mlp.up_proj.weight"):
+        AdvancedModelMerger(sources=sources).merge(Merge("linear", [Source("m1"), Source("w")], {}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_inside_a_source_folder_is_refused(merger, tiny_family):
+    with pytest.raises(ConfigurationError, match="inside source model folder"):
+        merger.merge(recipe_for("linear"), Path(tiny_family["m1"]) / "merged")
+
+
+def test_non_empty_output_is_not_overwritten(merger, tmp_path):
+    target = tmp_path / "taken"
+    target.mkdir()
+    (target / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigurationError, match="not empty"):
+        merger.merge(recipe_for("linear"), target)
+    assert (target / "keep.txt").read_text() == "mine"
+
+
+def test_unknown_technique_in_recipe_file_is_a_clear_error(tmp_path):
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"sources": {"a": "x", "b": "y"},
+                                "recipe": {"type": "merge", "technique": "tiez", "inputs": [
+                                    {"type": "source", "name": "a"}, {"type": "source", "name": "b"}]}}))
+    with pytest.raises(ConfigurationError, match="unknown merge technique 'tiez' \\(did you mean 'ties'\\?\\)"):
+        load_recipe_file(path)

@@ -1,0 +1,323 @@
+"""Each technique against values computed by hand from its published formula, plus its edge cases."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from agent_forge.evomerge.exceptions import ConfigurationError, MergeError
+from agent_forge.evomerge.recipe import Merge, Source
+from agent_forge.evomerge.techniques import (
+    MERGE_TECHNIQUES,
+    TensorLocation,
+    apply_technique,
+    canonical_params,
+    della_keep_probabilities,
+    drop_outliers_and_small,
+    get_technique,
+    keep_top_magnitude,
+    resolve_value,
+)
+
+
+def run(name: str, stack: list, generator: torch.Generator | None = None, **params) -> torch.Tensor:
+    """Apply a registered technique to a stack of tensors with canonical parameters."""
+    tech = get_technique(name)
+    tensors = torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in stack])
+    return apply_technique(tech, tensors, canonical_params(tech, params, len(stack)), None, generator)
+
+
+T1 = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
+T2 = [[3.0, 2.0, 1.0], [0.0, 1.0, 2.0]]
+
+
+def close(actual: torch.Tensor, expected, tol: float = 1e-6) -> bool:
+    return torch.allclose(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=tol, rtol=0)
+
+
+# -- registry ----------------------------------------------------------------------------------------
+
+
+def test_registry_lists_every_technique_with_its_traits():
+    expected = {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
+                "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough"}
+    assert expected == set(MERGE_TECHNIQUES)
+    assert get_technique("ties").needs_base and not get_technique("ties").randomized
+    assert get_technique("dare_ties").randomized and get_technique("della").randomized
+    assert not get_technique("linear").needs_base
+    assert get_technique("ties").param("density").per_input
+    assert not get_technique("ties").param("lambda").per_input
+
+
+def test_unknown_technique_names_closest_match():
+    with pytest.raises(ConfigurationError, match="did you mean 'ties'"):
+        get_technique("tiez")
+
+
+def test_out_of_range_parameter_is_a_clear_error():
+    with pytest.raises(ConfigurationError, match=r"ties: parameter 'density' = 1.5 is out of range \[0.0, 1.0\]"):
+        Merge("ties", [Source("a"), Source("b")], {"density": 1.5}, Source("base"))
+
+
+def test_unknown_parameter_and_wrong_count_are_errors():
+    with pytest.raises(ConfigurationError, match="unknown parameter 'densty'.*did you mean 'density'"):
+        Merge("ties", [Source("a"), Source("b")], {"densty": 0.5}, Source("base"))
+    with pytest.raises(ConfigurationError, match="3 values for 2 input models"):
+        Merge("linear", [Source("a"), Source("b")], {"weight": [1, 2, 3]})
+    with pytest.raises(ConfigurationError, match="slerp takes exactly 2 input models, got 3"):
+        Merge("slerp", [Source("a"), Source("b"), Source("c")], {"t": 0.5})
+
+
+def test_missing_base_is_an_error():
+    with pytest.raises(ConfigurationError, match="ties needs a base model"):
+        Merge("ties", [Source("a"), Source("b")], {})
+
+
+# -- linear -------------------------------------------------------------------------------------------
+
+
+def test_linear_weighted_average_by_hand():
+    # (1·T1 + 3·T2) / 4
+    assert close(run("linear", [T1, T2], weight=[1.0, 3.0]), [[2.5, 2.0, 1.5], [1.0, 2.0, 3.0]])
+    assert close(run("linear", [T1, T2], weight=[1.0, 3.0], normalize=False), [[10, 8, 6], [4, 8, 12]])
+
+
+def test_linear_zero_weight_sum_with_normalize_is_an_error():
+    with pytest.raises(MergeError, match="sum to zero"):
+        run("linear", [T1, T2], weight=[1.0, -1.0])
+
+
+# -- slerp --------------------------------------------------------------------------------------------
+
+
+def test_slerp_orthogonal_vectors_use_original_magnitudes():
+    # angle π/2: coefficients sin(π/4)/sin(π/2) = 0.70711 for both ends
+    c = math.sin(math.pi / 4)
+    assert close(run("slerp", [[2.0, 0.0], [0.0, 1.0]], t=0.5), [2 * c, c])
+    # t = 1/3: coefficients sin(π/3), sin(π/6)
+    assert close(run("slerp", [[1.0, 0.0], [0.0, 1.0]], t=1 / 3), [math.sin(math.pi / 3), 0.5])
+
+
+def test_slerp_endpoints_are_exact():
+    a = torch.randn(4, 5)
+    b = torch.randn(4, 5)
+    assert torch.equal(run("slerp", [a, b], t=0.0), a)
+    assert torch.equal(run("slerp", [a, b], t=1.0), b)
+
+
+def test_slerp_collinear_and_antiparallel_fall_back_to_linear():
+    a = [1.0, 2.0, 3.0]
+    assert close(run("slerp", [a, [2.0, 4.0, 6.0]], t=0.25), [1.25, 2.5, 3.75])
+    assert close(run("slerp", [a, [-1.0, -2.0, -3.0]], t=0.25), [0.5, 1.0, 1.5])  # (1-2t)·a
+    assert close(run("slerp", [[0.0, 0.0, 0.0], a], t=0.5), [0.5, 1.0, 1.5])  # a zero norm
+
+
+# -- task arithmetic and TIES ---------------------------------------------------------------------------
+
+D1 = [[3.0, -1.0, 0.5], [-2.0, 0.1, 4.0]]
+D2 = [[-1.5, -2.0, 0.2], [1.0, 3.0, -0.5]]
+D3 = [[2.0, 1.2, -3.0], [0.3, -0.2, 1.0]]
+
+
+def test_task_arithmetic_by_hand():
+    # λ·(1·D1 + 0.5·D2) with λ = 0.5
+    expected = [[0.5 * (3 - 0.75), 0.5 * (-1 - 1), 0.5 * (0.5 + 0.1)], [0.5 * (-2 + 0.5), 0.5 * (0.1 + 1.5), 0.5 * (4 - 0.25)]]
+    assert close(run("task_arithmetic", [D1, D2], weight=[1.0, 0.5], **{"lambda": 0.5}), expected)
+
+
+def test_ties_trim_elect_and_disjoint_mean_by_hand():
+    # density 0.5 keeps the 3 largest |δ| of 6 per tensor:
+    #   D1 → [[3,0,0],[-2,0,4]]   D2 → [[-1.5,-2,0],[0,3,0]]   D3 → [[2,1.2,-3],[0,0,0]]
+    # elected signs (of the sums 3.5, -0.8, -3, -2, 3, 4): + - - - + +
+    # agreeing means: (3+2)/2, -2, -3, -2, 3, 4
+    merged = run("ties", [D1, D2, D3], density=0.5)
+    assert close(merged, [[2.5, -2.0, -3.0], [-2.0, 3.0, 4.0]])
+    # without normalize the agreeing entries are summed; λ scales the result
+    merged = run("ties", [D1, D2, D3], density=0.5, normalize=False, **{"lambda": 2.0})
+    assert close(merged, [[10.0, -4.0, -6.0], [-4.0, 6.0, 8.0]])
+
+
+def test_ties_sign_tie_counts_as_positive():
+    # sums are exactly zero: the positive entry wins; divisor is its weight alone
+    merged = run("ties", [[1.0, -2.0], [-1.0, 2.0]], density=1.0)
+    assert close(merged, [1.0, 2.0])
+
+
+def test_ties_weights_enter_election_and_divisor():
+    # weights 3 and 1: sums 3·1 − 1·2 = 1 > 0 → only the first agrees → 3·1 / 3
+    merged = run("ties", [[1.0], [-2.0]], weight=[3.0, 1.0], density=1.0)
+    assert close(merged, [1.0])
+
+
+def test_ties_with_density_one_and_one_model_equals_task_arithmetic():
+    delta = torch.randn(5, 7)
+    assert torch.allclose(run("ties", [delta], density=1.0, **{"lambda": 0.7}),
+                          run("task_arithmetic", [delta], **{"lambda": 0.7}))
+
+
+@pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 0.9])
+def test_trim_keeps_int_density_times_numel(density):
+    delta = torch.randn(13, 17, generator=torch.Generator().manual_seed(1))
+    kept = keep_top_magnitude(delta, density)
+    count = int(density * delta.numel())
+    assert int((kept != 0).sum()) == count
+    # the kept entries are the largest in magnitude
+    assert kept.abs().max() == delta.abs().max()
+    assert delta.abs()[kept == 0].max() <= kept.abs()[kept != 0].min()
+
+
+# -- DARE ----------------------------------------------------------------------------------------------
+
+
+def dare(seed: int, name: str = "dare_linear", **params) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return run(name, [D1, D2], generator=gen, **params)
+
+
+def test_dare_one_seed_is_reproducible_and_seeds_differ():
+    assert torch.equal(dare(3, density=0.5), dare(3, density=0.5))
+    assert not torch.equal(dare(3, density=0.5), dare(4, density=0.5))
+
+
+def test_dare_mean_over_seeds_approaches_undropped_task_arithmetic():
+    expected = run("task_arithmetic", [D1, D2])
+    mean = torch.stack([dare(seed, density=0.5) for seed in range(4000)]).mean(dim=0)
+    assert torch.allclose(mean, expected, atol=0.15)
+
+
+def test_dare_paper_rescale_divides_kept_entries_by_density():
+    delta = torch.randn(50, 50)
+    out = run("dare_linear", [delta], generator=torch.Generator().manual_seed(0), density=0.3)
+    kept = out != 0
+    assert 0.2 < kept.float().mean() < 0.4
+    assert torch.allclose(out[kept], delta[kept] / 0.3)
+
+
+def test_dare_l1_rescale_restores_l1_norm():
+    delta = torch.randn(40, 40)
+    out = run("dare_linear", [delta], generator=torch.Generator().manual_seed(0), density=0.3, rescale="l1")
+    assert torch.allclose(out.abs().sum(), delta.abs().sum(), rtol=1e-5)
+
+
+def test_dare_ties_elects_signs_after_dropping():
+    # density 1 drops nothing: dare_ties must then equal ties with density 1
+    a = dare(0, "dare_ties", density=1.0)
+    assert torch.equal(a, run("ties", [D1, D2], density=1.0))
+
+
+def test_dare_reproducible_across_processes(tiny_family, tmp_path):
+    """One recipe with a randomised technique gives the same bytes in another process."""
+    script = (
+        "import hashlib, sys\n"
+        "from pathlib import Path\n"
+        "from agent_forge.evomerge.sources import open_source\n"
+        "from agent_forge.evomerge.merger import AdvancedModelMerger\n"
+        "from agent_forge.evomerge.recipe import Merge, Source\n"
+        "fam = {n: sys.argv[i + 2] for i, n in enumerate(['base', 'm1', 'm2'])}\n"
+        "merger = AdvancedModelMerger(sources={n: open_source(n, p) for n, p in fam.items()}, base='base')\n"
+        "recipe = Merge('dare_ties', [Source('m1'), Source('m2')], {'density': 0.4}, Source('base'), seed=11)\n"
+        "out = merger.merge(recipe, Path(sys.argv[1]))\n"
+        "print(hashlib.sha256((out / 'model.safetensors').read_bytes()).hexdigest())\n"
+    )
+    paths = [str(tiny_family[n]) for n in ("base", "m1", "m2")]
+    digests = [
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"out{i}"), *paths], check=True,
+                       capture_output=True, text=True).stdout.strip()
+        for i in range(2)
+    ]
+    assert digests[0] == digests[1] and len(digests[0]) == 64
+
+
+# -- breadcrumbs ----------------------------------------------------------------------------------------
+
+
+def test_breadcrumbs_drops_outliers_and_small_entries_by_hand():
+    delta = torch.arange(1.0, 11.0)  # 1 … 10
+    # density 0.5 keeps 5; gamma 0.1 drops the single largest (10); the 4 smallest go too
+    assert close(drop_outliers_and_small(delta, 0.5, 0.1), [0, 0, 0, 0, 5, 6, 7, 8, 9, 0])
+
+
+def test_breadcrumbs_gamma_zero_keeps_the_largest_not_nothing():
+    delta = torch.tensor([1.0, -10.0, 3.0, 7.0, -2.0, 5.0])
+    kept = drop_outliers_and_small(delta, 0.5, 0.0)
+    assert close(kept, [0, -10, 0, 7, 0, 5])
+    assert torch.equal(kept, keep_top_magnitude(delta, 0.5))
+    merged = run("breadcrumbs", [delta.tolist()], density=0.5, gamma=0.0)
+    assert int((merged != 0).sum()) == 3
+
+
+def test_breadcrumbs_reduces_outlier_drop_to_keep_density():
+    delta = torch.arange(1.0, 11.0)
+    # density 0.95 keeps 9 of 10, so only the largest can go although gamma asks for 10%·… more
+    assert close(drop_outliers_and_small(delta, 0.95, 0.3), [1, 2, 3, 4, 5, 6, 7, 8, 9, 0])
+
+
+# -- DELLA ----------------------------------------------------------------------------------------------
+
+
+def test_della_keep_probabilities_rise_with_magnitude_rank():
+    row = torch.tensor([[0.1, -0.4, 0.3, 0.2]])
+    # ranks by |x|: 0, 3, 2, 1 → p = 0.4 + 0.2·rank/3
+    assert close(della_keep_probabilities(row, 0.5, 0.1), [[0.4, 0.6, 0.4 + 0.2 * 2 / 3, 0.4 + 0.2 / 3]])
+
+
+def test_della_rescales_kept_entries_by_one_over_p_and_is_unbiased():
+    delta = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
+    probs = della_keep_probabilities(delta, 0.5, 0.2)
+    out = run("della_linear", [delta], generator=torch.Generator().manual_seed(0), density=0.5, epsilon=0.2)
+    kept = out != 0
+    assert torch.allclose(out[kept], delta[kept] / probs[kept])
+    mean = torch.stack([
+        run("della_linear", [delta], generator=torch.Generator().manual_seed(s), density=0.5, epsilon=0.2)
+        for s in range(3000)
+    ]).mean(0)
+    assert torch.allclose(mean, delta, atol=0.25)
+
+
+@pytest.mark.parametrize("density,epsilon", [(0.1, 0.2), (0.9, 0.15)])
+def test_della_parameters_outside_unit_interval_are_errors(density, epsilon):
+    with pytest.raises(ConfigurationError, match=r"density ± epsilon must lie inside \(0, 1\)"):
+        Merge("della", [Source("a"), Source("b")], {"density": density, "epsilon": epsilon}, Source("base"))
+
+
+# -- model stock ------------------------------------------------------------------------------------------
+
+
+def test_model_stock_interpolation_ratio_by_hand():
+    # offsets [1,0] and [1,1]: cos = 1/√2, N = 2 → t = 2c/(1+c); result t·mean(δ)
+    c = 1 / math.sqrt(2)
+    t = 2 * c / (1 + c)
+    assert close(run("model_stock", [[1.0, 0.0], [1.0, 1.0]]), [t * 1.0, t * 0.5])
+
+
+@pytest.mark.parametrize("second", [[0.0, 1.0], [-1.0, 0.5]])
+def test_model_stock_non_positive_cosine_keeps_the_base(second):
+    assert close(run("model_stock", [[1.0, 0.0], second]), [0.0, 0.0])
+
+
+def test_model_stock_three_models_by_hand():
+    # pairwise cosines of e1, e2, e1+e2: 0, 1/√2, 1/√2 → mean c = √2/3; t = 3c / (1 + 2c)
+    c = math.sqrt(2) / 3
+    t = 3 * c / (1 + 2 * c)
+    merged = run("model_stock", [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    assert close(merged, [t * 2 / 3, t * 2 / 3])
+
+
+def test_passthrough_returns_its_input():
+    assert torch.equal(run("passthrough", [T1]), torch.tensor(T1))
+
+
+# -- layer-dependent parameter values ------------------------------------------------------------------
+
+
+def test_layer_dependent_values_resolve_by_group_and_component():
+    # 4 layers → positions 0..5; a list of 3 splits them into [0,1], [2,3], [4,5]
+    loc = TensorLocation("attention", position=3, layers=4)
+    assert resolve_value([0.1, 0.2, 0.3], loc) == 0.2
+    assert resolve_value({"attention": [0.5, 0.6], "default": 0.9}, loc) == 0.6
+    assert resolve_value({"mlp": 0.5, "default": 0.9}, loc) == 0.9
+    assert resolve_value(0.4, loc) == 0.4
