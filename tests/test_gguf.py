@@ -527,14 +527,13 @@ def test_smollm2_import_matches_transformers_then_merge_and_export(tmp_path):
     theirs, their_tokenizer = load_gguf_with_transformers(source)
     for prompt in PROMPTS:
         assert tokenizer(prompt).input_ids == their_tokenizer(prompt).input_ids
-    absolute, _ = max_error(
-        logits(theirs, their_tokenizer, PROMPTS), logits(ours, tokenizer, PROMPTS)
-    )
+    reference = logits(theirs, their_tokenizer, PROMPTS)
+    absolute, _ = max_error(reference, logits(ours, tokenizer, PROMPTS))
     print(f"SmolLM2 logits, gguf_to_hf vs transformers: max |d| {absolute:.2e}")
     assert absolute <= 1e-4
     del theirs
 
-    merged_dir = merge_with_two_variants(ours, tokenizer, tmp_path / "merged")
+    merged_dir = merge_with_two_variants(source, ours, tokenizer, tmp_path)
     merged, _ = load_hf(merged_dir)
     reference = logits(merged, tokenizer, PROMPTS)
     start = time.perf_counter()
@@ -553,20 +552,35 @@ def test_smollm2_import_matches_transformers_then_merge_and_export(tmp_path):
     assert back_tokenizer.decode(generated[0, ids.shape[1] :]).startswith(" Paris")
 
 
-def merge_with_two_variants(model, tokenizer, out: Path) -> Path:
-    """Average the model with two seeded perturbations of itself (a linear merge, done here)."""
-    base = {k: v.clone() for k, v in model.state_dict().items()}
-    merged = {}
-    generator = torch.Generator().manual_seed(7)
-    for key, value in base.items():
-        if key == "lm_head.weight" and model.config.tie_word_embeddings:
-            continue
-        noise = [
-            torch.randn(value.shape, generator=generator) * value.std().nan_to_num(0) * 0.05
-            for _ in range(2)
-        ]
-        merged[key] = (value + (value + noise[0]) + (value + noise[1])) / 3
-    model.load_state_dict(merged, strict=False)  # a tied lm_head follows the embeddings
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+def merge_with_two_variants(source: Path, model, tokenizer, root: Path) -> Path:
+    """Linear merge, by the merge engine, of the GGUF file itself and two perturbed copies of it."""
+    from agent_forge.evomerge.config import Configuration, MergeSettings, ModelReference
+    from agent_forge.evomerge.merger import AdvancedModelMerger
+
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    references = [ModelReference("smollm2", str(source))]
+    for seed in (1, 2):
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for key, param in model.state_dict().items():
+                noise = torch.randn(param.shape, generator=generator)
+                param.copy_(original[key] + noise * original[key].std().nan_to_num(0) * 0.05)
+        model.save_pretrained(root / f"variant{seed}")
+        tokenizer.save_pretrained(root / f"variant{seed}")
+        references.append(ModelReference(f"variant{seed}", str(root / f"variant{seed}")))
+    settings = MergeSettings(merge_method="linear", dtype="float32")
+    config = Configuration(models=references, merge_settings=settings, output_dir=str(root))
+    merged_dir = AdvancedModelMerger(config).merge(output_dir=root / "merged")
+
+    from safetensors import safe_open
+
+    name = "model.layers.3.mlp.down_proj.weight"
+    variants = [
+        safe_open(root / f"variant{seed}" / "model.safetensors", "pt").get_tensor(name)
+        for seed in (1, 2)
+    ]
+    files = sorted(merged_dir.glob("*.safetensors"))
+    merged = next(safe_open(f, "pt") for f in files if name in safe_open(f, "pt").keys())
+    expected = (original[name] + variants[0] + variants[1]) / 3
+    torch.testing.assert_close(merged.get_tensor(name), expected, rtol=1e-6, atol=1e-6)
+    return merged_dir
