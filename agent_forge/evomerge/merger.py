@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import time
 from collections.abc import Mapping, Sequence
@@ -74,6 +75,9 @@ class AdvancedModelMerger:
         device: where tensors are computed.
         resident: hold every source tensor (and task vector) on ``device`` — for evaluating
             many candidates; streaming merges of large models leave it off.
+        subtree_cache_bytes: memory for inner nodes' tensors kept between candidates (a nested
+            candidate's shared subtrees are computed once); default two float32 models when
+            resident, none otherwise.
     """
 
     def __init__(
@@ -84,7 +88,7 @@ class AdvancedModelMerger:
         base: str | None = None,
         device: str | torch.device = "cpu",
         resident: bool = False,
-        subtree_cache_bytes: int = 0,
+        subtree_cache_bytes: int | None = None,
     ) -> None:
         self.config = config
         self.settings = config.merge_settings if config is not None else MergeSettings()
@@ -99,8 +103,14 @@ class AdvancedModelMerger:
         self.model_names = [n for n in self.sources if n != base]
         self.device = torch.device(device)
         self.pool = SourcePool(self.sources, base, resident=resident, device=self.device)
+        if subtree_cache_bytes is None:
+            subtree_cache_bytes = 2 * self._float32_model_bytes() if resident else 0
         self.graph = RecipeGraph(self.pool, subtree_cache_bytes=subtree_cache_bytes)
         self._resident_models: dict[int, PreTrainedModel] = {}
+
+    def _float32_model_bytes(self) -> int:
+        first = self.sources[self.model_names[0]]
+        return sum(4 * math.prod(first.info(n).shape) for n in first.tensor_names)
 
     # -- recipes implied by the settings ---------------------------------------------------------
 

@@ -300,8 +300,8 @@ def collapse_linear(recipe: RecipeNode) -> RecipeNode:
         return Merge(recipe.technique, inputs, recipe.params, base, recipe.seed)
     terms: list[tuple[RecipeNode, float]] = []
     for child, weight in zip(inputs, recipe.params["weight"]):
-        inner = child.params["weight"] if isinstance(child, Merge) else None
-        if _scalar_linear(child) and not (child.params["normalize"] and sum(inner) == 0):
+        inner = child.params["weight"] if _scalar_linear(child) else None  # type: ignore[attr-defined]
+        if inner is not None and not (child.params["normalize"] and sum(inner) == 0):  # type: ignore[attr-defined]
             scale = 1.0 / sum(inner) if child.params["normalize"] else 1.0
             terms.extend((grandchild, weight * w * scale) for grandchild, w in zip(child.inputs, inner))
         else:

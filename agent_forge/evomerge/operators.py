@@ -1,0 +1,314 @@
+"""Evolutionary operators on recipes: initial populations, mutation, tournament selection, and the
+merging of lower performers. Pure functions of their inputs and a seeded ``numpy`` generator.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .config import EvolutionSettings, MergeSettings
+from .genomes import LayerPathGenome, ParamsGenome
+from .recipe import LayerSlot, LayerStack, Merge, RecipeNode, Source, collapse_linear
+from .techniques import MERGE_TECHNIQUES, Param, get_technique
+
+logger = logging.getLogger(__name__)
+
+#: The mixed population's techniques, in the order the first generation takes them.
+MIXED_ORDER = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+               "ps", "dfs", "della", "model_stock", "breadcrumbs_ties", "della_linear")
+#: Techniques used to merge lower performers (their recipes become the new node's inputs).
+LOWER_MERGE_TECHNIQUES = ("linear", "task_arithmetic", "ties", "dare_ties")
+SCALE_RANGE = (0.5, 2.0)
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    """What the search may combine: the models (by name), the base, and their layer count."""
+
+    models: tuple[str, ...]
+    base: str | None
+    layers: int
+    merge: MergeSettings
+    evolution: EvolutionSettings
+
+    @property
+    def sources(self) -> tuple[RecipeNode, ...]:
+        return tuple(Source(n) for n in self.models)
+
+    @property
+    def base_node(self) -> RecipeNode | None:
+        return Source(self.base) if self.base is not None else None
+
+    @property
+    def groups(self) -> int:
+        return self.merge.ps_layer_groups or self.layers + 2
+
+    def usable(self, technique: str, n_inputs: int) -> bool:
+        tech = MERGE_TECHNIQUES[technique]
+        if tech.needs_base and self.base is None:
+            return False
+        return tech.min_inputs <= n_inputs <= (tech.max_inputs or n_inputs)
+
+
+def new_seed(rng: np.random.Generator) -> int:
+    return int(rng.integers(0, 2**31 - 1))
+
+
+def _jitter(genome_x: np.ndarray, rng: np.random.Generator, spread: float) -> np.ndarray:
+    return np.clip(genome_x + rng.normal(0.0, spread, size=genome_x.shape), 0.0, 1.0)
+
+
+def technique_recipe(technique: str, space: SearchSpace, rng: np.random.Generator, *, exact_defaults: bool,
+                     inputs: Sequence[RecipeNode] | None = None) -> RecipeNode:
+    """One recipe of ``technique`` over the sources, parameters drawn around the defaults."""
+    inputs = list(inputs if inputs is not None else space.sources)
+    tech = get_technique(technique)
+    if tech.max_inputs is not None and len(inputs) > tech.max_inputs:
+        order = rng.permutation(len(inputs))[: tech.max_inputs]
+        inputs = [inputs[i] for i in sorted(order)]
+    genome = ParamsGenome(technique, inputs, space.base_node if tech.needs_base else None, seed=new_seed(rng))
+    x = genome.initial()
+    if not exact_defaults:
+        x = _jitter(x, rng, 0.25)
+    return genome.decode(x)
+
+
+def ps_recipe(space: SearchSpace, rng: np.random.Generator, *, exact_defaults: bool) -> RecipeNode:
+    """A parameter-space merge: ``ps_technique`` with a weight and density per model and layer group."""
+    genome = ParamsGenome(space.merge.ps_technique, space.sources, space.base_node, groups=space.groups,
+                          seed=new_seed(rng))
+    x = genome.initial()
+    return genome.decode(x if exact_defaults else _jitter(x, rng, 0.2))
+
+
+def dfs_recipe(space: SearchSpace, rng: np.random.Generator, inputs: Sequence[RecipeNode], layer_counts: Sequence[int],
+               *, identity_of: int = 0, flip: float = 0.0) -> RecipeNode:
+    """A layer path over ``inputs``: the identity path of ``inputs[identity_of]`` with each
+    indicator bit flipped with probability ``flip`` (and scales jittered when flipping)."""
+    genome = LayerPathGenome(inputs, layer_counts, space.merge.dfs_repetitions, SCALE_RANGE, embed_from=identity_of)
+    x = genome.initial()
+    if flip > 0:
+        count = len(genome.candidates)
+        flips = rng.random(count) < flip
+        x[:count] = np.where(flips, 1.0 - x[:count], x[:count])
+        x[count:] = _jitter(x[count:], rng, 0.1)
+    return genome.decode(x)
+
+
+def _mixed_kinds(space: SearchSpace) -> list[str]:
+    kinds = []
+    for kind in MIXED_ORDER:
+        if kind == "ps":
+            usable = space.base is not None
+        elif kind == "dfs":
+            usable = True
+        else:
+            tech = MERGE_TECHNIQUES[kind]
+            usable = space.usable(kind, min(len(space.models), tech.max_inputs or len(space.models)))
+        if usable:
+            kinds.append(kind)
+    return kinds
+
+
+def initial_population(method: str, space: SearchSpace, rng: np.random.Generator, size: int,
+                       dfs_inputs: Sequence[RecipeNode] = (), dfs_layers: Sequence[int] = ()) -> list[RecipeNode]:
+    """The first generation for a merge method (``mixed``, a technique, ``ps`` or ``dfs``).
+
+    ``mixed`` covers the techniques in :data:`MIXED_ORDER` usable with the given models (with
+    or without a base), then repeats them with other draws. The first of each kind takes the
+    defaults (for ``dfs``: the identity path of the first input); duplicates are redrawn.
+    """
+    dfs_inputs = list(dfs_inputs) or list(space.sources)
+    dfs_layers = list(dfs_layers) or [space.layers] * len(dfs_inputs)
+    usable = _mixed_kinds(space) if method == "mixed" else [method]
+    kinds = [usable[i % len(usable)] for i in range(size)]
+    population: list[RecipeNode] = []
+    seen: set[str] = set()
+    for i, kind in enumerate(kinds):
+        first = kinds.index(kind) == i
+        for attempt in range(20):
+            exact = first and attempt == 0
+            if kind == "ps":
+                recipe = ps_recipe(space, rng, exact_defaults=exact)
+            elif kind == "dfs":
+                identity = 0 if method == "dfs" else int(rng.integers(len(dfs_inputs)))
+                recipe = dfs_recipe(space, rng, dfs_inputs, dfs_layers, identity_of=identity,
+                                    flip=0.0 if exact and method == "dfs" else 0.1)
+            else:
+                recipe = technique_recipe(kind, space, rng, exact_defaults=exact)
+            if recipe.hash not in seen:
+                break
+        seen.add(recipe.hash)
+        population.append(recipe)
+    return population
+
+
+# -- selection --------------------------------------------------------------------------------------
+
+
+def tournament_selection(scored: Sequence[tuple[RecipeNode, float]], tournament_size: int,
+                         rng: np.random.Generator) -> RecipeNode:
+    """The fittest of ``tournament_size`` candidates drawn without replacement (ties: first drawn)."""
+    size = min(tournament_size, len(scored))
+    picks = [int(i) for i in rng.choice(len(scored), size=size, replace=False)]
+    best = picks[0]
+    for i in picks[1:]:
+        if scored[i][1] > scored[best][1]:
+            best = i
+    return scored[best][0]
+
+
+# -- mutation -----------------------------------------------------------------------------------------
+
+
+def mutable_nodes(recipe: RecipeNode) -> list[RecipeNode]:
+    """Merge and LayerStack nodes of a tree, pre-order (sources are not mutable)."""
+    if isinstance(recipe, Source):
+        return []
+    return [recipe, *(node for child in recipe.children() for node in mutable_nodes(child))]
+
+
+def replace_node(recipe: RecipeNode, target: RecipeNode, replacement: RecipeNode) -> RecipeNode:
+    """A copy of ``recipe`` with the first subtree equal to ``target`` replaced."""
+    if recipe is target:
+        return replacement
+    if isinstance(recipe, Merge):
+        inputs = tuple(replace_node(i, target, replacement) for i in recipe.inputs)
+        base = replace_node(recipe.base, target, replacement) if recipe.base is not None else None
+        return Merge(recipe.technique, inputs, recipe.params, base, recipe.seed)
+    if isinstance(recipe, LayerStack):
+        inputs = tuple(replace_node(i, target, replacement) for i in recipe.inputs)
+        return LayerStack(inputs, recipe.slots, recipe.embed_from, recipe.head_from)
+    return recipe
+
+
+def mutate_recipe(recipe: RecipeNode, space: SearchSpace, rng: np.random.Generator) -> RecipeNode:
+    """A new recipe from ``recipe``: one node of the tree perturbed (see the node mutators)."""
+    nodes = mutable_nodes(recipe)
+    if not nodes:
+        return technique_recipe("linear", space, rng, exact_defaults=False)
+    target = nodes[int(rng.integers(len(nodes)))]
+    if isinstance(target, Merge):
+        changed: RecipeNode = mutate_merge(target, space, rng)
+    else:
+        assert isinstance(target, LayerStack)
+        changed = mutate_layer_stack(target, space, rng)
+    return replace_node(recipe, target, changed)
+
+
+def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> Merge:
+    """Perturb numeric parameters (Gaussian, σ = strength × searched range, clipped), sometimes
+    switch technique or draw a new seed for a randomised one."""
+    evo = space.evolution
+    technique, params = node.technique, dict(node.params)
+    if rng.random() < evo.technique_switch_rate:
+        base_depth = recipe_layers(node.inputs[0], space) == space.layers
+        options = [t for t in MERGE_TECHNIQUES
+                   if t not in ("passthrough", technique) and space.usable(t, len(node.inputs))
+                   and (base_depth or not MERGE_TECHNIQUES[t].needs_base)]
+        if options:
+            technique = options[int(rng.integers(len(options)))]
+            params = {k: v for k, v in params.items() if any(p.name == k for p in get_technique(technique).params)}
+    tech = get_technique(technique)
+    leaves = [(p, path) for p in tech.params if p.is_numeric and p.search and p.name in params
+              for path in _leaf_paths(params[p.name])]
+    chosen = [leaf for leaf in leaves if rng.random() < evo.mutation_rate]
+    if leaves and not chosen:
+        chosen = [leaves[int(rng.integers(len(leaves)))]]
+    for param, path in chosen:
+        params[param.name] = _perturb_at(params[param.name], path, param, evo.mutation_strength, rng)
+    seed = node.seed
+    if tech.randomized and (seed is None or rng.random() < 0.2):
+        seed = new_seed(rng)
+    base = node.base if tech.needs_base else None
+    if tech.needs_base and base is None:
+        base = space.base_node
+    return Merge(technique, node.inputs, params, base, seed)
+
+
+def _leaf_paths(value: object, prefix: tuple = ()) -> list[tuple]:
+    if isinstance(value, dict):
+        return [p for k in sorted(value) for p in _leaf_paths(value[k], (*prefix, k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _leaf_paths(v, (*prefix, i))]
+    return [prefix]
+
+
+def _perturb_at(value: object, path: tuple, param: Param, strength: float, rng: np.random.Generator) -> object:
+    if not path:
+        assert param.search is not None and isinstance(value, float)
+        low, high = param.search
+        return float(np.clip(value + rng.normal(0.0, strength * (high - low)), low, high))
+    head, rest = path[0], path[1:]
+    if isinstance(value, dict):
+        return {**value, head: _perturb_at(value[head], rest, param, strength, rng)}
+    assert isinstance(value, list)
+    copy = list(value)
+    copy[head] = _perturb_at(copy[head], rest, param, strength, rng)
+    return copy
+
+
+def mutate_layer_stack(node: LayerStack, space: SearchSpace, rng: np.random.Generator) -> LayerStack:
+    """Perturb slot scales (log-normal), and sometimes drop a slot or insert a random layer."""
+    evo = space.evolution
+    slots = list(node.slots)
+    for k, slot in enumerate(slots):
+        if rng.random() < evo.mutation_rate:
+            scale = float(np.clip(slot.scale * np.exp(rng.normal(0.0, evo.mutation_strength)), *SCALE_RANGE))
+            slots[k] = LayerSlot(slot.input, slot.layer, round(scale, 6))
+    limit = space.merge.dfs_repetitions * space.layers * len(node.inputs)
+    if len(slots) > 1 and rng.random() < evo.mutation_rate:
+        del slots[int(rng.integers(len(slots)))]
+    if len(slots) < limit and rng.random() < evo.mutation_rate:
+        source = int(rng.integers(len(node.inputs)))
+        layer = int(rng.integers(_layers_of(node, source, space)))
+        slots.insert(int(rng.integers(len(slots) + 1)), LayerSlot(source, layer, 1.0))
+    if tuple(slots) == node.slots:
+        k = int(rng.integers(len(slots)))
+        slot = slots[k]
+        slots[k] = LayerSlot(slot.input, slot.layer, round(float(np.clip(slot.scale * np.exp(
+            rng.normal(0.0, evo.mutation_strength)), *SCALE_RANGE)), 6))
+    return LayerStack(node.inputs, tuple(slots), node.embed_from, node.head_from)
+
+
+def _layers_of(node: LayerStack, index: int, space: SearchSpace) -> int:
+    child = node.inputs[index]
+    if isinstance(child, LayerStack):
+        return len(child.slots)
+    return space.layers
+
+
+# -- merging the lower performers ------------------------------------------------------------------------
+
+
+def recipe_layers(recipe: RecipeNode, space: SearchSpace) -> int:
+    if isinstance(recipe, LayerStack):
+        return len(recipe.slots)
+    children = recipe.children()
+    return recipe_layers(children[0], space) if children else space.layers
+
+
+def merge_lower(recipes: Sequence[RecipeNode], space: SearchSpace, rng: np.random.Generator) -> RecipeNode | None:
+    """A new Merge node over 2–3 lower performers of equal depth (None when none can be made
+    within ``max_depth``). Task-vector techniques apply only where the base has that depth."""
+    by_layers: dict[int, list[RecipeNode]] = {}
+    for recipe in recipes:
+        by_layers.setdefault(recipe_layers(recipe, space), []).append(recipe)
+    groups = [g for g in by_layers.values() if len(g) >= 2]
+    if not groups:
+        return None
+    group = groups[int(rng.integers(len(groups)))]
+    count = min(len(group), int(rng.integers(2, 4)))
+    picks = sorted(rng.choice(len(group), size=count, replace=False))
+    inputs = [group[i] for i in picks]
+    same_depth = recipe_layers(inputs[0], space) == space.layers
+    options = [t for t in LOWER_MERGE_TECHNIQUES if t == "linear" or (same_depth and space.usable(t, count))]
+    technique = options[int(rng.integers(len(options)))]
+    merged = collapse_linear(technique_recipe(technique, space, rng, exact_defaults=False, inputs=inputs))
+    if merged.depth() > space.merge.max_depth:
+        return None
+    return merged

@@ -1,0 +1,133 @@
+"""The run report: a per-skill table (parents, plain average, evolved), fitness per generation and
+the lineage of the best candidate, as ``report.md`` with PNG plots."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .storage import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+
+def score_table(test: Mapping[str, Mapping[str, float]], task_names: Sequence[str]) -> list[list[str]]:
+    """Rows ``[model, task1, …, mean]`` with percentages, for markdown and the terminal."""
+    rows = [["model", *task_names, "mean"]]
+    for model, scores in test.items():
+        rows.append([model, *(f"{100 * scores.get(t, float('nan')):.1f}" for t in task_names),
+                     f"{100 * scores['mean']:.1f}"])
+    return rows
+
+
+def markdown_table(rows: Sequence[Sequence[str]]) -> str:
+    header, *body = rows
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in body]
+    return "\n".join(lines)
+
+
+def plot_fitness(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    generations = [h["generation"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot(generations, [h["best"] for h in history], marker="o", label="best so far")
+    ax.plot(generations, [h["generation_best"] for h in history], linestyle=":", label="best of generation")
+    ax.plot(generations, [h["mean"] for h in history], linestyle="--", label="generation mean")
+    ax.set_xlabel("generation")
+    ax.set_ylabel("fitness")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def lineage(best_hash: str, records: Mapping[str, Mapping[str, Any]], limit: int = 60) -> list[tuple[str, str]]:
+    """Parent → child edges leading to ``best_hash`` (breadth first, at most ``limit`` nodes)."""
+    edges, queue, seen = [], [best_hash], {best_hash}
+    while queue and len(seen) < limit:
+        child = queue.pop(0)
+        for parent in records.get(child, {}).get("parents", []):
+            if parent in records and parent != child:
+                edges.append((parent, child))
+                if parent not in seen:
+                    seen.add(parent)
+                    queue.append(parent)
+    return edges
+
+
+def plot_lineage(best_hash: str, records: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    edges = lineage(best_hash, records)
+    nodes = {best_hash} | {h for edge in edges for h in edge}
+    by_generation: dict[int, list[str]] = {}
+    for node in sorted(nodes, key=lambda h: (records[h]["generation"], h)):
+        by_generation.setdefault(records[node]["generation"], []).append(node)
+    position = {node: (gen, i - (len(group) - 1) / 2) for gen, group in by_generation.items()
+                for i, node in enumerate(group)}
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    for parent, child in edges:
+        (x0, y0), (x1, y1) = position[parent], position[child]
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops={"arrowstyle": "->", "alpha": 0.5})
+    for node, (x, y) in position.items():
+        record = records[node]
+        color = "tab:red" if node == best_hash else "tab:blue"
+        ax.scatter([x], [y], color=color, zorder=3)
+        ax.annotate(f"{record['label']}\n{record['fitness']:.3f}", (x, y), textcoords="offset points",
+                    xytext=(0, 7), ha="center", fontsize=7)
+    ax.set_xlabel("generation")
+    ax.set_yticks([])
+    ax.set_title("lineage of the best candidate")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(run_dir: Path, summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
+                 records: Mapping[str, Mapping[str, Any]], task_names: Sequence[str], best_description: str) -> Path:
+    """Write ``report.md`` and its plots into ``run_dir``; returns the report's path."""
+    fitness_png = plot_fitness(history, run_dir / "fitness.png") if history else None
+    lineage_png = plot_lineage(summary["best_recipe_hash"], records, run_dir / "lineage.png")
+    timings = summary["timings"]
+    lines = [
+        "# EvoMerge run report",
+        "",
+        f"Best candidate `{summary['best_recipe_hash'][:12]}` — fitness {summary['best_fitness']:.4f} "
+        f"on the fitness split, {summary['test']['best']['mean']:.4f} on the test split "
+        f"(gap {summary['fitness_test_gap']:+.4f}).",
+        "",
+        "## Test split, per skill (%)",
+        "",
+        markdown_table(score_table(summary["test"], task_names)),
+        "",
+        "## Fitness per generation",
+        "",
+    ]
+    if fitness_png:
+        lines += [f"![fitness per generation]({fitness_png.name})", ""]
+    lines += ["## Lineage of the best", "", f"![lineage]({lineage_png.name})", "",
+              "## Recipe of the best", "", best_description.rstrip(), "",
+              "## Timings", "",
+              f"- candidates evaluated: {timings['candidates']}",
+              f"- evolution: {timings['evolution_seconds']:.1f} s "
+              f"(materialise {timings['mean_merge_seconds'] * 1000:.1f} ms, "
+              f"evaluate {timings['mean_eval_seconds'] * 1000:.1f} ms per candidate)",
+              f"- writing the best model: {timings['write_seconds']:.1f} s",
+              f"- test-split evaluation: {timings['test_seconds']:.1f} s",
+              f"- total: {timings['total_seconds']:.1f} s", ""]
+    path = run_dir / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path

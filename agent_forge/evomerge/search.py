@@ -1,0 +1,237 @@
+"""Search strategies behind one ask/tell interface: the tournament GA (the specification's
+algorithm) and CMA-ES (the ``cmaes`` package) over a genome.
+
+The caller owns the loop::
+
+    while not strategy.should_stop():
+        recipes = strategy.ask()
+        strategy.tell([(r, fitness(r)) for r in recipes])   # higher is better
+
+``state_dict()`` holds everything needed to continue exactly (generator states included), as
+JSON-ready data.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from .config import EvolutionSettings
+from .exceptions import ConfigurationError
+from .genomes import LayerPathGenome, ParamsGenome
+from .operators import (
+    SCALE_RANGE,
+    SearchSpace,
+    initial_population,
+    merge_lower,
+    mutate_recipe,
+    tournament_selection,
+)
+from .recipe import RecipeNode, recipe_from_dict
+from .techniques import MERGE_TECHNIQUES
+
+logger = logging.getLogger(__name__)
+
+
+class SearchStrategy(Protocol):
+    def ask(self) -> list[RecipeNode]: ...
+    def tell(self, scored: Sequence[tuple[RecipeNode, float]]) -> None: ...
+    def should_stop(self) -> bool: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class _Progress:
+    """Best-so-far and patience bookkeeping shared by the strategies."""
+
+    def __init__(self, evolution: EvolutionSettings) -> None:
+        self.evolution = evolution
+        self.best = float("-inf")
+        self.stall = 0
+
+    def update(self, fitnesses: Sequence[float]) -> None:
+        top = max(fitnesses)
+        if top > self.best + self.evolution.min_delta:
+            self.best, self.stall = top, 0
+        else:
+            self.best = max(self.best, top)
+            self.stall += 1
+
+    @property
+    def patience_exhausted(self) -> bool:
+        return self.stall >= self.evolution.patience
+
+    def state(self) -> dict[str, Any]:
+        return {"best": self.best if np.isfinite(self.best) else None, "stall": self.stall}
+
+    def load(self, state: dict[str, Any]) -> None:
+        self.best = state["best"] if state["best"] is not None else float("-inf")
+        self.stall = state["stall"]
+
+
+class TournamentSearch:
+    """The tournament GA: elites stay, tournament winners are mutated, lower performers are merged.
+
+    Args:
+        method: ``mixed``, a technique name, ``ps`` or ``dfs`` (what the first generation holds).
+        dfs_inputs, dfs_layers: the inputs (and their layer counts) of layer paths.
+    """
+
+    def __init__(self, space: SearchSpace, method: str, seed: int,
+                 dfs_inputs: Sequence[RecipeNode] = (), dfs_layers: Sequence[int] = ()) -> None:
+        self.space = space
+        self.method = method
+        self.evolution = space.evolution
+        self.rng = np.random.default_rng(seed)
+        self.dfs_inputs = list(dfs_inputs)
+        self.dfs_layers = list(dfs_layers)
+        self.population: list[RecipeNode] = []
+        self.scored: list[tuple[RecipeNode, float]] = []
+        self.progress = _Progress(space.evolution)
+
+    def ask(self) -> list[RecipeNode]:
+        if not self.scored:
+            if not self.population:
+                self.population = initial_population(self.method, self.space, self.rng, self.evolution.population_size,
+                                                     self.dfs_inputs, self.dfs_layers)
+            return list(self.population)
+        self.population = self._next_generation()
+        self.scored = []
+        return list(self.population)
+
+    def _next_generation(self) -> list[RecipeNode]:
+        ranked = sorted(self.scored, key=lambda item: -item[1])  # stable: ties keep population order
+        size = self.evolution.population_size
+        elites = [recipe for recipe, _ in ranked[: self.evolution.elite_size]]
+        chosen = {r.hash for r in elites}
+        nxt = list(elites)
+        lower = [recipe for recipe, _ in ranked[len(ranked) // 2:]]
+        for _ in range(self.evolution.lower_merge_count):
+            if len(nxt) >= size:
+                break
+            child = merge_lower(lower, self.space, self.rng)
+            if child is not None and child.hash not in chosen:
+                nxt.append(child)
+                chosen.add(child.hash)
+        while len(nxt) < size:
+            child = self.mutate_model(self.tournament_selection())
+            for _ in range(10):
+                if child.hash not in chosen:
+                    break
+                child = self.mutate_model(child)
+            nxt.append(child)
+            chosen.add(child.hash)
+        return nxt
+
+    def tournament_selection(self) -> RecipeNode:
+        return tournament_selection(self.scored, self.evolution.tournament_size, self.rng)
+
+    def mutate_model(self, recipe: RecipeNode) -> RecipeNode:
+        return mutate_recipe(recipe, self.space, self.rng)
+
+    def tell(self, scored: Sequence[tuple[RecipeNode, float]]) -> None:
+        self.scored = list(scored)
+        self.progress.update([f for _, f in scored])
+
+    def should_stop(self) -> bool:
+        return self.progress.patience_exhausted
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "tournament",
+            "method": self.method,
+            "rng": self.rng.bit_generator.state,
+            "population": [r.to_dict() for r in self.population],
+            "scored": [[r.to_dict(), f] for r, f in self.scored],
+            "progress": self.progress.state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.bit_generator.state = state["rng"]
+        self.population = [recipe_from_dict(r) for r in state["population"]]
+        self.scored = [(recipe_from_dict(r), f) for r, f in state["scored"]]
+        self.progress.load(state["progress"])
+
+
+class CMAESSearch:
+    """CMA-ES (``cmaes.CMA``, seeded) over a genome in [0, 1]ⁿ; maximises fitness.
+
+    Resuming replays the recorded (x, fitness) history into a fresh optimiser with the same seed,
+    which reproduces its internal state exactly without pickling it.
+    """
+
+    def __init__(self, genome: ParamsGenome | LayerPathGenome, evolution: EvolutionSettings, seed: int) -> None:
+        self.genome = genome
+        self.evolution = evolution
+        self.seed = seed
+        self.history: list[list[tuple[list[float], float]]] = []
+        self.pending: list[np.ndarray] = []
+        self.progress = _Progress(evolution)
+        self.optimizer = self._fresh()
+
+    def _fresh(self) -> Any:
+        from cmaes import CMA
+
+        size = self.genome.size
+        if size < 2:
+            raise ConfigurationError(f"CMA-ES needs at least 2 searched parameters; this genome has {size}")
+        bounds = np.array([[0.0, 1.0]] * size)
+        return CMA(mean=self.genome.initial(), sigma=self.evolution.cmaes_sigma, bounds=bounds, seed=self.seed,
+                   population_size=self.evolution.population_size)
+
+    def ask(self) -> list[RecipeNode]:
+        self.pending = [self.optimizer.ask() for _ in range(self.optimizer.population_size)]
+        return [self.genome.decode(x) for x in self.pending]
+
+    def tell(self, scored: Sequence[tuple[RecipeNode, float]]) -> None:
+        if len(scored) != len(self.pending):
+            raise ConfigurationError("CMA-ES was told a different number of candidates than it asked for")
+        fitness = [float(f) for _, f in scored]
+        self.optimizer.tell([(x, -f) for x, f in zip(self.pending, fitness)])  # cmaes minimises
+        self.history.append([(x.tolist(), f) for x, f in zip(self.pending, fitness)])
+        self.pending = []
+        self.progress.update(fitness)
+
+    def should_stop(self) -> bool:
+        return self.progress.patience_exhausted or bool(self.optimizer.should_stop())
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"kind": "cmaes", "seed": self.seed, "history": self.history, "progress": self.progress.state()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optimizer = self._fresh()
+        self.history = []
+        for generation in state["history"]:
+            xs = [self.optimizer.ask() for _ in range(self.optimizer.population_size)]
+            recorded = [np.asarray(x) for x, _ in generation]
+            if not all(np.array_equal(a, b) for a, b in zip(xs, recorded)):
+                raise ConfigurationError("the checkpoint's CMA-ES history does not replay; it was written by another version")
+            self.optimizer.tell([(x, -f) for x, (_, f) in zip(xs, generation)])
+            self.history.append([(x.tolist(), f) for x, (_, f) in zip(xs, generation)])
+        self.progress.load(state["progress"])
+
+
+def make_strategy(strategy: str, method: str, space: SearchSpace, seed: int,
+                  dfs_inputs: Sequence[RecipeNode] = (), dfs_layers: Sequence[int] = ()) -> SearchStrategy:
+    """The strategy for one search stage (``method`` is ``mixed``, a technique, ``ps`` or ``dfs``)."""
+    if strategy == "tournament":
+        return TournamentSearch(space, method, seed, dfs_inputs, dfs_layers)
+    if method == "dfs":
+        inputs = list(dfs_inputs) or list(space.sources)
+        layers = list(dfs_layers) or [space.layers] * len(inputs)
+        genome: ParamsGenome | LayerPathGenome = LayerPathGenome(inputs, layers, space.merge.dfs_repetitions, SCALE_RANGE)
+    elif method in ("mixed", "ps"):
+        technique = space.merge.ps_technique if space.base is not None else "linear"
+        tech = MERGE_TECHNIQUES[technique]
+        genome = ParamsGenome(technique, space.sources, space.base_node if tech.needs_base else None,
+                              groups=space.groups, seed=seed)
+    else:
+        tech = MERGE_TECHNIQUES[method]
+        if tech.needs_base and space.base is None:
+            raise ConfigurationError(f"merge_settings.merge_method = {method!r} needs base_model; set it (or --base)")
+        inputs = list(space.sources)[: tech.max_inputs or len(space.sources)]
+        genome = ParamsGenome(method, inputs, space.base_node if tech.needs_base else None, seed=seed)
+    return CMAESSearch(genome, space.evolution, seed)
