@@ -28,6 +28,7 @@ from .executors import Evaluation, Executor, SerialExecutor, make_executor
 from .operators import SearchSpace
 from .recipe import LayerStack, Merge, RecipeNode, Source, recipe_from_dict
 from .search import SearchStrategy, TournamentSearch, make_strategy
+from .sources import ModelSource
 from .storage import atomic_write_text, check_destination
 
 logger = logging.getLogger(__name__)
@@ -68,13 +69,14 @@ class EvolutionaryMerger:
     """
 
     def __init__(self, config: Configuration, run_dir: str | Path, *, resume: bool = False,
-                 executor: Executor | None = None, progress: ProgressCallback | None = None) -> None:
+                 executor: Executor | None = None, progress: ProgressCallback | None = None,
+                 sources: Sequence[ModelSource] | None = None) -> None:
         from .utils import validate_merge_config
 
         self.config = config
         self.run_dir = Path(run_dir)
         self.progress = progress or (lambda *args, **kwargs: None)
-        self.sources = validate_merge_config(config)
+        self.sources = list(sources) if sources is not None else validate_merge_config(config)
         self.space = SearchSpace(
             models=tuple(m.name for m in config.models),
             base=config.base_model.name if config.base_model else None,
@@ -351,10 +353,24 @@ def run_evolutionary_tournament(config: Configuration | None = None, *, resume: 
     if config is None and resume is None:
         config = create_default_config()
     started = time.perf_counter()
-    config, run_dir = prepare_run_dir(config, resume)  # type: ignore[arg-type]
-    evolution = EvolutionaryMerger(config, run_dir, resume=resume is not None, progress=progress)
-    best = evolution.evolve()
-    evolved = time.perf_counter()
-    from .final import finish_run
+    from .utils import validate_merge_config
 
-    return str(finish_run(evolution, best, started, evolved, progress or (lambda *a, **k: None)))
+    sources = validate_merge_config(config) if resume is None else None  # before any folder is made
+    config, run_dir = prepare_run_dir(config, resume)  # type: ignore[arg-type]
+    try:
+        evolution = EvolutionaryMerger(config, run_dir, resume=resume is not None, progress=progress,
+                                       sources=sources)
+        best = evolution.evolve()
+        evolved = time.perf_counter()
+        from .final import finish_run
+
+        best_dir = finish_run(evolution, best, started, evolved, progress or (lambda *a, **k: None))
+    except KeyboardInterrupt:
+        raise RunInterrupted(
+            f"interrupted; the run folder keeps its checkpoint. Resume with: "
+            f"python -m agent_forge.evomerge.cli --resume {run_dir}"
+        ) from None
+    finally:
+        if "evolution" in locals() and evolution.executor is not None:
+            evolution.executor.close()
+    return str(best_dir)

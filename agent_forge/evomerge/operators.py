@@ -292,9 +292,11 @@ def recipe_layers(recipe: RecipeNode, space: SearchSpace) -> int:
     return recipe_layers(children[0], space) if children else space.layers
 
 
-def merge_lower(recipes: Sequence[RecipeNode], space: SearchSpace, rng: np.random.Generator) -> RecipeNode | None:
-    """A new Merge node over 2–3 lower performers of equal depth (None when none can be made
-    within ``max_depth``). Task-vector techniques apply only where the base has that depth."""
+def merge_lower(recipes: Sequence[RecipeNode], space: SearchSpace,
+                rng: np.random.Generator) -> tuple[RecipeNode, list[RecipeNode]] | None:
+    """A new Merge node over 2–3 lower performers of equal depth, with the performers it merged
+    (None when none can be made within ``max_depth``). Task-vector techniques apply only where
+    the base has that depth; linear-of-linear nodes are collapsed."""
     by_layers: dict[int, list[RecipeNode]] = {}
     for recipe in recipes:
         by_layers.setdefault(recipe_layers(recipe, space), []).append(recipe)
@@ -311,4 +313,4 @@ def merge_lower(recipes: Sequence[RecipeNode], space: SearchSpace, rng: np.rando
     merged = collapse_linear(technique_recipe(technique, space, rng, exact_defaults=False, inputs=inputs))
     if merged.depth() > space.merge.max_depth:
         return None
-    return merged
+    return merged, inputs

@@ -41,6 +41,7 @@ def plot_fitness(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
     ax.plot(generations, [h["generation_best"] for h in history], linestyle=":", label="best of generation")
     ax.plot(generations, [h["mean"] for h in history], linestyle="--", label="generation mean")
     ax.set_xlabel("generation")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("fitness")
     ax.grid(alpha=0.3)
     ax.legend(loc="lower right")
@@ -88,6 +89,7 @@ def plot_lineage(best_hash: str, records: Mapping[str, Mapping[str, Any]], path:
         ax.annotate(f"{record['label']}\n{record['fitness']:.3f}", (x, y), textcoords="offset points",
                     xytext=(0, 7), ha="center", fontsize=7)
     ax.set_xlabel("generation")
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_yticks([])
     ax.set_title("lineage of the best candidate")
     fig.tight_layout()

@@ -91,6 +91,7 @@ class TournamentSearch:
         self.population: list[RecipeNode] = []
         self.scored: list[tuple[RecipeNode, float]] = []
         self.progress = _Progress(space.evolution)
+        self.parents: dict[str, list[str]] = {}  # child hash → parent hashes, for the last ask()
 
     def ask(self) -> list[RecipeNode]:
         if not self.scored:
@@ -108,22 +109,26 @@ class TournamentSearch:
         elites = [recipe for recipe, _ in ranked[: self.evolution.elite_size]]
         chosen = {r.hash for r in elites}
         nxt = list(elites)
+        self.parents = {}
         lower = [recipe for recipe, _ in ranked[len(ranked) // 2:]]
         for _ in range(self.evolution.lower_merge_count):
             if len(nxt) >= size:
                 break
-            child = merge_lower(lower, self.space, self.rng)
-            if child is not None and child.hash not in chosen:
-                nxt.append(child)
-                chosen.add(child.hash)
+            made = merge_lower(lower, self.space, self.rng)
+            if made is not None and made[0].hash not in chosen:
+                nxt.append(made[0])
+                chosen.add(made[0].hash)
+                self.parents[made[0].hash] = [r.hash for r in made[1]]
         while len(nxt) < size:
-            child = self.mutate_model(self.tournament_selection())
+            winner = self.tournament_selection()
+            child = self.mutate_model(winner)
             for _ in range(10):
                 if child.hash not in chosen:
                     break
                 child = self.mutate_model(child)
             nxt.append(child)
             chosen.add(child.hash)
+            self.parents.setdefault(child.hash, [winner.hash])
         return nxt
 
     def tournament_selection(self) -> RecipeNode:

@@ -88,7 +88,7 @@ def _resolve_hub_id(repo_id: str, *, allow_pickle: bool, cache_dir: str | Path |
     if offline:
         raise ModelLoadError(f"model {repo_id} is not available offline (not in the Hugging Face cache); {how}")
     try:
-        logger.info("downloading %s from the Hugging Face hub", repo_id)
+        logger.info("%s is not in the local Hugging Face cache; trying the hub", repo_id)
         return Path(
             snapshot_download(repo_id, cache_dir=cache_dir, allow_patterns=patterns, etag_timeout=5)
         )
