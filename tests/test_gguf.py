@@ -427,6 +427,24 @@ def test_bad_files_fail_fast_with_bounded_memory(tmp_path, case):
         assert elapsed < 2.0 and peak < 32 * 2**20, (case, elapsed, peak)
 
 
+def test_long_metadata_arrays_cost_no_memory_and_too_long_ones_are_refused(tmp_path):
+    # 2**20 one-byte elements: gguf.GGUFReader spends ~8 s and ~0.8 GB on this 1 MB file
+    path = tmp_path / "long.gguf"
+    junk = gguf_string("junk") + struct.pack("<IIQ", 9, 0, 2**20) + bytes(2**20)
+    path.write_bytes(gguf_bytes(kv=arch_kv() + junk, kv_count=2))
+    tracemalloc.start()
+    start = time.perf_counter()
+    assert gguf_info(path)["architecture"] == "llama"
+    elapsed, (_, peak) = time.perf_counter() - start, tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert elapsed < 1.0 and peak < 8 * 2**20, (elapsed, peak)
+
+    junk = gguf_string("junk") + struct.pack("<IIQ", 9, 0, 2**21 + 1) + bytes(2**21 + 1)
+    path.write_bytes(gguf_bytes(kv=arch_kv() + junk, kv_count=2))
+    with pytest.raises(GGUFError, match="limit 2097152"):
+        gguf_info(path)
+
+
 def test_truncated_real_file_is_reported_as_truncated(tmp_path):
     whole = small_valid_gguf(tmp_path / "whole.gguf").read_bytes()
     assert gguf_info(tmp_path / "whole.gguf")["tensor_count"] == 1

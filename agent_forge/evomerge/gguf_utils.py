@@ -1,17 +1,21 @@
 """GGUF in and out: read llama.cpp model files as Hugging Face folders, and ship merges as GGUF.
 
-GGUF in (``gguf_to_hf``): the header is first checked by a bounded parse, so a truncated or
-hostile file fails fast with a clear error; then the file is read with ``gguf.GGUFReader``, its
-tensors dequantised with ``gguf.quants`` (F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K..Q6_K
-and the IQ types), renamed to Hugging Face names with llama's Q/K row permutation undone, and the
-config and tokenizer rebuilt by transformers' own GGUF support. The result is an ordinary HF folder
-in a cache keyed by the file's content hash (``$EVOMERGE_CACHE/gguf``, else
-``~/.cache/evomerge/gguf``), written atomically and reused next time. Llama-family files (llama,
-mistral, smollm) and qwen2 are supported; other architectures raise ``GGUFError``.
+GGUF in (``gguf_to_hf``): a bounded parse of the header checks the file (a truncated or hostile
+file fails fast with a clear error, whatever its header claims) and yields its metadata and
+tensor table. Tensors are dequantised with ``gguf.quants`` (F32, F16, BF16, Q4_0, Q4_1, Q5_0,
+Q5_1, Q8_0, Q2_K..Q6_K and the IQ types), renamed to Hugging Face names with
+``gguf.get_tensor_name_map``, and llama's Q/K row permutation is undone; the config comes from
+transformers' GGUF key table, the tokenizer from transformers' GGUF tokenizer conversion. The
+result is an ordinary HF folder in a cache keyed by the file's content hash
+(``$EVOMERGE_CACHE/gguf``, else ``~/.cache/evomerge/gguf``), written atomically and reused next
+time. Llama-family files (llama, mistral, smollm) and qwen2 are supported; other architectures
+raise ``GGUFError`` naming the architecture. (``gguf.GGUFReader`` is not used on this path: it
+keeps ~1.4 KB of Python objects per metadata array element, 0.5 GB for a Llama 3 vocabulary.)
 
 GGUF out (``export_gguf``): architecture metadata from the HF config, the tokenizer (byte-level BPE
-as ``gpt2``, SentencePiece-style BPE as ``llama``), tensors under GGUF names and layout, as f32,
-f16, bf16 or q8_0 -- streamed one tensor at a time into a temp file that is renamed when complete.
+as ``gpt2``, SentencePiece-style BPE as ``llama``, merges, special tokens, chat template), tensors
+under GGUF names and layout (Q/K permuted), as f32, f16, bf16 or q8_0 -- written by
+``gguf.GGUFWriter`` one tensor at a time into a temp file that is renamed when complete.
 
 Run it::
 
@@ -36,7 +40,7 @@ from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import gguf
 import numpy as np
@@ -47,18 +51,22 @@ from .exceptions import GGUFError
 
 logger = logging.getLogger(__name__)
 
-# Limits of the bounded header parse. Real files stay far below them (the largest vocabularies in
-# use have ~262k tokens; models have at most a few thousand tensors), and together they bound the
-# memory GGUFReader may spend on a header to a few hundred MB, whatever the header claims.
+# Limits of the bounded header parse. Real files stay far below them: models have at most a few
+# thousand tensors, and the largest vocabularies in use (~262k tokens, ~450k merges) need well
+# under 2**21 array elements in all. The parse keeps only scalars and strings (arrays are walked,
+# not stored), so its memory is independent of what the header claims; its time is linear in the
+# header's size. Only tokenizer.ggml.tokens/merges are read in full later (by transformers).
 _GGUF_MAGIC = b"GGUF"
 _GGUF_VERSIONS = (2, 3)
 _MAX_TENSORS = 1 << 20
 _MAX_KV = 1 << 16
-_MAX_ARRAY_LEN = 1 << 20
+_MAX_ARRAY_LEN = 1 << 21
 _MAX_ARRAY_ELEMENTS = 1 << 22  # summed over the whole header
 _MAX_TENSOR_NAME = 4096
+_MAX_KEPT_STRING = 1 << 20  # longer metadata strings are walked over, not kept
 _MAX_DIMS = 4
-_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?"}
+_SCALAR_FORMATS.update({10: "<Q", 11: "<q", 12: "<d"})
 _STRING, _ARRAY, _UINT32 = 8, 9, 4
 
 DEQUANTISABLE_TYPES = frozenset(
@@ -96,22 +104,41 @@ class _TensorEntry:
     nbytes: int
 
 
+@dataclass(frozen=True)
+class GGUFArray:
+    """A metadata array, summarised: its element type and length (contents are not kept)."""
+
+    element_type: int
+    length: int
+
+
 @dataclass
-class _Header:
+class GGUFHeader:
+    """What a bounded parse of a GGUF header found: metadata, tensor table, data offset."""
+
+    path: Path
     version: int
-    alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT
-    architecture: str | None = None
-    kv_count: int = 0
-    data_start: int = 0
+    metadata: dict[str, Any] = field(default_factory=dict)
     tensors: list[_TensorEntry] = field(default_factory=list)
+    alignment: int = gguf.GGUF_DEFAULT_ALIGNMENT
+    data_start: int = 0
+    array_elements: int = 0
+
+    @property
+    def architecture(self) -> str | None:
+        value = self.metadata.get("general.architecture")
+        return value if isinstance(value, str) else None
+
+    def length_of(self, key: str) -> int:
+        value = self.metadata.get(key)
+        return value.length if isinstance(value, GGUFArray) else 0
 
 
 class _Cursor:
     """Reads a memory-mapped header front to back, refusing to run past the end of the file."""
 
-    def __init__(self, buf: mmap.mmap | bytes, name: str) -> None:
+    def __init__(self, buf: mmap.mmap, name: str) -> None:
         self.buf, self.name, self.pos, self.size = buf, name, 0, len(buf)
-        self.array_elements = 0
 
     def need(self, n: int, what: str) -> None:
         if n > self.size - self.pos:
@@ -127,7 +154,7 @@ class _Cursor:
         self.pos += size
         return values[0] if len(values) == 1 else values
 
-    def string(self, what: str, limit: int | None = None) -> str:
+    def string(self, what: str, limit: int | None = None, keep: int = _MAX_KEPT_STRING) -> str:
         length = self.unpack("<Q", what)
         if limit is not None and length > limit:
             raise GGUFError(
@@ -135,55 +162,51 @@ class _Cursor:
                 "the header is corrupt or hostile"
             )
         self.need(length, f"{what} ({length}-byte string)")
-        raw = bytes(self.buf[self.pos : self.pos + length])
-        self.pos += length
+        start, self.pos = self.pos, self.pos + length
+        if length > keep:
+            return f"<{length}-byte string>"
         try:
-            return raw.decode("utf-8")
+            return bytes(self.buf[start : self.pos]).decode("utf-8")
         except UnicodeDecodeError as err:
             raise GGUFError(f"{self.name}: {what} is not valid UTF-8; the file is corrupt") from err
 
 
-def _skip_value(cur: _Cursor, vtype: int, what: str, depth: int = 0) -> str | None:
-    """Walk over one metadata value; returns it only when it is a string."""
-    if vtype in _SCALAR_SIZE:
-        cur.need(_SCALAR_SIZE[vtype], what)
-        cur.pos += _SCALAR_SIZE[vtype]
-        return None
+def _read_value(cur: _Cursor, header: GGUFHeader, vtype: int, what: str, depth: int = 0) -> Any:
+    """One metadata value: a scalar, a string, or (walked over) a ``GGUFArray``."""
+    if vtype in _SCALAR_FORMATS:
+        return cur.unpack(_SCALAR_FORMATS[vtype], what)
     if vtype == _STRING:
-        return cur.string(what)
+        return cur.string(what, keep=_MAX_KEPT_STRING if depth == 0 else 0)
     if vtype != _ARRAY or depth > 1:
         raise GGUFError(f"{cur.name}: {what} has unknown value type {vtype}; the file is corrupt")
     itype, count = cur.unpack("<IQ", f"{what} (array header)")
-    cur.array_elements += count
-    if count > _MAX_ARRAY_LEN or cur.array_elements > _MAX_ARRAY_ELEMENTS:
+    header.array_elements += count
+    if count > _MAX_ARRAY_LEN or header.array_elements > _MAX_ARRAY_ELEMENTS:
         raise GGUFError(
-            f"{cur.name}: {what} claims an array of {count} elements (limit {_MAX_ARRAY_LEN}); "
-            "the header is corrupt or hostile"
+            f"{cur.name}: {what} claims an array of {count} elements (limit {_MAX_ARRAY_LEN}, "
+            f"{_MAX_ARRAY_ELEMENTS} in all); the header is corrupt or hostile"
         )
-    if itype in _SCALAR_SIZE:
-        cur.need(count * _SCALAR_SIZE[itype], f"{what} ({count}-element array)")
-        cur.pos += count * _SCALAR_SIZE[itype]
-        return None
-    cur.need(count * 8, f"{what} ({count}-element array)")  # every element is at least 8 bytes
-    for _ in range(count):
-        _skip_value(cur, itype, what, depth + 1)
-    return None
+    if itype in _SCALAR_FORMATS:
+        cur.need(count * struct.calcsize(_SCALAR_FORMATS[itype]), f"{what} ({count} elements)")
+        cur.pos += count * struct.calcsize(_SCALAR_FORMATS[itype])
+    else:
+        cur.need(count * 8, f"{what} ({count} elements)")  # each element takes 8 bytes or more
+        for _ in range(count):
+            _read_value(cur, header, itype, what, depth + 1)
+    return GGUFArray(itype, count)
 
 
-def _read_kv(cur: _Cursor, header: _Header) -> None:
-    for index in range(header.kv_count):
+def _read_kv(cur: _Cursor, header: GGUFHeader, kv_count: int) -> None:
+    for index in range(kv_count):
         key = cur.string(f"metadata key #{index}", limit=1 << 16)
         vtype = cur.unpack("<I", f"type of {key!r}")
-        if key == "general.alignment":
-            if vtype != _UINT32:
-                raise GGUFError(f"{cur.name}: general.alignment must be a uint32; file is corrupt")
-            header.alignment = cur.unpack("<I", key)
-            if header.alignment == 0 or header.alignment & (header.alignment - 1):
-                raise GGUFError(f"{cur.name}: alignment {header.alignment} is not a power of two")
-            continue
-        value = _skip_value(cur, vtype, f"metadata {key!r}")
-        if key == "general.architecture":
-            header.architecture = value
+        if key in header.metadata:
+            raise GGUFError(f"{cur.name}: metadata key {key!r} appears twice; the file is corrupt")
+        header.metadata[key] = _read_value(cur, header, vtype, f"metadata {key!r}")
+    alignment = header.metadata.get("general.alignment", gguf.GGUF_DEFAULT_ALIGNMENT)
+    if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
+        raise GGUFError(f"{cur.name}: alignment {alignment!r} is not a power of two; corrupt")
+    header.alignment = alignment
 
 
 def _read_tensor_entry(cur: _Cursor, index: int) -> _TensorEntry:
@@ -223,7 +246,7 @@ def _checked_type(file_name: str, tensor: str, raw_type: int) -> QType:
     return qtype
 
 
-def _check_tensor_table(cur: _Cursor, header: _Header, file_size: int) -> None:
+def _check_tensor_table(cur: _Cursor, header: GGUFHeader) -> None:
     seen: set[str] = set()
     pad = header.alignment
     header.data_start = (cur.pos + pad - 1) // pad * pad
@@ -234,15 +257,20 @@ def _check_tensor_table(cur: _Cursor, header: _Header, file_size: int) -> None:
         if entry.offset % pad:
             raise GGUFError(f"{cur.name}: tensor {entry.name!r} is not {pad}-byte aligned")
         end = header.data_start + entry.offset + entry.nbytes
-        if end > file_size:
+        if end > cur.size:
             raise GGUFError(
                 f"{cur.name}: tensor {entry.name!r} ends at byte {end} but the file has "
-                f"{file_size} bytes; the file is truncated -- download it again"
+                f"{cur.size} bytes; the file is truncated -- fetch it again"
             )
 
 
-def read_header(path: str | Path) -> _Header:
-    """Check a GGUF header within bounded memory and time; raise ``GGUFError`` if it is bad."""
+def read_header(path: str | Path) -> GGUFHeader:
+    """Parse and check a GGUF header within bounded memory and time.
+
+    Raises:
+        GGUFError: missing file, bad magic or version, truncation, absurd counts or lengths,
+            duplicate names, or a tensor type gguf-py cannot dequantise.
+    """
     path = Path(path)
     if not path.is_file():
         raise GGUFError(f"GGUF file {path} does not exist or is not a file; check the path")
@@ -250,41 +278,29 @@ def read_header(path: str | Path) -> _Header:
     if size < 24:
         raise GGUFError(f"{path.name}: only {size} bytes, too short for a GGUF header; truncated")
     with path.open("rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        cur = _Cursor(buf, path.name)
         if bytes(buf[:4]) != _GGUF_MAGIC:
             raise GGUFError(
                 f"{path.name}: bad magic {bytes(buf[:4])!r} (expected b'GGUF'); not a GGUF file"
             )
+        cur = _Cursor(buf, path.name)
         cur.pos = 4
-        header = _Header(version=cur.unpack("<I", "version"))
+        header = GGUFHeader(path, version=cur.unpack("<I", "version"))
         if header.version not in _GGUF_VERSIONS:
             raise GGUFError(
                 f"{path.name}: GGUF version {header.version} is not supported (supported: 2, 3; "
                 "big-endian files are not); convert the model with a current llama.cpp"
             )
-        tensor_count, header.kv_count = cur.unpack("<QQ", "tensor and metadata counts")
+        tensor_count, kv_count = cur.unpack("<QQ", "tensor and metadata counts")
         if tensor_count > _MAX_TENSORS or tensor_count * 24 > size:
             raise GGUFError(
                 f"{path.name}: header claims {tensor_count} tensors; corrupt or hostile"
             )
-        if header.kv_count > _MAX_KV or header.kv_count * 13 > size:
-            raise GGUFError(
-                f"{path.name}: header claims {header.kv_count} metadata entries; corrupt"
-            )
-        _read_kv(cur, header)
+        if kv_count > _MAX_KV or kv_count * 13 > size:
+            raise GGUFError(f"{path.name}: header claims {kv_count} metadata entries; corrupt")
+        _read_kv(cur, header, kv_count)
         header.tensors = [_read_tensor_entry(cur, i) for i in range(tensor_count)]
-        _check_tensor_table(cur, header, size)
+        _check_tensor_table(cur, header)
     return header
-
-
-def _open_reader(path: Path) -> gguf.GGUFReader:
-    """GGUFReader on a file whose header ``read_header`` has already accepted."""
-    try:
-        return gguf.GGUFReader(path)
-    except (ValueError, KeyError, IndexError, OverflowError, UnicodeDecodeError) as err:
-        raise GGUFError(
-            f"{path.name}: gguf could not read the file ({err}); it is corrupt"
-        ) from err
 
 
 def is_gguf_path(path: object) -> bool:
@@ -356,7 +372,7 @@ def gguf_to_hf(
     cache.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
     try:
-        _convert_gguf(path, staging, _IMPORT_DTYPES[dtype])
+        _convert_gguf(header, staging, _IMPORT_DTYPES[dtype])
         try:
             staging.rename(target)
         except OSError:  # another process finished first: keep theirs
@@ -381,44 +397,82 @@ def _check_architecture(path: Path, architecture: str | None) -> None:
         )
 
 
-def _convert_gguf(path: Path, out: Path, dtype: torch.dtype) -> None:
-    """Write config, tokenizer, generation config and weights of ``path`` into ``out``."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+def _convert_gguf(header: GGUFHeader, out: Path, dtype: torch.dtype) -> None:
+    """Write config, tokenizer, generation config and weights of the file into ``out``."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
 
-    reader = _open_reader(path)
-    try:
-        config = AutoConfig.from_pretrained(path.parent, gguf_file=path.name)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    except (ValueError, KeyError, OSError) as err:
-        raise GGUFError(
-            f"{path.name}: transformers could not rebuild config/tokenizer: {err}"
-        ) from err
+    config = _config_from_header(header)
+    tokenizer = _tokenizer_from_file(header.path)
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     config.architectures = [type(skeleton).__name__]
     config.dtype = dtype
-    names = _gguf_to_hf_names(skeleton, reader_arch(reader), config.num_hidden_layers)
-    expected = _expected_keys(skeleton, config)
-    written = _write_shards(_hf_tensors(reader, config, names, dtype), out)
-    if missing := sorted(expected - written):
-        raise GGUFError(
-            f"{path.name}: tensors missing from the file: {missing[:5]}; file incomplete"
-        )
+    names = _gguf_to_hf_names(skeleton, str(header.architecture), config.num_hidden_layers)
+    written = _write_shards(_hf_tensors(header, config, names, dtype), out)
+    if missing := sorted(_expected_keys(skeleton, config) - written):
+        raise GGUFError(f"{header.path.name}: tensors missing from the file: {missing[:5]}")
     config.save_pretrained(out)
     tokenizer.save_pretrained(out)
     GenerationConfig.from_model_config(config).save_pretrained(out)
-    types = Counter(t.tensor_type.name for t in reader.tensors)
-    source = {"source_file": path.name, "architecture": reader_arch(reader), "tensor_types": types}
+    source = {
+        "source_file": header.path.name,
+        "architecture": header.architecture,
+        "tensor_types": Counter(t.qtype.name for t in header.tensors),
+    }
     (out / "gguf_source.json").write_text(json.dumps(source, indent=2) + "\n")
 
 
-def reader_arch(reader: gguf.GGUFReader) -> str:
-    return str(_field(reader, "general.architecture"))
+def _config_from_header(header: GGUFHeader) -> Any:
+    """The transformers config, read from the metadata through transformers' GGUF key table."""
+    from transformers import AutoConfig
+    from transformers.integrations import GGUF_CONFIG_MAPPING
+
+    arch = str(header.architecture)
+    table = cast(dict[str, dict[str, Any]], GGUF_CONFIG_MAPPING)
+    values: dict[str, Any] = {}
+    for section in (arch, "tokenizer"):
+        for key, hf_key in table[section].items():
+            value = header.metadata.get(f"{section}.{key}")
+            if hf_key is not None and value is not None and not isinstance(value, GGUFArray):
+                values[hf_key] = value
+    tensors = {t.name: t for t in header.tensors}
+    if "token_embd.weight" not in tensors:
+        raise GGUFError(f"{header.path.name}: no token_embd.weight tensor; not a complete model")
+    values.setdefault("vocab_size", tensors["token_embd.weight"].shape[0])
+    values["tie_word_embeddings"] = "output.weight" not in tensors
+    rope = _rope_scaling_from(header.metadata, arch)
+    if rope:
+        values["rope_scaling"] = rope
+    try:
+        return AutoConfig.for_model(arch, **values)
+    except (ValueError, TypeError) as err:
+        raise GGUFError(f"{header.path.name}: metadata do not make a valid config: {err}") from err
 
 
-def _field(reader: gguf.GGUFReader, key: str, default: Any = None) -> Any:
-    entry = reader.get_field(key)
-    return default if entry is None else entry.contents()
+def _rope_scaling_from(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    """Linear / YaRN rope scaling from the metadata (llama.cpp's keys), if any."""
+    kind = metadata.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind not in ("linear", "yarn"):
+        raise GGUFError(f"rope scaling {kind!r} in the GGUF metadata is not supported")
+    scaling = {"rope_type": kind, "factor": float(metadata[f"{arch}.rope.scaling.factor"])}
+    original = metadata.get(f"{arch}.rope.scaling.original_context_length")
+    if kind == "yarn" and original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+def _tokenizer_from_file(path: Path) -> Any:
+    """transformers' own GGUF tokenizer conversion (its fast metadata reader, not GGUFReader)."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    try:
+        return TokenizersBackend.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as err:
+        raise GGUFError(
+            f"{path.name}: transformers could not rebuild the tokenizer: {err}"
+        ) from err
 
 
 def _gguf_to_hf_names(
@@ -463,20 +517,23 @@ def _head_count_for(name: str, config: Any) -> int | None:
 
 
 def _hf_tensors(
-    reader: gguf.GGUFReader, config: Any, names: dict[str, str], dtype: torch.dtype
+    header: GGUFHeader, config: Any, names: dict[str, str], dtype: torch.dtype
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """Dequantised tensors under HF names, one at a time."""
-    permuted = reader_arch(reader) in _PERMUTED_ARCHS
-    for tensor in reader.tensors:
-        hf_name = names.get(tensor.name)
+    """Dequantised tensors under HF names, one at a time, read from a memory map of the file."""
+    blob = np.memmap(header.path, mode="r", dtype=np.uint8)
+    permuted = header.architecture in _PERMUTED_ARCHS
+    for entry in header.tensors:
+        hf_name = names.get(entry.name)
         if hf_name is None:
-            if tensor.name in _IGNORED_GGUF_TENSORS:
-                logger.warning("GGUF tensor %s ignored (rope scaling is not rebuilt)", tensor.name)
+            if entry.name in _IGNORED_GGUF_TENSORS:
+                logger.warning("GGUF tensor %s ignored (rope scaling is not rebuilt)", entry.name)
                 continue
-            raise GGUFError(f"GGUF tensor {tensor.name!r} has no Hugging Face counterpart")
-        shape = tuple(int(d) for d in reversed(tensor.shape.tolist()))
-        values = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(shape)
-        heads = _head_count_for(tensor.name, config) if permuted else None
+            raise GGUFError(f"GGUF tensor {entry.name!r} has no Hugging Face counterpart")
+        start = header.data_start + entry.offset
+        rows = math.prod(entry.shape[:-1])  # (rows, bytes per row), as gguf.quants expects
+        raw = blob[start : start + entry.nbytes].reshape(rows, -1)
+        values = gguf.quants.dequantize(raw, entry.qtype).reshape(entry.shape)
+        heads = _head_count_for(entry.name, config) if permuted else None
         if heads is not None:
             values = permute_qk(values, heads, inverse=True)
         yield hf_name, torch.from_numpy(np.require(values, np.float32, ["C", "W"])).to(dtype)
@@ -911,42 +968,43 @@ def _source_values(entry: _OutTensor, sources: dict[str, Path], config: Any) -> 
 
 
 def gguf_info(path: str | Path) -> dict[str, Any]:
-    """A quick look at a GGUF file: architecture, sizes, tensor types, tokenizer.
+    """A quick look at a GGUF file (from the bounded header parse alone; no tensor is read).
+
+    Returns:
+        architecture, whether EvoMerge can import it, parameter count, tensor types (counts),
+        layer/width/head figures, tied embeddings, tokenizer kind and size, and more.
 
     Raises:
         GGUFError: the file is missing or malformed.
     """
-    path = Path(path)
     header = read_header(path)
-    reader = _open_reader(path)
-    arch = header.architecture or "?"
-    tokens = reader.get_field("tokenizer.ggml.tokens")
-    merges = reader.get_field("tokenizer.ggml.merges")
+    meta, arch = header.metadata, header.architecture or "?"
     names = {t.name for t in header.tensors}
     return {
-        "path": str(path),
-        "file_size": path.stat().st_size,
+        "path": str(header.path),
+        "file_size": header.path.stat().st_size,
         "gguf_version": header.version,
         "architecture": arch,
         "supported": arch in SUPPORTED_ARCHITECTURES,
-        "name": _field(reader, "general.name"),
+        "name": meta.get("general.name"),
+        "file_type": meta.get("general.file_type"),
         "parameter_count": sum(math.prod(t.shape) for t in header.tensors),
         "tensor_count": len(header.tensors),
         "tensor_types": dict(Counter(t.qtype.name for t in header.tensors).most_common()),
-        "block_count": _field(reader, f"{arch}.block_count"),
-        "embedding_length": _field(reader, f"{arch}.embedding_length"),
-        "head_count": _field(reader, f"{arch}.attention.head_count"),
-        "head_count_kv": _field(reader, f"{arch}.attention.head_count_kv"),
-        "context_length": _field(reader, f"{arch}.context_length"),
+        "block_count": meta.get(f"{arch}.block_count"),
+        "embedding_length": meta.get(f"{arch}.embedding_length"),
+        "head_count": meta.get(f"{arch}.attention.head_count"),
+        "head_count_kv": meta.get(f"{arch}.attention.head_count_kv"),
+        "context_length": meta.get(f"{arch}.context_length"),
         "tied_embeddings": "output.weight" not in names,
         "tokenizer": {
-            "model": _field(reader, "tokenizer.ggml.model"),
-            "pre": _field(reader, "tokenizer.ggml.pre"),
-            "size": len(tokens.data) if tokens is not None else 0,
-            "merges": len(merges.data) if merges is not None else 0,
-            "bos_token_id": _field(reader, "tokenizer.ggml.bos_token_id"),
-            "eos_token_id": _field(reader, "tokenizer.ggml.eos_token_id"),
-            "chat_template": reader.get_field("tokenizer.chat_template") is not None,
+            "model": meta.get("tokenizer.ggml.model"),
+            "pre": meta.get("tokenizer.ggml.pre"),
+            "size": header.length_of("tokenizer.ggml.tokens"),
+            "merges": header.length_of("tokenizer.ggml.merges"),
+            "bos_token_id": meta.get("tokenizer.ggml.bos_token_id"),
+            "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
+            "chat_template": "tokenizer.chat_template" in meta,
         },
     }
 
