@@ -13,7 +13,7 @@ import numpy as np
 from .config import EvolutionSettings, MergeSettings
 from .genomes import LayerPathGenome, ParamsGenome
 from .recipe import LayerSlot, LayerStack, Merge, RecipeNode, Source, collapse_linear
-from .techniques import MERGE_TECHNIQUES, Param, get_technique
+from .techniques import MERGE_TECHNIQUES, Param, canonical_params, get_technique, repair_params
 
 logger = logging.getLogger(__name__)
 
@@ -227,6 +227,7 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
     base = node.base if tech.needs_base else None
     if tech.needs_base and base is None:
         base = space.base_node
+    params = repair_params(technique, canonical_params(tech, params, len(node.inputs), joint_check=False))
     return Merge(technique, node.inputs, params, base, seed)
 
 

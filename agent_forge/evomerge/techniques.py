@@ -268,6 +268,29 @@ def _check_della(params: dict[str, Any], name: str) -> None:
             )
 
 
+def _repair_della(params: dict[str, Any]) -> dict[str, Any]:
+    """Shrink each epsilon so that density ± epsilon stays inside (0, 1) (used by the search)."""
+
+    def fit(density: Any, epsilon: Any) -> Any:
+        if isinstance(density, list) and isinstance(epsilon, list) and len(density) == len(epsilon):
+            return [fit(d, e) for d, e in zip(density, epsilon)]
+        if isinstance(density, list):
+            return min(fit(d, epsilon) for d in density)
+        if isinstance(density, float) and isinstance(epsilon, float) and density < 1.0:
+            return max(0.0, min(epsilon, density - 0.01, 0.99 - density))
+        return epsilon
+
+    out = dict(params)
+    if isinstance(params.get("density"), list) and isinstance(params.get("epsilon"), list):
+        out["epsilon"] = [fit(d, e) for d, e in zip(params["density"], params["epsilon"])]
+    return out
+
+
+def repair_params(technique: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Params moved into the technique's joint constraints (e.g. DELLA's density ± epsilon)."""
+    return _repair_della(params) if technique in ("della", "della_linear") else params
+
+
 def _as_list(value: Any) -> list[float]:
     """Flatten a (possibly layer-dependent, possibly per-input) value into its leaf numbers."""
     if isinstance(value, Mapping):
@@ -507,7 +530,8 @@ def check_value(param: Param, value: Any, technique_name: str) -> Any:
     return param.check(value, technique_name)
 
 
-def canonical_params(tech: Technique, params: Mapping[str, Any], n_inputs: int) -> dict[str, Any]:
+def canonical_params(tech: Technique, params: Mapping[str, Any], n_inputs: int, *, joint_check: bool = True
+                     ) -> dict[str, Any]:
     """Validate ``params`` for ``n_inputs`` inputs, fill defaults, expand per-input scalars.
 
     Per-input parameters become a list of one (possibly layer-dependent) value per input;
@@ -537,7 +561,7 @@ def canonical_params(tech: Technique, params: Mapping[str, Any], n_inputs: int) 
                 out[param.name] = [check_value(param, value, tech.name)] * n_inputs
         else:
             out[param.name] = check_value(param, value, tech.name)
-    if tech.check is not None:
+    if tech.check is not None and joint_check:
         tech.check(out, tech.name)
     return out
 

@@ -1,0 +1,161 @@
+"""Search strategies and operators on their own: a sphere in recipe parameters, no models needed."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from agent_forge.evomerge.config import EvolutionSettings, MergeSettings
+from agent_forge.evomerge.genomes import LayerPathGenome, ParamsGenome
+from agent_forge.evomerge.operators import (
+    SearchSpace,
+    initial_population,
+    merge_lower,
+    mutate_recipe,
+    tournament_selection,
+)
+from agent_forge.evomerge.recipe import LayerStack, Merge, RecipeNode, Source
+from agent_forge.evomerge.search import CMAESSearch, TournamentSearch, make_strategy
+from agent_forge.evomerge.techniques import get_technique
+
+TARGET_WEIGHTS = [0.2, 0.7, 0.4]
+TARGET_LAMBDA = 0.8
+
+
+def space(**evolution) -> SearchSpace:
+    return SearchSpace(("a", "b", "c"), "base", 2, MergeSettings(), EvolutionSettings(**evolution))
+
+
+def sphere(recipe: RecipeNode) -> float:
+    """Higher is better; 0 at the target weights and λ of a task-arithmetic merge of the sources
+    (anything else — another technique, a merge of merges — scores -10)."""
+    if not (isinstance(recipe, Merge) and recipe.technique == "task_arithmetic" and recipe.depth() == 1):
+        return -10.0
+    weights = recipe.params["weight"]
+    return -sum((w - t) ** 2 for w, t in zip(weights, TARGET_WEIGHTS)) - (recipe.params["lambda"] - TARGET_LAMBDA) ** 2
+
+
+def run(strategy, generations: int) -> list[float]:
+    bests = []
+    for _ in range(generations):
+        recipes = strategy.ask()
+        scored = [(r, sphere(r)) for r in recipes]
+        strategy.tell(scored)
+        bests.append(max(f for _, f in scored))
+    return bests
+
+
+@pytest.mark.parametrize("kind", ["tournament", "cmaes"])
+def test_each_strategy_improves_on_a_sphere(kind):
+    evo = dict(population_size=8, num_generations=30, patience=100, technique_switch_rate=0.0, lower_merge_count=0)
+    strategy = make_strategy(kind, "task_arithmetic", space(**evo), seed=3)
+    bests = run(strategy, 25)
+    assert max(bests) > bests[0] + 0.05
+    assert max(bests) > -0.01  # within ~0.1 of the optimum in every coordinate
+
+
+@pytest.mark.parametrize("kind", ["tournament", "cmaes"])
+def test_state_dict_round_trip_gives_the_same_next_ask(kind):
+    strategy = make_strategy(kind, "task_arithmetic", space(patience=100), seed=5)
+    run(strategy, 3)
+    state = json.loads(json.dumps(strategy.state_dict()))
+    again = make_strategy(kind, "task_arithmetic", space(patience=100), seed=5)
+    again.load_state_dict(state)
+    assert [r.hash for r in again.ask()] == [r.hash for r in strategy.ask()]
+
+
+def test_cmaes_with_a_fixed_seed_is_reproducible():
+    first = [[r.hash for r in make_strategy("cmaes", "ps", space(), seed=9).ask()] for _ in range(2)]
+    assert first[0] == first[1]
+    a, b = make_strategy("cmaes", "ps", space(), seed=9), make_strategy("cmaes", "ps", space(), seed=10)
+    assert [r.hash for r in a.ask()] != [r.hash for r in b.ask()]
+
+
+def test_tournament_selection_picks_by_fitness():
+    recipes = [Merge("linear", [Source("a"), Source("b")], {"weight": [1.0, float(i)]}) for i in range(6)]
+    scored = [(r, float(f)) for r, f in zip(recipes, [0.1, 0.9, 0.3, 0.5, 0.2, 0.4])]
+    rng = np.random.default_rng(0)
+    # a tournament over the whole population always returns the fittest
+    assert all(tournament_selection(scored, 6, rng) is recipes[1] for _ in range(20))
+    # tournaments of two pick fitter candidates more often: the worst can never win
+    wins = [tournament_selection(scored, 2, rng) for _ in range(3000)]
+    counts = [sum(w is r for w in wins) for r in recipes]
+    assert counts[0] == 0 and counts[1] > counts[3] > counts[2] > counts[4]
+
+
+def test_mutation_stays_in_range_and_is_seed_deterministic():
+    sp = space(mutation_rate=1.0, mutation_strength=1.0, technique_switch_rate=0.3)
+    recipe = Merge("ties", [Source("a"), Source("b"), Source("c")], {"density": 0.5}, Source("base"))
+    for seed in range(40):
+        child = mutate_recipe(recipe, sp, np.random.default_rng(seed))
+        assert child.hash == mutate_recipe(recipe, sp, np.random.default_rng(seed)).hash
+        assert child.hash != recipe.hash
+        tech = get_technique(child.technique)
+        for param in tech.params:
+            if param.is_numeric and param.search:
+                values = child.params[param.name] if param.per_input else [child.params[param.name]]
+                assert all(param.search[0] <= v <= param.search[1] for v in values), (param.name, values)
+
+
+def test_mutation_of_a_layer_stack_keeps_valid_slots_and_scales():
+    sp = space(mutation_rate=0.8)
+    stack = LayerStack((Source("a"), Source("b")), ((0, 0, 1.0), (1, 1, 1.0), (0, 1, 1.0)))
+    rng = np.random.default_rng(1)
+    for _ in range(50):
+        stack = mutate_recipe(stack, sp, rng)
+        assert isinstance(stack, LayerStack) and 1 <= len(stack.slots) <= 2 * 2 * 2
+        assert all(s.layer < 2 and 0.5 <= s.scale <= 2.0 for s in stack.slots)
+
+
+def test_initial_mixed_population_covers_the_techniques():
+    population = initial_population("mixed", space(), np.random.default_rng(0), 8)
+    kinds = [r.technique if isinstance(r, Merge) else "dfs" for r in population]
+    assert kinds == ["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
+                     "dare_ties"]  # the 8th is the PS merge (ps_technique dare_ties, per-layer values)
+    ps = population[7]
+    assert isinstance(ps.params["weight"][0], list) and len(ps.params["weight"][0]) == 4  # 2 layers + 2
+    assert len({r.hash for r in population}) == 8
+    without_base = SearchSpace(("a", "b", "c"), None, 2, MergeSettings(), EvolutionSettings())
+    kinds = {type(r).__name__ + getattr(r, "technique", "") for r in initial_population("mixed", without_base,
+                                                                                      np.random.default_rng(0), 8)}
+    assert kinds <= {"Mergelinear", "Mergeslerp", "LayerStack"} and "LayerStack" in kinds
+
+
+def test_merging_lower_performers_builds_a_node_over_their_recipes():
+    sp = space()
+    lower = [Merge("ties", [Source("a"), Source("b")], {"density": d}, Source("base")) for d in (0.3, 0.6, 0.9)]
+    rng = np.random.default_rng(4)
+    made = [merge_lower(lower, sp, rng) for _ in range(20)]
+    for recipe, parents in filter(None, made):
+        assert all(p in lower for p in parents) and 2 <= len(parents) <= 3
+        assert recipe.depth() == 2 and all(child in lower for child in recipe.inputs)
+
+
+def test_genomes_decode_into_valid_recipes():
+    ps = ParamsGenome("dare_ties", [Source("a"), Source("b")], Source("base"), groups=4, seed=1)
+    assert ps.size == 2 * 4 * 2 + 1  # weight and density per model and group, plus λ
+    recipe = ps.decode(np.full(ps.size, 0.5))
+    assert recipe.params["weight"][0] == [0.5] * 4 and recipe.params["density"][1] == [0.55] * 4
+    path = LayerPathGenome([Source("a"), Source("b")], [2, 2], repetitions=2)
+    identity = path.decode(path.initial())
+    assert [(s.input, s.layer, s.scale) for s in identity.slots] == [(0, 0, 1.0), (0, 1, 1.0)]
+    none_kept = path.decode(np.zeros(path.size))
+    assert len(none_kept.slots) == 1
+
+
+def test_tournament_keeps_elites_unchanged():
+    strategy = TournamentSearch(space(elite_size=2, patience=100), "task_arithmetic", seed=0)
+    first = strategy.ask()
+    strategy.tell([(r, sphere(r)) for r in first])
+    ranked = sorted(((r, sphere(r)) for r in first), key=lambda x: -x[1])
+    second = strategy.ask()
+    assert [r.hash for r in second[:2]] == [ranked[0][0].hash, ranked[1][0].hash]
+
+
+def test_cmaes_rejects_a_told_list_of_the_wrong_length():
+    strategy = CMAESSearch(ParamsGenome("ties", [Source("a"), Source("b")], Source("base")), EvolutionSettings(), 0)
+    recipes = strategy.ask()
+    with pytest.raises(Exception, match="different number"):
+        strategy.tell([(recipes[0], 0.0)])
