@@ -233,6 +233,69 @@ def test_lossy_outtypes_stay_within_tolerance(model_dirs, tmp_path, outtype, rel
         assert relative <= relative_tolerance
 
 
+QUANTISABLE = ["F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"]  # gguf-py can write these
+K_QUANTS = ["Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K"]  # gguf-py reads but cannot write these
+WEIGHT_TOLERANCE = {  # RMS error / RMS of each weight, for Gaussian weights
+    "F16": 1e-3, "BF16": 5e-3, "Q8_0": 1e-2, "Q5_0": 6e-2, "Q5_1": 6e-2, "Q4_0": 0.12, "Q4_1": 0.12,
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory) -> Path:
+    """One layer, hidden 256: every row is a whole number of K-quant (256-element) blocks."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = bpe_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=512, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+        tie_word_embeddings=False, eos_token_id=tokenizer.eos_token_id,
+    )  # fmt: skip
+    torch.manual_seed(3)
+    folder = tmp_path_factory.mktemp("wide") / "model"
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def random_blocks(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
+    """Valid-looking blocks of ``qtype``: bytes below 0x20 keep every f16 scale small and finite."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = values.shape
+    generator = np.random.default_rng(int(qtype))
+    return generator.integers(0, 0x20, size=(rows, cols // block * size), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("type_name", QUANTISABLE + K_QUANTS)
+def test_quantised_files_import_like_transformers(wide_model, tmp_path, monkeypatch, type_name):
+    qtype = gguf.GGMLQuantizationType[type_name]
+    write = gguf.quants.quantize if type_name in QUANTISABLE else random_blocks
+    real_encode = gguf_utils._encode
+    monkeypatch.setattr(
+        gguf_utils, "_pick_type", lambda shape, _: qtype if len(shape) == 2 else F32
+    )
+    monkeypatch.setattr(
+        gguf_utils, "_encode", lambda v, t: write(v, t) if t == qtype else real_encode(v, t)
+    )
+    out = export_gguf(wide_model, tmp_path / f"{type_name}.gguf", "f32")
+    assert gguf_info(out)["tensor_types"] == {type_name: 9, "F32": 3}
+
+    theirs, their_tokenizer = load_gguf_with_transformers(out)
+    ours, tokenizer = load_hf(gguf_to_hf(out))
+    for key, value in theirs.state_dict().items():
+        torch.testing.assert_close(ours.state_dict()[key], value, rtol=0, atol=0)
+    if type_name in QUANTISABLE:  # real weights, quantised: as close as the format allows
+        original = load_hf(wide_model)[0].state_dict()
+        for key, value in ours.state_dict().items():
+            error = (value - original[key]).pow(2).mean().sqrt() / original[key].pow(
+                2
+            ).mean().sqrt()
+            assert error < WEIGHT_TOLERANCE[type_name], (key, error)
+
+
+F32 = gguf.GGMLQuantizationType.F32
+
+
 def test_export_layout_names_permutation_and_tied_embeddings(model_dirs, tmp_path):
     from safetensors.torch import load_file
 
