@@ -542,18 +542,24 @@ def test_missing_file_and_bad_export_inputs(tmp_path, model_dirs):
 # --------------------------------------------------------------------- the embedded default
 
 
-def test_embedded_default_model_exports_and_reads_back(tmp_path):
-    root = REPO / "agent_forge" / "evomerge" / "data" / "default_models"
-    folders = (
-        sorted(p for p in root.glob("*") if (p / "config.json").is_file()) if root.is_dir() else []
-    )
-    if not folders:
-        pytest.skip(f"no embedded default models under {root} yet")
-    original, tokenizer = load_hf(folders[0])
-    out = export_gguf(folders[0], tmp_path / "default.gguf", "f32")
-    back, tok_back = load_hf(gguf_to_hf(out))
-    assert_same_tokenizer(tokenizer, tok_back)
-    assert max_error(logits(original, tokenizer), logits(back, tok_back))[0] <= 1e-4
+DEFAULT_MODELS = REPO / "agent_forge" / "evomerge" / "data" / "default_models"
+DEFAULT_FOLDERS = sorted(p for p in DEFAULT_MODELS.glob("*") if (p / "config.json").is_file())
+
+
+@pytest.mark.parametrize(
+    "folder", DEFAULT_FOLDERS or [None], ids=lambda p: getattr(p, "name", "none")
+)
+def test_embedded_default_models_export_and_read_back(tmp_path, folder):
+    if folder is None:
+        pytest.skip(f"no embedded default models under {DEFAULT_MODELS} yet")
+    original, tokenizer = load_hf(folder)
+    reference = logits(original, tokenizer)
+    for outtype, tolerance in (("f32", 1e-4), ("q8_0", 5e-2)):
+        out = export_gguf(folder, tmp_path / f"{folder.name}-{outtype}.gguf", outtype)
+        back, tok_back = load_hf(gguf_to_hf(out))
+        assert_same_tokenizer(tokenizer, tok_back)
+        absolute, relative = max_error(reference, logits(back, tok_back))
+        assert (absolute if outtype == "f32" else relative) <= tolerance, (outtype, absolute)
 
 
 # ------------------------------------------------------------------------- a real GGUF model

@@ -69,6 +69,24 @@ def test_tiny_exports_tokenize_and_compute_like_transformers(tmp_path, name):
     llm.close()
 
 
+@pytest.mark.parametrize(
+    "folder", gguf_tests.DEFAULT_FOLDERS or [None], ids=lambda p: getattr(p, "name", "none")
+)
+def test_embedded_default_models_answer_the_same_in_llama_cpp(tmp_path, folder):
+    if folder is None:
+        pytest.skip("no embedded default models yet")
+    import json
+
+    out = export_gguf(folder, tmp_path / f"{folder.name}.gguf", "f16")
+    tasks = REPO / "agent_forge" / "evomerge" / "data" / "tasks"
+    skill = folder.name if (tasks / folder.name).is_dir() else "addition"
+    lines = (tasks / skill / "test.jsonl").read_text().splitlines()[:8]
+    prompts = [json.loads(line)["prompt"] for line in lines]
+    results = bench.compare(out, folder, prompts, tokens=8)
+    print(bench.report(f"{folder.name} f16", results))
+    assert all(r.same_tokens and r.same_continuation for r in results)
+
+
 def test_merged_smollm2_generates_the_same_greedy_text(tmp_path):
     try:
         source = bench.fetch_smollm2()
