@@ -346,6 +346,25 @@ def test_import_is_cached_by_content_and_atomic(model_dirs, tmp_path):
     assert custom.parent == tmp_path / "elsewhere"
 
 
+def test_bf16_sharded_input_and_sharded_import(model_dirs, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    source = model_dirs["bpe-2layers-untied"]
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16)
+    model.save_pretrained(tmp_path / "bf16", max_shard_size="100KB")
+    load_hf(source)[1].save_pretrained(tmp_path / "bf16")
+    assert (tmp_path / "bf16" / "model.safetensors.index.json").is_file()
+    out = export_gguf(tmp_path / "bf16", tmp_path / "bf16.gguf", "f32")
+
+    monkeypatch.setattr(gguf_utils, "_MAX_SHARD_BYTES", 200_000)
+    folder = gguf_to_hf(out)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    back, _ = load_hf(folder)
+    for key, value in model.state_dict().items():  # bf16 -> f32 is exact
+        torch.testing.assert_close(back.state_dict()[key], value.float(), rtol=0, atol=0)
+
+
 def test_is_gguf_path(tmp_path, model_dirs):
     assert is_gguf_path("model.GGUF") and is_gguf_path(Path("x/y.gguf"))
     assert not is_gguf_path(model_dirs["bpe-2layers-untied"]) and not is_gguf_path(42)
@@ -536,6 +555,12 @@ def test_missing_file_and_bad_export_inputs(tmp_path, model_dirs):
     GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
     with pytest.raises(GGUFError, match="model type 'gpt2' cannot be exported"):
         export_gguf(tmp_path / "gpt2", tmp_path / "x.gguf")
+    (tmp_path / "no-tokenizer").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        source = model_dirs["bpe-2layers-untied"] / name
+        (tmp_path / "no-tokenizer" / name).write_bytes(source.read_bytes())
+    with pytest.raises(GGUFError, match="tokenizer could not be loaded"):
+        export_gguf(tmp_path / "no-tokenizer", tmp_path / "x.gguf")
     assert not list(tmp_path.glob("*.gguf*"))  # nothing half-written left behind
 
 
