@@ -90,8 +90,13 @@ def check_destination(dest: str | Path, *, overwrite: bool = False, protected: S
     parent = dest.parent
     while not parent.exists():
         parent = parent.parent
-    if not os.access(parent, os.W_OK):
-        raise ConfigurationError(f"cannot write under {parent} (permission denied); choose a writable --output")
+    try:  # a real probe: permissions, read-only mounts and special file systems all show here
+        probe = tempfile.mkdtemp(prefix=".evomerge-probe-", dir=parent)
+        os.rmdir(probe)
+    except OSError as exc:
+        raise ConfigurationError(
+            f"cannot write under {parent} ({exc.strerror or exc}); choose a writable --output"
+        ) from None
     return dest
 
 

@@ -1,0 +1,190 @@
+"""Every documented command, run as a subprocess on the embedded default models."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent_forge.evomerge.config import create_default_config
+
+QUICK = ["--generations", "1", "--population", "4", "--fitness-sample-size", "24"]
+
+
+def cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+    return subprocess.run([sys.executable, "-m", "agent_forge.evomerge.cli", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+
+
+def assert_clean_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and fragment in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = cli("--run", *QUICK, "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "test split" in result.stdout and f"best model: {out.resolve() / 'best'}" in result.stdout
+    for row in ("addition", "reversal", "sorting", "average", "best"):
+        assert row in result.stdout
+    return out
+
+
+def test_run_with_the_embedded_default(default_run):
+    summary = json.loads((default_run / "summary.json").read_text())
+    assert (default_run / "best" / "model.safetensors").is_file()
+    assert set(summary["test"]) == {"addition", "reversal", "sorting", "average", "best"}
+
+
+def test_merge_rebuilds_the_best_model_from_its_recipe(default_run, tmp_path):
+    out = tmp_path / "rebuilt"
+    result = cli("--merge", str(default_run / "best" / "evomerge_recipe.json"), "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    digest = [hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() for folder in (out, default_run / "best")]
+    assert digest[0] == digest[1]
+
+
+def test_merge_with_gguf_export(default_run, tmp_path):
+    out = tmp_path / "merged"
+    result = cli("--merge", str(default_run / "best" / "evomerge_recipe.json"), "--output", str(out),
+                 "--export-gguf", "--outtype", "f32")
+    assert result.returncode == 0, result.stderr
+    from agent_forge.evomerge.gguf_utils import gguf_info
+
+    info = gguf_info(tmp_path / "merged-f32.gguf")
+    assert info["architecture"] == "llama"
+
+
+def test_evaluate_prints_a_table(default_run):
+    result = cli("--evaluate", str(default_run / "best"))
+    assert result.returncode == 0, result.stderr
+    for task in ("addition", "reversal", "sorting", "mean"):
+        assert task in result.stdout
+    assert "%" in result.stdout
+
+
+def test_generate_continues_a_prompt():
+    model = create_default_config().models[0].path
+    result = cli("--generate", model, "--prompt", "23+58=", "--max-length", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("23+58=") and len(result.stdout.strip()) > len("23+58=")
+
+
+def test_run_with_two_local_models_takes_the_third_from_the_defaults(tmp_path):
+    config = create_default_config()
+    first, second = (tmp_path / "mine-a", tmp_path / "mine-b")
+    shutil.copytree(config.models[0].path, first)
+    shutil.copytree(config.models[1].path, second)
+    result = cli("--run", *QUICK, "--model1", str(first), "--model2", str(second), "--output", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    assert f"model3 not given: using {config.models[2].name}" in result.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert [m["name"] for m in saved["models"]] == ["mine-a", "mine-b", config.models[2].name]
+
+
+def test_run_from_a_config_file_with_flags_overriding(tmp_path):
+    config = create_default_config()
+    config.evolution_settings.population_size = 4
+    config.evolution_settings.tournament_size = 2
+    config.evolution_settings.num_generations = 3
+    config.evaluation_settings.fitness_sample_size = 24
+    config.seed = 11
+    path = config.save(tmp_path / "run.json")
+    result = cli("--config", str(path), "--run", "--generations", "1", "--output", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["seed"] == 11 and saved["evolution_settings"]["num_generations"] == 1
+
+
+def test_sigint_mid_generation_then_resume_gives_the_same_best(tmp_path):
+    args = ["--generations", "3", "--population", "4", "--fitness-sample-size", "24", "--seed", "3"]
+    whole = cli("--run", *args, "--output", str(tmp_path / "whole"))
+    assert whole.returncode == 0, whole.stderr
+    run = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "-m", "agent_forge.evomerge.cli", "--run", *args, "--output", str(run)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    evaluations = run / "evaluations.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline:  # wait until generation 1 is under way
+        if evaluations.is_file() and len(evaluations.read_text().splitlines()) >= 5:
+            break
+        time.sleep(0.05)
+    process.send_signal(signal.SIGINT)
+    stdout, stderr = process.communicate(timeout=120)
+    assert process.returncode == 2, stderr
+    assert f"--resume {run}" in stderr and "Traceback" not in stderr
+    assert not (run / "summary.json").exists()
+    resumed = cli("--resume", str(run))
+    assert resumed.returncode == 0, resumed.stderr
+    best = [json.loads((folder / "summary.json").read_text())["best_recipe_hash"] for folder in (tmp_path / "whole", run)]
+    assert best[0] == best[1]
+
+
+def test_spec_example_with_hub_models_fails_offline_with_a_clear_message(tmp_path):
+    result = cli("--run", "--model1", "bert-base-uncased", "--model2", "roberta-base", "--model3",
+                 "distilbert-base-uncased", env={"HF_HOME": str(tmp_path / "hf")})
+    assert_clean_error(result, "bert-base-uncased is not available offline")
+    assert not Path("evomerge_runs").exists() or not any(Path("evomerge_runs").iterdir())
+
+
+@pytest.mark.parametrize("args,fragment", [
+    ([], "nothing to do"),
+    (["--run", "--evaluate", "x"], "choose exactly one"),
+    (["--run", "--population", "1"], "evolution_settings.population_size = 1"),
+    (["--run", "--strategy", "annealing"], "invalid choice: 'annealing'"),
+    (["--run", "--method", "tie"], "did you mean 'ties'"),
+    (["--run", "--model1", "/no/such/model"], "model path /no/such/model does not exist"),
+    (["--generate", "/no/such/model", "--prompt", "hi"], "does not exist"),
+    (["--generate", "x"], "--generate needs --prompt"),
+    (["--merge", "/no/recipe.json", "--output", "x"], "recipe file /no/recipe.json does not exist"),
+    (["--resume", "/no/run"], "is not a run folder"),
+    (["--config", "/no/config.yaml", "--run"], "does not exist"),
+])
+def test_user_mistakes_end_in_one_line_and_exit_code_2(args, fragment):
+    assert_clean_error(cli(*args), fragment)
+
+
+def test_bad_config_file_names_the_field(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("evolution_settings:\n  population_size: 1\n")
+    assert_clean_error(cli("--config", str(path), "--run"), "population_size = 1")
+
+
+def test_unwritable_output_is_a_clear_error(tmp_path):
+    # /proc accepts no new folders, even for root (chmod cannot stop root)
+    assert_clean_error(cli("--run", *QUICK, "--output", "/proc/evomerge-run"), "cannot write under /proc")
+    as_file = tmp_path / "a-file"
+    as_file.write_text("x")
+    assert_clean_error(cli("--run", *QUICK, "--output", str(as_file)), "exists and is a file")
+
+
+def test_output_that_is_not_empty_is_refused(tmp_path):
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "mine.txt").write_text("keep")
+    assert_clean_error(cli("--run", *QUICK, "--output", str(taken)), "not empty")
+    assert (taken / "mine.txt").read_text() == "keep"
+
+
+def test_help_shows_the_spec_examples_and_version():
+    result = cli("--help")
+    assert result.returncode == 0
+    for example in ("--run --model1 bert-base-uncased --model2 roberta-base --model3 distilbert-base-uncased",
+                    "--evaluate path/to/merged/model", '--generate path/to/merged/model --prompt "Your prompt here"',
+                    "--config path/to/config.json --run"):
+        assert example in result.stdout
+    assert cli("--version").stdout.startswith("evomerge ")
