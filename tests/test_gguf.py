@@ -327,6 +327,7 @@ def test_sentencepiece_vocabulary_is_written_as_llama(model_dirs, tmp_path):
     types = reader.get_field("tokenizer.ggml.token_type").contents()
     assert types[0] == gguf.TokenType.UNKNOWN and types[3 + 0x41] == gguf.TokenType.BYTE
     assert reader.get_field("tokenizer.ggml.add_bos_token").contents() is True
+    assert reader.get_field("tokenizer.ggml.add_space_prefix").contents() is True
 
 
 def test_import_is_cached_by_content_and_atomic(model_dirs, tmp_path):
@@ -540,6 +541,12 @@ def test_unsupported_architecture_is_named(tmp_path):
     path = small_valid_gguf(tmp_path / "falcon.gguf", arch="falcon")
     assert gguf_info(path)["supported"] is False
     with pytest.raises(GGUFError, match="architecture 'falcon' is not supported"):
+        gguf_to_hf(path)
+
+
+def test_metadata_that_disagree_with_the_tensors_are_refused(tmp_path):
+    path = small_valid_gguf(tmp_path / "liar.gguf")  # says 1 block, holds no block tensors
+    with pytest.raises(GGUFError, match="metadata say 1 layers but the file holds tensors for 0"):
         gguf_to_hf(path)
 
 

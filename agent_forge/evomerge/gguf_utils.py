@@ -439,6 +439,7 @@ def _config_from_header(header: GGUFHeader) -> Any:
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{header.path.name}: no token_embd.weight tensor; not a complete model")
     values.setdefault("vocab_size", tensors["token_embd.weight"].shape[0])
+    _check_sizes(header.path.name, values, tensors)
     values["tie_word_embeddings"] = "output.weight" not in tensors
     rope = _rope_scaling_from(header.metadata, arch)
     if rope:
@@ -447,6 +448,22 @@ def _config_from_header(header: GGUFHeader) -> Any:
         return AutoConfig.for_model(arch, **values)
     except (ValueError, TypeError) as err:
         raise GGUFError(f"{header.path.name}: metadata do not make a valid config: {err}") from err
+
+
+def _check_sizes(file_name: str, values: dict[str, Any], tensors: dict[str, _TensorEntry]) -> None:
+    """The metadata's layer count and width must match the tensors (bounds what gets built)."""
+    blocks = {n.split(".")[1] for n in tensors if n.startswith("blk.")}
+    layers = 1 + max((int(b) for b in blocks if b.isdigit()), default=-1)
+    if values.get("num_hidden_layers") != layers:
+        raise GGUFError(
+            f"{file_name}: metadata say {values.get('num_hidden_layers')} layers but the file "
+            f"holds tensors for {layers}; the file is inconsistent"
+        )
+    if values.get("hidden_size") != tensors["token_embd.weight"].shape[1]:
+        raise GGUFError(
+            f"{file_name}: metadata say hidden size {values.get('hidden_size')} but "
+            f"token_embd.weight is {list(tensors['token_embd.weight'].shape)}; inconsistent file"
+        )
 
 
 def _rope_scaling_from(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
@@ -477,15 +494,15 @@ def _tokenizer_from_file(path: Path) -> Any:
 
 def _gguf_to_hf_names(
     skeleton: torch.nn.Module, architecture: str, n_layers: int
-) -> dict[str, str]:
-    """``{gguf tensor name: HF parameter name}`` from the model's own parameter names."""
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{gguf tensor name: (HF parameter name, shape)}`` from the model's own parameters."""
     name_map = gguf.get_tensor_name_map(SUPPORTED_ARCHITECTURES[architecture], n_layers)
-    mapping: dict[str, str] = {}
-    for hf_name in skeleton.state_dict():
+    mapping: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for hf_name, value in skeleton.state_dict().items():
         stem, _, suffix = hf_name.rpartition(".")
         gguf_name = name_map.get_name(stem)
         if gguf_name is not None:
-            mapping[f"{gguf_name}.{suffix}"] = hf_name
+            mapping[f"{gguf_name}.{suffix}"] = (hf_name, tuple(value.shape))
     return mapping
 
 
@@ -517,18 +534,31 @@ def _head_count_for(name: str, config: Any) -> int | None:
 
 
 def _hf_tensors(
-    header: GGUFHeader, config: Any, names: dict[str, str], dtype: torch.dtype
+    header: GGUFHeader,
+    config: Any,
+    names: dict[str, tuple[str, tuple[int, ...]]],
+    dtype: torch.dtype,
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantised tensors under HF names, one at a time, read from a memory map of the file."""
     blob = np.memmap(header.path, mode="r", dtype=np.uint8)
     permuted = header.architecture in _PERMUTED_ARCHS
     for entry in header.tensors:
-        hf_name = names.get(entry.name)
-        if hf_name is None:
+        target = names.get(entry.name)
+        if target is None:
             if entry.name in _IGNORED_GGUF_TENSORS:
-                logger.warning("GGUF tensor %s ignored (rope scaling is not rebuilt)", entry.name)
+                logger.warning(
+                    "GGUF tensor %s (Llama 3.1-style rope scaling) ignored, as transformers' own "
+                    "GGUF loader does: the imported config uses plain rope",
+                    entry.name,
+                )
                 continue
             raise GGUFError(f"GGUF tensor {entry.name!r} has no Hugging Face counterpart")
+        hf_name, shape = target
+        if entry.shape != shape:
+            raise GGUFError(
+                f"{header.path.name}: tensor {entry.name} has shape {list(entry.shape)} but the "
+                f"metadata imply {list(shape)}; the file is inconsistent"
+            )
         start = header.data_start + entry.offset
         rows = math.prod(entry.shape[:-1])  # (rows, bytes per row), as gguf.quants expects
         raw = blob[start : start + entry.nbytes].reshape(rows, -1)
@@ -762,8 +792,19 @@ def _pre_tokenizer_name(pre: dict[str, Any] | None) -> str:
 
 
 def _is_sentencepiece(spec: dict[str, Any]) -> bool:
-    pre = json.dumps(spec.get("pre_tokenizer")) + json.dumps(spec.get("normalizer"))
-    return bool(spec["model"].get("byte_fallback")) or "Metaspace" in pre or "\u2581" in pre
+    """SentencePiece-style BPE: byte fallback, or words marked with ``▁`` instead of bytes."""
+    text = json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer")], ensure_ascii=False)
+    return bool(spec["model"].get("byte_fallback")) or "Metaspace" in text or "\u2581" in text
+
+
+def _adds_space_prefix(spec: dict[str, Any]) -> bool:
+    """Whether the tokenizer puts ``▁`` before the text (Metaspace's scheme or a Prepend)."""
+    text = json.dumps([spec.get("pre_tokenizer"), spec.get("normalizer")], ensure_ascii=False)
+    return (
+        '"prepend_scheme": "first"' in text
+        or '"prepend_scheme": "always"' in text
+        or ('"Prepend"' in text)
+    )
 
 
 def _merge_pairs(spec: dict[str, Any]) -> list[tuple[str, str]]:
@@ -829,10 +870,7 @@ def _add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, config: Any) -> Non
     if _is_sentencepiece(spec):
         writer.add_tokenizer_model("llama")
         writer.add_token_scores(_merge_scores(tokens, merges))
-        writer.add_add_space_prefix(
-            '"first"' in json.dumps(spec.get("pre_tokenizer"))
-            or '"always"' in json.dumps(spec.get("pre_tokenizer"))
-        )
+        writer.add_add_space_prefix(_adds_space_prefix(spec))
     else:
         writer.add_tokenizer_model("gpt2")
         writer.add_tokenizer_pre(_pre_tokenizer_name(spec.get("pre_tokenizer")))
