@@ -1,0 +1,280 @@
+"""Benchmarks: merge throughput and memory, in-memory materialisation, evaluation speed.
+
+Run ``python -m agent_forge.evomerge.benchmarks`` (``--help`` for options). Every figure is
+measured side by side in one run and printed with its ratio to a floor measured on the same
+machine at the same time (these machines are noisy; compare ratios, not seconds):
+
+- ``merge``: a streaming three-model TIES merge (plus base) of generated Llama-shaped models
+  (~100M parameters each by default, ``--size 1b`` for ~1B): wall time, peak RSS, MB/s, against
+  reading the same files and, with ``--mergekit``, against mergekit on the same files.
+- ``materialize``: writing a candidate into a resident model, against copying the same bytes.
+- ``evaluate``: seconds per candidate on the embedded default (fitness subset and test split).
+- ``gpu``: each technique on a 7B-sized matrix against a device copy (needs CUDA).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+SIZES = {  # hidden, intermediate, layers, vocab → parameters
+    "tiny": (256, 704, 4, 8000),      # ~7M, for a quick look
+    "100m": (768, 2048, 10, 16000),   # ~95M
+    "1b": (2048, 5632, 16, 32000),    # ~1.1B
+}
+
+CHILD_MERGE = """
+import json, resource, sys, time
+import torch
+torch.set_num_threads({threads})
+from agent_forge.evomerge.sources import open_source
+from agent_forge.evomerge.merger import AdvancedModelMerger
+from agent_forge.evomerge.recipe import Merge, Source
+root, out = sys.argv[1], sys.argv[2]
+start = time.perf_counter()
+sources = {{n: open_source(n, f"{{root}}/{{n}}") for n in ("base", "m1", "m2", "m3")}}
+merger = AdvancedModelMerger(sources=sources, base="base")
+recipe = Merge("ties", [Source("m1"), Source("m2"), Source("m3")], {{"density": 0.5}}, Source("base"))
+merger.merge(recipe, out)
+print(json.dumps({{"seconds": time.perf_counter() - start,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+"""
+
+CHILD_MERGEKIT = """
+import json, resource, sys, time, yaml
+import torch
+torch.set_num_threads({threads})
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+root, out = sys.argv[1], sys.argv[2]
+config = {{"merge_method": "ties", "base_model": f"{{root}}/base", "dtype": "float32",
+          "models": [{{"model": f"{{root}}/m{{i}}", "parameters": {{"weight": 1.0, "density": 0.5}}}} for i in (1, 2, 3)]}}
+start = time.perf_counter()
+run_merge(MergeConfiguration.model_validate(config), out, MergeOptions(copy_tokenizer=False, quiet=True))
+print(json.dumps({{"seconds": time.perf_counter() - start,
+                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+"""
+
+
+def make_models(root: Path, size: str, seed: int = 0) -> int:
+    """Write a base and three fine-tune-like variants (base + small noise) as HF folders; returns bytes/model."""
+    import torch
+    from safetensors.torch import save_file
+
+    hidden, inter, layers, vocab = SIZES[size]
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
+              "lm_head.weight": (vocab, hidden)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
+                       p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                       p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
+                       p + "post_attention_layernorm.weight": (hidden,)})
+    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
+              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
+              "num_key_value_heads": hidden // 64, "vocab_size": vocab, "max_position_embeddings": 2048,
+              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32", "hidden_act": "silu"}
+    generator = torch.Generator().manual_seed(seed)
+    base = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
+    for name, noise in (("base", 0.0), ("m1", 0.002), ("m2", 0.002), ("m3", 0.002)):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        tensors = {k: (v + torch.randn(v.shape, generator=generator) * noise) if noise else v for k, v in base.items()}
+        save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+        (folder / "config.json").write_text(json.dumps(config))
+    return sum(t.numel() * 4 for t in base.values())
+
+
+def _child(code: str, *args: str) -> dict[str, Any]:
+    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr else "child failed")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def _read_floor(root: Path) -> float:
+    start = time.perf_counter()
+    for name in ("base", "m1", "m2", "m3"):
+        with open(root / name / "model.safetensors", "rb") as handle:
+            while handle.read(64 * 2**20):
+                pass
+    return time.perf_counter() - start
+
+
+def bench_merge(size: str, work: Path, threads: int, mergekit: bool) -> dict[str, Any]:
+    root = work / f"models-{size}"
+    if not (root / "m3" / "model.safetensors").is_file():
+        make_models(root, size)
+    model_bytes = (root / "m1" / "model.safetensors").stat().st_size
+    _read_floor(root)  # warm the page cache: every contender reads from memory
+    floor = min(_read_floor(root) for _ in range(2))
+    out = work / "out-evomerge"
+    shutil.rmtree(out, ignore_errors=True)
+    ours = _child(CHILD_MERGE.format(threads=threads), str(root), str(out))
+    result = {"size": size, "model_mb": model_bytes / 1e6, "read_floor_s": floor, "evomerge": ours,
+              "evomerge_mb_per_s": 5 * model_bytes / 1e6 / ours["seconds"]}
+    if mergekit:
+        out = work / "out-mergekit"
+        shutil.rmtree(out, ignore_errors=True)
+        try:
+            theirs = _child(CHILD_MERGEKIT.format(threads=threads), str(root), str(out))
+            result["mergekit"] = theirs
+            result["time_ratio"] = ours["seconds"] / theirs["seconds"]
+            result["rss_ratio"] = ours["peak_rss"] / theirs["peak_rss"]
+        except (RuntimeError, json.JSONDecodeError) as exc:
+            result["mergekit_error"] = str(exc)
+    return result
+
+
+def bench_materialize(repeats: int = 5) -> dict[str, Any]:
+    """Resident materialisation on the embedded default, against copying the same bytes."""
+    import torch
+
+    from .config import create_default_config
+    from .merger import AdvancedModelMerger
+    from .recipe import Merge, Source
+
+    config = create_default_config()
+    merger = AdvancedModelMerger(config, resident=True)
+    names = [m.name for m in config.models]
+    recipes = {
+        "linear": Merge("linear", [Source(n) for n in names], {}),
+        "task_arithmetic": Merge("task_arithmetic", [Source(n) for n in names], {"lambda": 0.5}, Source("base")),
+        "ties": Merge("ties", [Source(n) for n in names], {"density": 0.5}, Source("base")),
+        "dare_ties": Merge("dare_ties", [Source(n) for n in names], {"density": 0.5}, Source("base"), seed=1),
+    }
+    model = merger.materialize(recipes["linear"])
+    params = [p for p in model.parameters()]
+    copies = [p.detach().clone() for p in params]
+
+    def copy_floor() -> None:
+        with torch.no_grad():
+            for target, source in zip(params, copies):
+                target.copy_(source)
+
+    def timed(fn: Any) -> float:
+        fn()
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    floor = timed(copy_floor)
+    out: dict[str, Any] = {"copy_floor_ms": floor * 1e3, "model_mb": sum(p.numel() * 4 for p in params) / 1e6}
+    for name, recipe in recipes.items():
+        seconds = timed(lambda r=recipe: merger.materialize(r))
+        out[name] = {"ms": seconds * 1e3, "ratio_to_copy": seconds / floor}
+    return out
+
+
+def bench_evaluate(repeats: int = 3) -> dict[str, Any]:
+    from .config import create_default_config
+    from .executors import CandidateScorer
+    from .recipe import Merge, Source
+
+    config = create_default_config()
+    scorer = CandidateScorer(config, threads=1)
+    recipe = Merge("ties", [Source(m.name) for m in config.models], {"density": 0.5}, Source("base"))
+    scorer.score(recipe)
+    fitness = min(scorer.score(recipe).eval_seconds for _ in range(repeats))
+    test = scorer.score(recipe, split="test").eval_seconds
+    sizes = {t.name: len(t.examples("fitness")) for t in scorer.evaluator.tasks}
+    return {"fitness_seconds": fitness, "test_seconds": test, "fitness_examples": sizes}
+
+
+def bench_gpu(repeats: int = 10) -> dict[str, Any]:
+    """Each technique on one 7B-sized matrix (14336 × 4096, bf16 inputs), three models plus a base."""
+    import torch
+
+    from .techniques import MERGE_TECHNIQUES, apply_technique, canonical_params
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device"}
+    shape = (14336, 4096)
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    base = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+    models = [base + 0.01 * torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3)]
+
+    def cuda_time(fn: Any) -> float:
+        fn()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        times = []
+        for _ in range(repeats):
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        return sorted(times)[len(times) // 2]
+
+    scratch = torch.empty_like(base)
+    copy_ms = cuda_time(lambda: scratch.copy_(base))
+    out: dict[str, Any] = {"copy_ms": copy_ms, "device": torch.cuda.get_device_name(0)}
+    for name, tech in MERGE_TECHNIQUES.items():
+        inputs = models[: tech.max_inputs or 3]
+        params = canonical_params(tech, {}, len(inputs))
+        generator = torch.Generator(device="cuda").manual_seed(1)
+
+        def run(tech: Any = tech, inputs: Any = inputs, params: Any = params) -> Any:
+            stack = torch.stack([t.float() for t in inputs])
+            if tech.needs_base:
+                return (base.float() + apply_technique(tech, stack - base.float(), params, None, generator)).to(base.dtype)
+            return apply_technique(tech, stack, params, None, generator).to(base.dtype)
+
+        ms = cuda_time(run)
+        out[name] = {"ms": ms, "ratio_to_copy": ms / copy_ms}
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m agent_forge.evomerge.benchmarks", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--what", default="merge,materialize,evaluate",
+                        help="comma-separated: merge, materialize, evaluate, gpu (default: all but gpu)")
+    parser.add_argument("--size", choices=sorted(SIZES), default="100m", help="model size for the merge benchmark")
+    parser.add_argument("--mergekit", action="store_true", help="also time mergekit on the same files (needs mergekit)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for the merges")
+    parser.add_argument("--workdir", help="where generated models go (default: a temporary folder)")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+    work = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="evomerge-bench-"))
+    results: dict[str, Any] = {}
+    for what in args.what.split(","):
+        if what == "merge":
+            results["merge"] = bench_merge(args.size, work, args.threads, args.mergekit)
+        elif what == "materialize":
+            results["materialize"] = bench_materialize()
+        elif what == "evaluate":
+            results["evaluate"] = bench_evaluate()
+        elif what == "gpu":
+            results["gpu"] = bench_gpu()
+        else:
+            parser.error(f"unknown benchmark {what!r}")
+        print(json.dumps({what: results[what]}, indent=2))
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    if not args.workdir:
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
