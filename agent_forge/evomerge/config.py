@@ -133,7 +133,7 @@ class Configuration(_Strict):
     merge_settings: MergeSettings = Field(default_factory=MergeSettings)
     evolution_settings: EvolutionSettings = Field(default_factory=EvolutionSettings)
     evaluation_settings: EvaluationSettings = Field(default_factory=EvaluationSettings)
-    output_dir: str = "evomerge_output"
+    output_dir: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = Field(default=42, ge=0, lt=2**63)
     backend: Literal["serial", "ray"] = "serial"
