@@ -8,8 +8,16 @@ from pathlib import Path
 
 import pytest
 
-from agent_forge.evomerge.config import Configuration, EvolutionSettings, ModelReference, create_default_config
-from agent_forge.evomerge.evolutionary_tournament import EvolutionaryMerger, run_evolutionary_tournament
+from agent_forge.evomerge.config import (
+    Configuration,
+    EvolutionSettings,
+    ModelReference,
+    create_default_config,
+)
+from agent_forge.evomerge.evolutionary_tournament import (
+    EvolutionaryMerger,
+    run_evolutionary_tournament,
+)
 from agent_forge.evomerge.exceptions import ConfigurationError, RunInterrupted
 from agent_forge.evomerge.executors import SerialExecutor
 

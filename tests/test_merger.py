@@ -175,9 +175,8 @@ def test_sharded_output_has_an_index_and_loads(merger, tmp_path):
 
 
 def test_bf16_sources_merge_in_float32_and_keep_bf16(tiny_family, tiny_tokenizer, tmp_path):
-    from transformers import LlamaForCausalLM
-
     from conftest import save_tiny_llama
+    from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(tiny_family["base"])
     paths = {"base": save_tiny_llama(tmp_path / "b", tiny_tokenizer, seed=0, from_model=base, dtype=torch.bfloat16),

@@ -70,7 +70,7 @@ def test_cached_hub_id_resolves_from_the_local_cache(tiny_family, tmp_path):
     shutil.copytree(tiny_family["m1"], snapshot)
     (cache / "models--org--tiny" / "refs").mkdir()
     (cache / "models--org--tiny" / "refs" / "main").write_text("a" * 40)
-    code = f"""
+    code = """
         from agent_forge.evomerge.sources import open_source
         s = open_source("t", "org/tiny")
         print(s.folder, len(s.tensor_names))
