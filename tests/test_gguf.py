@@ -31,9 +31,15 @@ import numpy as np
 import pytest
 import torch
 
-from agent_forge.evomerge import gguf_utils
+from agent_forge.evomerge import gguf_export, gguf_import
 from agent_forge.evomerge.exceptions import GGUFError
-from agent_forge.evomerge.gguf_utils import export_gguf, gguf_info, gguf_to_hf, is_gguf_path
+from agent_forge.evomerge.gguf_utils import (
+    export_gguf,
+    gguf_info,
+    gguf_to_hf,
+    is_gguf_path,
+    permute_qk,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -270,12 +276,12 @@ def random_blocks(values: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.nd
 def test_quantised_files_import_like_transformers(wide_model, tmp_path, monkeypatch, type_name):
     qtype = gguf.GGMLQuantizationType[type_name]
     write = gguf.quants.quantize if type_name in QUANTISABLE else random_blocks
-    real_encode = gguf_utils._encode
+    real_encode = gguf_export._encode
     monkeypatch.setattr(
-        gguf_utils, "_pick_type", lambda shape, _: qtype if len(shape) == 2 else F32
+        gguf_export, "_pick_type", lambda shape, _: qtype if len(shape) == 2 else F32
     )
     monkeypatch.setattr(
-        gguf_utils, "_encode", lambda v, t: write(v, t) if t == qtype else real_encode(v, t)
+        gguf_export, "_encode", lambda v, t: write(v, t) if t == qtype else real_encode(v, t)
     )
     out = export_gguf(wide_model, tmp_path / f"{type_name}.gguf", "f32")
     assert gguf_info(out)["tensor_types"] == {type_name: 9, "F32": 3}
@@ -308,10 +314,10 @@ def test_export_layout_names_permutation_and_tied_embeddings(model_dirs, tmp_pat
     state = load_file(folder / "model.safetensors")
     q_hf = state["model.layers.1.self_attn.q_proj.weight"].numpy()
     q_gguf = np.asarray(tensors["blk.1.attn_q.weight"].data)
-    np.testing.assert_array_equal(q_gguf, gguf_utils.permute_qk(q_hf, 4))
+    np.testing.assert_array_equal(q_gguf, permute_qk(q_hf, 4))
     assert not np.array_equal(q_gguf, q_hf)  # the permutation really moved rows
     k_hf = state["model.layers.1.self_attn.k_proj.weight"].numpy()
-    back = gguf_utils.permute_qk(gguf_utils.permute_qk(k_hf, 2), 2, inverse=True)
+    back = permute_qk(permute_qk(k_hf, 2), 2, inverse=True)
     np.testing.assert_array_equal(back, k_hf)
     assert reader.get_field("llama.block_count").contents() == 3
     assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
@@ -357,7 +363,7 @@ def test_bf16_sharded_input_and_sharded_import(model_dirs, tmp_path, monkeypatch
     assert (tmp_path / "bf16" / "model.safetensors.index.json").is_file()
     out = export_gguf(tmp_path / "bf16", tmp_path / "bf16.gguf", "f32")
 
-    monkeypatch.setattr(gguf_utils, "_MAX_SHARD_BYTES", 200_000)
+    monkeypatch.setattr(gguf_import, "_MAX_SHARD_BYTES", 200_000)
     folder = gguf_to_hf(out)
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1

@@ -1,0 +1,279 @@
+"""GGUF out: a Hugging Face model folder (llama, mistral, qwen2) written as one GGUF file.
+
+Architecture metadata come from the HF config (rope scaling included; Llama 3.1-style rope as the
+``rope_freqs`` tensor), the tokenizer from ``gguf_tokenizer``, and the tensors under GGUF names
+and layout (Q/K permuted, ``gguf_layout``) as f32, f16, bf16 or q8_0 (1-D tensors stay F32),
+read from safetensors and written by ``gguf.GGUFWriter`` one at a time into a temp file that is
+renamed when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import gguf
+import numpy as np
+import torch
+from gguf import GGMLQuantizationType as QType
+
+from .exceptions import GGUFError
+from .gguf_layout import (
+    PERMUTED_ARCHS,
+    gguf_tensor_name,
+    head_count_for,
+    permute_qk,
+    tensor_name_map,
+)
+from .gguf_tokenizer import add_tokenizer
+
+logger = logging.getLogger(__name__)
+
+OUTTYPES = {"f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16, "q8_0": QType.Q8_0}
+_ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
+_FILE_TYPES = {
+    QType.F32: gguf.LlamaFileType.ALL_F32,
+    QType.F16: gguf.LlamaFileType.MOSTLY_F16,
+    QType.BF16: gguf.LlamaFileType.MOSTLY_BF16,
+    QType.Q8_0: gguf.LlamaFileType.MOSTLY_Q8_0,
+}
+
+
+def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16") -> Path:
+    """Write the HF model in ``model_dir`` (llama, mistral or qwen2) as a GGUF file.
+
+    Args:
+        model_dir: a folder with ``config.json``, safetensors weights and a tokenizer.
+        out_path: the ``.gguf`` file to write (its folder is created if needed).
+        outtype: ``f32``, ``f16`` (default), ``bf16`` or ``q8_0``; 1-D tensors (norms) stay F32.
+
+    Returns:
+        ``out_path``, written atomically.
+
+    Raises:
+        GGUFError: unsupported architecture, tokenizer or rope scaling; missing weights.
+    """
+    model_dir, out_path = Path(model_dir), Path(out_path)
+    if outtype not in OUTTYPES:
+        raise GGUFError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
+    config = _load_hf_config(model_dir)
+    arch = _ARCH_OF_MODEL_TYPE[config.model_type]
+    sources = _safetensors_files(model_dir)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    temp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
+    try:
+        writer = gguf.GGUFWriter(temp, arch)
+        _add_model_metadata(writer, config, model_dir, OUTTYPES[outtype])
+        add_tokenizer(writer, model_dir, config)
+        _write_tensors(writer, config, arch, sources, OUTTYPES[outtype])
+        writer.close()
+        os.replace(temp, out_path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    logger.info("wrote %s (%s, %.1f MB)", out_path, outtype, out_path.stat().st_size / 1e6)
+    return out_path
+
+
+def _load_hf_config(model_dir: Path) -> Any:
+    from transformers import AutoConfig
+
+    if not (model_dir / "config.json").is_file():
+        raise GGUFError(f"{model_dir} has no config.json; pass a Hugging Face model folder")
+    try:
+        config = AutoConfig.from_pretrained(model_dir)
+    except (ValueError, OSError) as err:
+        raise GGUFError(f"{model_dir}/config.json could not be read: {err}") from err
+    if config.model_type not in _ARCH_OF_MODEL_TYPE:
+        raise GGUFError(
+            f"model type {config.model_type!r} cannot be exported to GGUF; supported: "
+            f"{', '.join(sorted(_ARCH_OF_MODEL_TYPE))}"
+        )
+    return config
+
+
+def _safetensors_files(model_dir: Path) -> dict[str, Path]:
+    """``{tensor name: file}`` for the folder's safetensors weights (single file or sharded)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: model_dir / file for name, file in weight_map.items()}
+    single = model_dir / "model.safetensors"
+    if not single.is_file():
+        raise GGUFError(
+            f"{model_dir} has no safetensors weights; re-save the model with save_pretrained "
+            "(pickled .bin checkpoints are not read)"
+        )
+    from safetensors import safe_open
+
+    with safe_open(single, framework="pt") as handle:
+        return dict.fromkeys(handle.keys(), single)
+
+
+def _rope(config: Any) -> tuple[float, dict[str, Any]]:
+    """(theta, scaling parameters) from a transformers 4 or 5 config."""
+    params = dict(getattr(config, "rope_parameters", None) or {})
+    scaling = getattr(config, "rope_scaling", None) or {}
+    params = {**scaling, **params}
+    theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return float(theta), params
+
+
+def _add_model_metadata(
+    writer: gguf.GGUFWriter, config: Any, model_dir: Path, qtype: QType
+) -> None:
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    writer.add_type("model")
+    writer.add_name(Path(getattr(config, "_name_or_path", "") or model_dir.name).name or "model")
+    writer.add_file_type(_FILE_TYPES[qtype])
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_vocab_size(config.vocab_size)
+    writer.add_rope_dimension_count(head_dim)
+    if head_dim * config.num_attention_heads != config.hidden_size:
+        writer.add_key_length(head_dim)
+        writer.add_value_length(head_dim)
+    theta, params = _rope(config)
+    writer.add_rope_freq_base(theta)
+    _add_rope_scaling(writer, params)
+
+
+def _add_rope_scaling(writer: gguf.GGUFWriter, params: dict[str, Any]) -> None:
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind in ("default", None):
+        return
+    if kind == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+    elif kind == "yarn":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        writer.add_rope_scaling_factor(float(params["factor"]))
+        if "original_max_position_embeddings" in params:
+            writer.add_rope_scaling_orig_ctx_len(int(params["original_max_position_embeddings"]))
+    elif kind != "llama3":  # llama3 travels as the rope_freqs tensor, see _rope_freqs
+        raise GGUFError(
+            f"rope scaling {kind!r} cannot be exported to GGUF (default, linear, yarn, llama3 can)"
+        )
+
+
+def _rope_freqs(config: Any) -> torch.Tensor | None:
+    """Llama 3.1-style rope: llama.cpp divides each base frequency by these factors."""
+    theta, params = _rope(config)
+    if params.get("rope_type", params.get("type")) != "llama3":
+        return None
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    scaled, _ = ROPE_INIT_FUNCTIONS["llama3"](config, "cpu")
+    dim = scaled.numel() * 2
+    base = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float32) / dim))
+    return (base / scaled.float()).float()
+
+
+# --- tensors -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _OutTensor:
+    hf_name: str | None  # None for tensors computed here (rope_freqs)
+    gguf_name: str
+    shape: tuple[int, ...]
+    qtype: QType
+
+
+def _tensor_plan(
+    config: Any, arch: str, sources: dict[str, Path], outtype: QType
+) -> list[_OutTensor]:
+    from safetensors import safe_open
+
+    name_map = tensor_name_map(arch, config.num_hidden_layers)
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    plan: list[_OutTensor] = []
+    for file in sorted(set(sources.values())):
+        with safe_open(file, framework="pt") as handle:
+            for hf_name in handle.keys():
+                if hf_name.endswith("rotary_emb.inv_freq") or (
+                    tied and hf_name == "lm_head.weight"
+                ):
+                    continue
+                gguf_name = gguf_tensor_name(name_map, hf_name)
+                if gguf_name is None:
+                    raise GGUFError(f"tensor {hf_name!r} has no GGUF name for architecture {arch}")
+                shape = tuple(handle.get_slice(hf_name).get_shape())
+                plan.append(_OutTensor(hf_name, gguf_name, shape, _pick_type(shape, outtype)))
+    if not tied and "lm_head.weight" not in sources:
+        raise GGUFError("config says embeddings are untied but lm_head.weight is missing")
+    plan.sort(key=_tensor_order)
+    if (freqs := _rope_freqs(config)) is not None:
+        plan.append(_OutTensor(None, "rope_freqs.weight", tuple(freqs.shape), QType.F32))
+    return plan
+
+
+def _tensor_order(entry: _OutTensor) -> tuple[int, str]:
+    parts = entry.gguf_name.split(".")
+    if parts[0] == "blk":
+        return int(parts[1]), entry.gguf_name
+    return (-1 if parts[0] == "token_embd" else 1 << 30), entry.gguf_name
+
+
+def _pick_type(shape: tuple[int, ...], outtype: QType) -> QType:
+    if len(shape) < 2:
+        return QType.F32  # norms and biases stay exact, as llama.cpp expects
+    block, _ = gguf.GGML_QUANT_SIZES[outtype]
+    if shape[-1] % block:
+        logger.warning("rows of %d are not whole %s blocks; writing F16", shape[-1], outtype.name)
+        return QType.F16
+    return outtype
+
+
+def _encode(values: np.ndarray, qtype: QType) -> np.ndarray:
+    if qtype == QType.F32:
+        return values.astype(np.float32, copy=False)
+    if qtype == QType.F16:
+        return values.astype(np.float16)
+    return gguf.quants.quantize(values, qtype)
+
+
+def _write_tensors(
+    writer: gguf.GGUFWriter, config: Any, arch: str, sources: dict[str, Path], outtype: QType
+) -> None:
+    """Tensor table first, then the data one tensor at a time (peak memory: one tensor)."""
+    plan = _tensor_plan(config, arch, sources, outtype)
+    for entry in plan:
+        block, type_size = gguf.GGML_QUANT_SIZES[entry.qtype]
+        nbytes = math.prod(entry.shape) // block * type_size
+        writer.add_tensor_info(
+            entry.gguf_name, entry.shape, np.dtype(np.float32), nbytes, entry.qtype
+        )
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    permuted = arch in PERMUTED_ARCHS
+    for entry in plan:
+        values = _source_values(entry, sources, config)
+        heads = head_count_for(entry.gguf_name, config) if permuted else None
+        if heads is not None:
+            values = permute_qk(values, heads)
+        writer.write_tensor_data(_encode(values, entry.qtype))
+
+
+def _source_values(entry: _OutTensor, sources: dict[str, Path], config: Any) -> np.ndarray:
+    """One tensor as float32, read from its safetensors file (or computed, for rope_freqs)."""
+    from safetensors import safe_open
+
+    if entry.hf_name is None:
+        freqs = _rope_freqs(config)
+        if freqs is None:
+            raise GGUFError(f"no values for computed tensor {entry.gguf_name}")
+        return freqs.numpy()
+    with safe_open(sources[entry.hf_name], framework="pt") as handle:
+        return handle.get_tensor(entry.hf_name).float().numpy()

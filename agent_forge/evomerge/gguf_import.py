@@ -1,0 +1,310 @@
+"""GGUF in: a GGUF file becomes an ordinary Hugging Face model folder in a content-keyed cache.
+
+After the bounded header parse (``gguf_header``), tensors are dequantised with ``gguf.quants``,
+renamed to Hugging Face names and, for llama, un-permuted (``gguf_layout``); the config comes from
+transformers' GGUF key table, the tokenizer from transformers' GGUF tokenizer conversion. The
+folder (``$EVOMERGE_CACHE/gguf``, else ``~/.cache/evomerge/gguf``) is written atomically, keyed
+by the file's SHA-256, and reused next time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any, cast
+
+import gguf
+import numpy as np
+import torch
+
+from .exceptions import GGUFError
+from .gguf_header import GGUFArray, GGUFHeader, TensorEntry, read_header
+from .gguf_layout import (
+    PERMUTED_ARCHS,
+    SUPPORTED_ARCHITECTURES,
+    gguf_tensor_name,
+    head_count_for,
+    permute_qk,
+    tensor_name_map,
+)
+
+logger = logging.getLogger(__name__)
+
+_IMPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_MAX_SHARD_BYTES = 1 << 30
+_IGNORED_GGUF_TENSORS = {"rope_freqs.weight"}  # rope frequency factors: derived, not learned
+
+
+def default_cache_dir() -> Path:
+    """``$EVOMERGE_CACHE/gguf``, else ``~/.cache/evomerge/gguf``."""
+    root = os.environ.get("EVOMERGE_CACHE")
+    return Path(root) / "gguf" if root else Path.home() / ".cache" / "evomerge" / "gguf"
+
+
+def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
+    """SHA-256 of the file's bytes, memoised per (path, size, mtime) so big files hash once."""
+    stat = path.stat()
+    stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    memo = memo_dir / hashlib.sha256(stamp).hexdigest() if memo_dir else None
+    if memo is not None and memo.is_file():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 23):
+            digest.update(chunk)
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(digest.hexdigest())
+    return digest.hexdigest()
+
+
+def gguf_to_hf(
+    path: str | Path, cache_dir: str | Path | None = None, *, dtype: str = "float32"
+) -> Path:
+    """Turn a GGUF file into a cached Hugging Face model folder and return the folder.
+
+    Args:
+        path: the ``.gguf`` file.
+        cache_dir: where converted folders live (default: ``default_cache_dir()``).
+        dtype: the safetensors dtype, ``float32`` (exact for every quant type), ``float16`` or
+            ``bfloat16``.
+
+    Raises:
+        GGUFError: the file is missing, malformed, of an unsupported architecture or quant type.
+    """
+    path = Path(path)
+    if dtype not in _IMPORT_DTYPES:
+        raise GGUFError(f"dtype {dtype!r} is not one of {sorted(_IMPORT_DTYPES)}")
+    header = read_header(path)
+    _check_architecture(path, header.architecture)
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    target = cache / f"{file_sha256(path, cache / '.hash-memo')[:32]}-{dtype}"
+    if (target / "config.json").is_file():
+        logger.info("GGUF %s: reusing cached conversion %s", path.name, target)
+        return target
+    cache.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cache))
+    try:
+        _convert_gguf(header, staging, _IMPORT_DTYPES[dtype])
+        try:
+            staging.rename(target)
+        except OSError:  # another process finished first: keep theirs
+            if not (target / "config.json").is_file():
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    logger.info("GGUF %s converted to %s", path.name, target)
+    return target
+
+
+def _check_architecture(path: Path, architecture: str | None) -> None:
+    if architecture is None:
+        raise GGUFError(f"{path.name}: no general.architecture in the metadata; not a model file")
+    if architecture not in SUPPORTED_ARCHITECTURES:
+        raise GGUFError(
+            f"{path.name}: GGUF architecture {architecture!r} is not supported; EvoMerge reads "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} files (Llama, Mistral, SmolLM, Qwen2) "
+            "-- for other models pass the original Hugging Face folder instead"
+        )
+
+
+def _convert_gguf(header: GGUFHeader, out: Path, dtype: torch.dtype) -> None:
+    """Write config, tokenizer, generation config and weights of the file into ``out``."""
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    config = _config_from_header(header)
+    tokenizer = _tokenizer_from_file(header.path)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    config.architectures = [type(skeleton).__name__]
+    config.dtype = dtype
+    names = _gguf_to_hf_names(skeleton, str(header.architecture), config.num_hidden_layers)
+    written = _write_shards(_hf_tensors(header, config, names, dtype), out)
+    if missing := sorted(_expected_keys(skeleton, config) - written):
+        raise GGUFError(f"{header.path.name}: tensors missing from the file: {missing[:5]}")
+    config.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    GenerationConfig.from_model_config(config).save_pretrained(out)
+    source = {
+        "source_file": header.path.name,
+        "architecture": header.architecture,
+        "tensor_types": Counter(t.qtype.name for t in header.tensors),
+    }
+    (out / "gguf_source.json").write_text(json.dumps(source, indent=2) + "\n")
+
+
+def _config_from_header(header: GGUFHeader) -> Any:
+    """The transformers config, read from the metadata through transformers' GGUF key table."""
+    from transformers import AutoConfig
+    from transformers.integrations import GGUF_CONFIG_MAPPING
+
+    arch = str(header.architecture)
+    table = cast(dict[str, dict[str, Any]], GGUF_CONFIG_MAPPING)
+    values: dict[str, Any] = {}
+    for section in (arch, "tokenizer"):
+        for key, hf_key in table[section].items():
+            value = header.metadata.get(f"{section}.{key}")
+            if hf_key is not None and value is not None and not isinstance(value, GGUFArray):
+                values[hf_key] = value
+    tensors = {t.name: t for t in header.tensors}
+    if "token_embd.weight" not in tensors:
+        raise GGUFError(f"{header.path.name}: no token_embd.weight tensor; not a complete model")
+    values.setdefault("vocab_size", tensors["token_embd.weight"].shape[0])
+    _check_sizes(header.path.name, values, tensors)
+    values["tie_word_embeddings"] = "output.weight" not in tensors
+    rope = _rope_scaling_from(header.metadata, arch)
+    if rope:
+        values["rope_scaling"] = rope
+    try:
+        return AutoConfig.for_model(arch, **values)
+    except (ValueError, TypeError) as err:
+        raise GGUFError(f"{header.path.name}: metadata do not make a valid config: {err}") from err
+
+
+def _check_sizes(file_name: str, values: dict[str, Any], tensors: dict[str, TensorEntry]) -> None:
+    """The metadata's layer count and width must match the tensors (bounds what gets built)."""
+    blocks = {n.split(".")[1] for n in tensors if n.startswith("blk.")}
+    layers = 1 + max((int(b) for b in blocks if b.isdigit()), default=-1)
+    if values.get("num_hidden_layers") != layers:
+        raise GGUFError(
+            f"{file_name}: metadata say {values.get('num_hidden_layers')} layers but the file "
+            f"holds tensors for {layers}; the file is inconsistent"
+        )
+    if values.get("hidden_size") != tensors["token_embd.weight"].shape[1]:
+        raise GGUFError(
+            f"{file_name}: metadata say hidden size {values.get('hidden_size')} but "
+            f"token_embd.weight is {list(tensors['token_embd.weight'].shape)}; inconsistent file"
+        )
+
+
+def _rope_scaling_from(metadata: dict[str, Any], arch: str) -> dict[str, Any] | None:
+    """Linear / YaRN rope scaling from the metadata (llama.cpp's keys), if any."""
+    kind = metadata.get(f"{arch}.rope.scaling.type")
+    if kind in (None, "none"):
+        return None
+    if kind not in ("linear", "yarn"):
+        raise GGUFError(f"rope scaling {kind!r} in the GGUF metadata is not supported")
+    scaling = {"rope_type": kind, "factor": float(metadata[f"{arch}.rope.scaling.factor"])}
+    original = metadata.get(f"{arch}.rope.scaling.original_context_length")
+    if kind == "yarn" and original is not None:
+        scaling["original_max_position_embeddings"] = int(original)
+    return scaling
+
+
+def _tokenizer_from_file(path: Path) -> Any:
+    """transformers' own GGUF tokenizer conversion (its fast metadata reader, not GGUFReader)."""
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    try:
+        return TokenizersBackend.from_pretrained(path.parent, gguf_file=path.name)
+    except (ValueError, KeyError, OSError) as err:
+        raise GGUFError(
+            f"{path.name}: transformers could not rebuild the tokenizer: {err}"
+        ) from err
+
+
+def _gguf_to_hf_names(
+    skeleton: torch.nn.Module, architecture: str, n_layers: int
+) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """``{gguf tensor name: (HF parameter name, shape)}`` from the model's own parameters."""
+    name_map = tensor_name_map(architecture, n_layers)
+    mapping: dict[str, tuple[str, tuple[int, ...]]] = {}
+    for hf_name, value in skeleton.state_dict().items():
+        gguf_name = gguf_tensor_name(name_map, hf_name)
+        if gguf_name is not None:
+            mapping[gguf_name] = (hf_name, tuple(value.shape))
+    return mapping
+
+
+def _expected_keys(skeleton: torch.nn.Module, config: Any) -> set[str]:
+    keys = set(skeleton.state_dict())
+    if getattr(config, "tie_word_embeddings", False):
+        keys.discard("lm_head.weight")
+    return keys
+
+
+def _hf_tensors(
+    header: GGUFHeader,
+    config: Any,
+    names: dict[str, tuple[str, tuple[int, ...]]],
+    dtype: torch.dtype,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Dequantised tensors under HF names, one at a time, read from a memory map of the file."""
+    blob = np.memmap(header.path, mode="r", dtype=np.uint8)
+    permuted = header.architecture in PERMUTED_ARCHS
+    for entry in header.tensors:
+        target = names.get(entry.name)
+        if target is None:
+            if entry.name in _IGNORED_GGUF_TENSORS:
+                logger.warning(
+                    "GGUF tensor %s (Llama 3.1-style rope scaling) ignored, as transformers' own "
+                    "GGUF loader does: the imported config uses plain rope",
+                    entry.name,
+                )
+                continue
+            raise GGUFError(f"GGUF tensor {entry.name!r} has no Hugging Face counterpart")
+        hf_name, shape = target
+        if entry.shape != shape:
+            raise GGUFError(
+                f"{header.path.name}: tensor {entry.name} has shape {list(entry.shape)} but the "
+                f"metadata imply {list(shape)}; the file is inconsistent"
+            )
+        start = header.data_start + entry.offset
+        rows = math.prod(entry.shape[:-1])  # (rows, bytes per row), as gguf.quants expects
+        raw = blob[start : start + entry.nbytes].reshape(rows, -1)
+        values = gguf.quants.dequantize(raw, entry.qtype).reshape(entry.shape)
+        heads = head_count_for(entry.name, config) if permuted else None
+        if heads is not None:
+            values = permute_qk(values, heads, inverse=True)
+        yield hf_name, torch.from_numpy(np.require(values, np.float32, ["C", "W"])).to(dtype)
+
+
+def _write_shards(tensors: Iterable[tuple[str, torch.Tensor]], out: Path) -> set[str]:
+    """Save tensors as safetensors shards of at most ``_MAX_SHARD_BYTES``; return their names."""
+    files: list[Path] = []
+    groups: list[list[str]] = []
+    pending: dict[str, torch.Tensor] = {}
+    pending_bytes = total = 0
+    for name, tensor in tensors:
+        if pending and pending_bytes + tensor.nbytes > _MAX_SHARD_BYTES:
+            files.append(_save_part(pending, out / f"part-{len(files):05d}.safetensors"))
+            groups.append(list(pending))
+            pending, pending_bytes = {}, 0
+        pending[name] = tensor
+        pending_bytes += tensor.nbytes
+        total += tensor.nbytes
+    files.append(_save_part(pending, out / f"part-{len(files):05d}.safetensors"))
+    groups.append(list(pending))
+    _name_shards(files, groups, total, out)
+    return {name for group in groups for name in group}
+
+
+def _save_part(tensors: dict[str, torch.Tensor], file: Path) -> Path:
+    from safetensors.torch import save_file
+
+    save_file(tensors, file, metadata={"format": "pt"})
+    return file
+
+
+def _name_shards(files: list[Path], groups: list[list[str]], total: int, out: Path) -> None:
+    """Give the parts Hugging Face's names, with an index when there is more than one."""
+    if len(files) == 1:
+        files[0].rename(out / "model.safetensors")
+        return
+    weight_map = {}
+    for index, (file, names) in enumerate(zip(files, groups, strict=True), start=1):
+        final = f"model-{index:05d}-of-{len(files):05d}.safetensors"
+        file.rename(out / final)
+        weight_map.update(dict.fromkeys(names, final))
+    index_doc = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / "model.safetensors.index.json").write_text(json.dumps(index_doc, indent=2) + "\n")
