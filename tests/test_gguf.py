@@ -65,25 +65,12 @@ CORPUS = [
 
 
 def bpe_tokenizer():
-    """A byte-level BPE ("gpt2") tokenizer trained here, with chat special tokens."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    """conftest's byte-level BPE ("gpt2") tokenizer, given chat special tokens and a template."""
+    from conftest import train_tiny_tokenizer
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=320,
-        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS, trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<|im_start|>",
-        eos_token="<|im_end|>",
-        unk_token="<|endoftext|>",
-        pad_token="<|endoftext|>",
+    fast = train_tiny_tokenizer()
+    fast.add_special_tokens(
+        {"bos_token": "<|im_start|>", "eos_token": "<|im_end|>", "unk_token": "<|endoftext|>"}
     )
     fast.chat_template = CHAT_TEMPLATE
     return fast
@@ -399,7 +386,7 @@ def test_export_and_info_commands(model_dirs, tmp_path):
     assert "architecture:  llama" in shown.stdout and "Q8_0" in shown.stdout
     as_json = json.loads(run_module("info", str(out), "--json").stdout)
     assert as_json["block_count"] == 3 and as_json["tied_embeddings"] is True
-    assert as_json["tokenizer"]["size"] == 320
+    assert as_json["tokenizer"]["size"] == len(bpe_tokenizer())
 
 
 @pytest.mark.parametrize(
