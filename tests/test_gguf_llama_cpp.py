@@ -37,7 +37,7 @@ def _load(name: str, path: Path):
 
 
 gguf_tests = _load("_gguf_test_helpers", Path(__file__).with_name("test_gguf.py"))
-bench = _load("_bench_gguf_llama_cpp", REPO / "scripts" / "bench_gguf_llama_cpp.py")
+bench = gguf_tests.bench_script()
 
 
 @pytest.fixture(autouse=True)
