@@ -39,7 +39,7 @@ _MAX_KEPT_STRING = 1 << 20  # longer metadata strings are walked over, not kept
 _MAX_DIMS = 4
 _SCALAR_FORMATS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?"}
 _SCALAR_FORMATS.update({10: "<Q", 11: "<q", 12: "<d"})
-_STRING, _ARRAY, _UINT32 = 8, 9, 4
+_STRING, _ARRAY = 8, 9
 
 DEQUANTISABLE_TYPES = frozenset(
     {QType.F32, QType.F16, QType.BF16, QType.Q4_0, QType.Q4_1, QType.Q5_0, QType.Q5_1, QType.Q8_0}
