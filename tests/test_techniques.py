@@ -9,6 +9,8 @@ import sys
 import pytest
 import torch
 
+from agent_forge.evomerge import blockwise, sparsify
+from agent_forge.evomerge.combine import combine_task_vectors
 from agent_forge.evomerge.exceptions import ConfigurationError, MergeError
 from agent_forge.evomerge.recipe import Merge, Source
 from agent_forge.evomerge.techniques import (
@@ -321,3 +323,121 @@ def test_layer_dependent_values_resolve_by_group_and_component():
     assert resolve_value({"attention": [0.5, 0.6], "default": 0.9}, loc) == 0.6
     assert resolve_value({"mlp": 0.5, "default": 0.9}, loc) == 0.9
     assert resolve_value(0.4, loc) == 0.4
+
+
+# -- exact trims, batches of tensors and the blockwise core --------------------------------------------
+
+
+def reference_trim(x: torch.Tensor, keep: int) -> torch.Tensor:
+    """The ``keep`` largest |x| by a stable sort: among equal magnitudes the lowest flat index first."""
+    flat = x.reshape(-1)
+    order = torch.sort(flat.abs(), descending=True, stable=True).indices[:keep]
+    out = torch.zeros_like(flat)
+    out[order] = flat[order]
+    return out.view_as(x)
+
+
+def trim_cases():
+    gen = torch.Generator().manual_seed(7)
+    size = 3 * sparsify.EXACT_SELECT  # large enough for the sampled bracket
+    step = (size // min(sparsify.SAMPLE, max(sparsify.SAMPLE >> 4, size >> 6))) | 1
+    return {
+        "normal, small": torch.randn(13, 17, generator=gen),
+        "normal, large": torch.randn(size, generator=gen),
+        "few levels, small": torch.randint(-5, 6, (40, 30), generator=gen).float(),
+        "few levels, large": torch.randint(-9, 10, (size,), generator=gen).float(),
+        "mostly zero": torch.randn(size, generator=gen) * (torch.rand(size, generator=gen) < 0.3),
+        "period of the sample stride": (torch.arange(size) % step).float() - step / 2,
+    }
+
+
+@pytest.mark.parametrize("case", list(trim_cases()))
+@pytest.mark.parametrize("density", [0.001, 0.3, 0.5, 0.97])
+def test_trim_equals_a_stable_sort_with_ties_broken_by_position(case, density):
+    x = trim_cases()[case]
+    keep = max(1, int(density * x.numel()))
+    expected = reference_trim(x, keep)
+    assert torch.equal(keep_top_magnitude(x, density), expected)
+    assert torch.equal(keep_top_magnitude(x.double().float(), density), expected)  # a second run: same bits
+
+
+def test_trim_keeps_exactly_k_entries_among_many_ties():
+    x = torch.tensor([3.0, -1.0, 1.0, 2.0, -1.0, 1.0, -3.0, 1.0])  # |x| = 1 four times
+    # keep 5: the two 3s, the 2, then the first two of the tied ones (flat indices 1 and 2)
+    assert close(keep_top_magnitude(x, 5 / 8), [3, -1, 1, 2, 0, 0, -3, 0])
+
+
+@pytest.fixture()
+def tiny_blocks(monkeypatch):
+    """Blocks, spans, samples and chunks of a few elements, so small tensors exercise every path."""
+    monkeypatch.setattr(blockwise, "BLOCK", 48)
+    monkeypatch.setattr(blockwise, "WHOLE", 100)
+    monkeypatch.setattr(blockwise, "SPAN", 333)
+    monkeypatch.setattr(sparsify, "EXACT_SELECT", 200)
+    monkeypatch.setattr(sparsify, "SAMPLE", 128)
+    monkeypatch.setattr(sparsify, "_CHUNK", 64)
+
+
+def reference_combine(deltas, weights, lam, normalize, consensus):
+    """The task-vector core written with whole-tensor ops, as the formula reads."""
+    w = torch.tensor(weights).reshape(-1, *([1] * (deltas.dim() - 1)))
+    weighted = deltas * w
+    if consensus:
+        agree = weighted.sign() == torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0)
+        mixed, divisor = (weighted * agree).sum(dim=0), (w * agree).sum(dim=0)
+        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    else:
+        mixed, total = weighted.sum(dim=0), float(sum(weights))
+        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total)
+    return (mixed / divisor if normalize else mixed) * lam
+
+
+@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0, 1.0], [0.5, 0.3, 0.2], [1.0, -1.0, 0.5], [2.0, 0.0]])
+@pytest.mark.parametrize("consensus", [True, False])
+@pytest.mark.parametrize("size", [37, 1000])
+def test_blockwise_core_gives_the_bits_of_the_formula(weights, consensus, size, tiny_blocks):
+    gen = torch.Generator().manual_seed(11)
+    deltas = torch.randn(len(weights), size, generator=gen)
+    deltas[:, ::7] = 0.0  # zero entries and exact sign ties
+    for normalize, lam in [(True, 1.0), (False, 0.7), (True, 1.3)]:
+        got = combine_task_vectors(deltas, weights, lam=lam, normalize=normalize, sign_consensus=consensus)
+        assert torch.equal(got, reference_combine(deltas, weights, lam, normalize, consensus))
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5])
+def test_ties_in_blocks_equals_trim_then_formula(density, tiny_blocks):
+    gen = torch.Generator().manual_seed(5)
+    deltas = torch.randint(-20, 21, (3, 700), generator=gen).float() / 8  # many ties at the threshold
+    weights = [0.6, 0.3, 0.4]
+    keep = max(1, int(density * 700))
+    trimmed = torch.stack([reference_trim(d, keep) for d in deltas])
+    expected = reference_combine(trimmed, weights, 1.0, True, True)
+    assert torch.equal(run("ties", list(deltas), weight=weights, density=density), expected)
+
+
+SEGMENTED = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
+
+
+@pytest.mark.parametrize("name", SEGMENTED)
+@pytest.mark.parametrize("blocked", [False, True])
+def test_a_batch_of_tensors_gives_the_bits_of_each_tensor_alone(name, blocked, request):
+    if blocked:
+        request.getfixturevalue("tiny_blocks")
+    tech = get_technique(name)
+    assert tech.segmented
+    sizes = [7, 300, 1, 64, 250]
+    stack = torch.randn(3, sum(sizes), generator=torch.Generator().manual_seed(2))
+    wanted = {"density": [0.4, 0.7, 0.25], "weight": [0.5, 1.0, 0.8], "gamma": 0.05}
+    params = canonical_params(tech, {k: v for k, v in wanted.items() if k in tech.defaults()}, 3)
+
+    def generators():
+        return [torch.Generator().manual_seed(100 + j) for j in range(len(sizes))]
+
+    batched = apply_technique(tech, stack, params, None, generators() if tech.randomized else None,
+                              segments=sizes, out=torch.empty(sum(sizes)))
+    pieces, start = [], 0
+    for size, generator in zip(sizes, generators()):
+        part = stack[:, start : start + size].contiguous()
+        pieces.append(apply_technique(tech, part, params, None, generator if tech.randomized else None))
+        start += size
+    assert torch.equal(batched, torch.cat(pieces))

@@ -8,6 +8,13 @@ others receive the models' tensors ``θᵢ`` and return the merged tensor.
 Randomised techniques (DARE, DELLA) take a ``torch.Generator``; they never touch the global
 RNG, so a recipe gives the same bytes in any order, process or worker.
 
+Techniques read their stack and never write to it. *Segmented* techniques (the element-wise
+family: linear, task arithmetic, TIES, DARE, breadcrumbs) also accept a stack ``(M, N)`` whose
+rows hold several consecutive tensors, with ``segments=`` their sizes (and, when randomised,
+one generator per segment), and write into ``out=``; per-tensor steps (trim thresholds,
+random draws) run per segment, so a batch gives the same bits as its tensors one by one.
+The building blocks live in :mod:`.sparsify`.
+
 The registry :data:`MERGE_TECHNIQUES` records each technique's parameters (defaults, valid and
 searched ranges, whether per input model), whether it needs a base, and whether it is
 randomised. Parameter names follow what users already write in merge recipes: ``weight``,
@@ -26,6 +33,28 @@ import torch
 from torch import Tensor
 
 from .exceptions import ConfigurationError, MergeError
+from .combine import Sparsifier, combine_task_vectors
+from .sparsify import (
+    MagnitudeBand,
+    dare_drop,
+    della_keep_probabilities,
+    drop_outliers_and_small,
+    keep_count,
+    keep_top_magnitude,
+    magnitude_cut,
+    outlier_band_counts,
+    rescale_kept,
+    segment_starts,
+)
+
+__all__ = ["MERGE_TECHNIQUES", "Param", "Technique", "TensorLocation", "apply_technique", "canonical_params",
+           "combine_task_vectors", "della_keep_probabilities", "drop_outliers_and_small", "get_technique",
+           "keep_top_magnitude", "resolve_value", "technique"]
+
+#: Sizes of consecutive tensors flattened into one stack row (None: the row is one tensor).
+Segments = Sequence[int] | None
+#: One generator, or one per segment.
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
 # -- registry ------------------------------------------------------------------------------------
 
@@ -81,6 +110,7 @@ class Technique:
     paper: str
     summary: str
     check: Callable[[dict[str, Any], str], None] | None = None
+    segmented: bool = False
 
     def param(self, name: str) -> Param:
         for param in self.params:
@@ -108,15 +138,19 @@ def technique(
     max_inputs: int | None = None,
     paper: str = "",
     check: Callable[[dict[str, Any], str], None] | None = None,
+    segmented: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
-    """Register a technique function under ``name`` (see the module docstring for the contract)."""
+    """Register a technique function under ``name`` (see the module docstring for the contract).
+
+    ``segmented`` techniques also take ``segments=`` and ``out=`` (see the module docstring).
+    """
 
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if name in MERGE_TECHNIQUES:
             raise ValueError(f"technique {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         MERGE_TECHNIQUES[name] = Technique(
-            name, fn, tuple(params), needs_base, randomized, min_inputs, max_inputs, paper, summary, check
+            name, fn, tuple(params), needs_base, randomized, min_inputs, max_inputs, paper, summary, check, segmented
         )
         return fn
 
@@ -137,108 +171,6 @@ def get_technique(name: str) -> Technique:
             f"unknown merge technique {name!r}{closest_names(name, list(MERGE_TECHNIQUES))}; "
             f"allowed: {', '.join(MERGE_TECHNIQUES)}"
         ) from None
-
-
-# -- building blocks ------------------------------------------------------------------------------
-
-
-def keep_top_magnitude(delta: Tensor, density: float) -> Tensor:
-    """Zero all but the ``int(density·numel)`` largest-magnitude entries (TIES "trim").
-
-    At least one entry survives when ``density > 0``. Uses ``topk``, never ``kthvalue``
-    (hundreds of times slower on CUDA).
-    """
-    if density >= 1.0:
-        return delta
-    count = delta.numel()
-    if density <= 0.0 or count == 0:
-        return torch.zeros_like(delta)
-    keep = max(1, int(density * count))
-    index = torch.topk(delta.abs().reshape(-1), keep, sorted=False).indices
-    mask = torch.zeros(count, dtype=torch.bool, device=delta.device)
-    mask[index] = True
-    return delta * mask.view_as(delta)
-
-
-def drop_outliers_and_small(delta: Tensor, density: float, gamma: float) -> Tensor:
-    """Model Breadcrumbs: drop the largest ``gamma`` fraction, then the smallest, keeping ``int(density·n)``.
-
-    When ``density + gamma > 1`` fewer outliers are dropped so that ``density`` still remains;
-    ``gamma = 0`` drops no outliers (the result equals the TIES trim).
-    """
-    if density >= 1.0:
-        return delta
-    count = delta.numel()
-    keep = int(density * count)
-    top = int(gamma * count)
-    bottom = max(0, count - keep - top)
-    order = torch.sort(delta.abs().reshape(-1), stable=True).indices  # ascending magnitude
-    mask = torch.zeros(count, dtype=torch.bool, device=delta.device)
-    mask[order[bottom : bottom + keep]] = True
-    return delta * mask.view_as(delta)
-
-
-def random_keep_mask(delta: Tensor, density: float, generator: torch.Generator | None) -> Tensor:
-    """DARE: keep each entry independently with probability ``density``."""
-    draws = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
-    return draws < density
-
-
-def della_keep_probabilities(delta: Tensor, density: float, epsilon: float) -> Tensor:
-    """DELLA (MagPrune): per row, keep probabilities rise linearly with magnitude rank.
-
-    The smallest entry of a row gets ``density − ε``, the largest ``density + ε``; a 1-D
-    tensor is one row.
-    """
-    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
-    width = rows.shape[1]
-    ranks = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).to(torch.float32)  # 0 … width-1
-    spread = ranks / (width - 1) if width > 1 else torch.full_like(ranks, 0.5)
-    probs = (density - epsilon) + 2.0 * epsilon * spread
-    return probs.reshape(delta.shape)
-
-
-def rescale_kept(delta: Tensor, kept: Tensor, mode: str, keep_prob: Tensor | float) -> Tensor:
-    """Rescale surviving entries: ``paper`` divides by the keep probability (DARE/DELLA papers),
-    ``l1`` restores the task vector's L1 norm, ``none`` leaves them."""
-    if mode == "paper":
-        return kept / keep_prob
-    if mode == "l1":
-        before, after = delta.abs().sum(), kept.abs().sum()
-        if before < 1e-7 or after < 1e-7:
-            return kept
-        return kept * (before / after)
-    return kept
-
-
-def elect_sign(weighted: Tensor) -> Tensor:
-    """TIES sign election: the sign of the weighted sum per entry; a zero sum counts as positive."""
-    return torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
-
-
-def combine_task_vectors(
-    deltas: Tensor, weights: Sequence[float], *, lam: float, normalize: bool, sign_consensus: bool
-) -> Tensor:
-    """The generalised task-arithmetic core shared by TA, TIES, DARE, breadcrumbs and DELLA.
-
-    ``weighted = wᵢ·δᵢ``. With sign consensus only entries whose sign agrees with the elected
-    sign count, and ``normalize`` divides by the sum of the agreeing weights (a zero divisor
-    becomes 1); without it, ``normalize`` divides by ``Σwᵢ``. The result is scaled by λ.
-    """
-    w = torch.tensor(weights, dtype=deltas.dtype, device=deltas.device).reshape(-1, *([1] * (deltas.dim() - 1)))
-    weighted = deltas * w  # (M, *shape)
-    if sign_consensus:
-        agree = weighted.sign() == elect_sign(weighted)  # (M, *shape) bool
-        mixed = (weighted * agree).sum(dim=0)
-        divisor = (w * agree).sum(dim=0)
-        divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    else:
-        mixed = weighted.sum(dim=0)
-        total = float(sum(weights))
-        divisor = torch.tensor(1.0 if abs(total) < 1e-8 else total, dtype=deltas.dtype, device=deltas.device)
-    if normalize:
-        mixed = mixed / divisor
-    return mixed * lam if lam != 1.0 else mixed
 
 
 def _stack(parts: Sequence[Tensor]) -> Tensor:
@@ -304,17 +236,14 @@ def _as_list(value: Any) -> list[float]:
 
 
 @technique("linear", params=[WEIGHT, _normalize(True)], needs_base=False, min_inputs=1,
-           paper="arXiv:2203.05482 (model soups)")
-def linear(tensors: Tensor, *, weight: Sequence[float], normalize: bool) -> Tensor:
+           paper="arXiv:2203.05482 (model soups)", segmented=True)
+def linear(tensors: Tensor, *, weight: Sequence[float], normalize: bool, segments: Segments = None,
+           out: Tensor | None = None) -> Tensor:
     """Weighted average: Σ wᵢθᵢ, divided by Σ wᵢ when ``normalize``."""
-    total = float(sum(weight))
-    if normalize and abs(total) < 1e-12:
+    if normalize and abs(float(sum(weight))) < 1e-8:
         raise MergeError("linear: the weights sum to zero, so they cannot be normalised; "
                          "change the weights or set normalize: false")
-    out = torch.zeros_like(tensors[0])
-    for tensor, w in zip(tensors, weight):
-        out.add_(tensor, alpha=w)
-    return out / total if normalize else out
+    return combine_task_vectors(tensors, weight, lam=1.0, normalize=normalize, sign_consensus=False, out=out)
 
 
 @technique("slerp", params=[Param("t", 0.5, 0.0, 1.0, search=(0.0, 1.0))], needs_base=False,
@@ -350,65 +279,101 @@ def passthrough(tensors: Tensor) -> Tensor:
 
 
 @technique("task_arithmetic", params=[WEIGHT, LAMBDA, _normalize(False)], needs_base=True,
-           paper="arXiv:2212.04089")
-def task_arithmetic(deltas: Tensor, *, weight: Sequence[float], lam: float, normalize: bool) -> Tensor:
+           paper="arXiv:2212.04089", segmented=True)
+def task_arithmetic(deltas: Tensor, *, weight: Sequence[float], lam: float, normalize: bool,
+                    segments: Segments = None, out: Tensor | None = None) -> Tensor:
     """Task arithmetic: λ·Σ wᵢδᵢ (÷ Σ wᵢ when ``normalize``)."""
-    return combine_task_vectors(deltas, weight, lam=lam, normalize=normalize, sign_consensus=False)
+    return combine_task_vectors(deltas, weight, lam=lam, normalize=normalize, sign_consensus=False, out=out)
 
 
 @technique("ties", params=[WEIGHT, DENSITY, LAMBDA, _normalize(True)], needs_base=True,
-           paper="arXiv:2306.01708")
-def ties(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], lam: float, normalize: bool) -> Tensor:
-    """TIES: trim each task vector, elect a sign per entry, average the agreeing entries."""
-    trimmed = _stack([keep_top_magnitude(d, k) for d, k in zip(deltas, density)])  # (M, *shape)
-    return combine_task_vectors(trimmed, weight, lam=lam, normalize=normalize, sign_consensus=True)
+           paper="arXiv:2306.01708", segmented=True)
+def ties(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], lam: float, normalize: bool,
+         segments: Segments = None, out: Tensor | None = None) -> Tensor:
+    """TIES: trim each task vector, elect a sign per entry, average the agreeing entries.
+
+    Each tensor of each δᵢ keeps exactly ``max(1, int(densityᵢ·numel))`` entries; ties at the
+    threshold magnitude keep the lowest flat indices first.
+    """
+    flat = deltas.reshape(deltas.shape[0], -1)  # (M, N)
+    parts = segment_starts(flat.shape[1], segments)
+    trims = [_trim(row, [keep_count(d, size) for _, size in parts], parts) for row, d in zip(flat, density)]
+    return combine_task_vectors(deltas, weight, lam=lam, normalize=normalize, sign_consensus=True,
+                                sparsifiers=trims, out=out)
 
 
-def _dare(deltas: Tensor, density: Sequence[float], rescale: str, generator: torch.Generator | None) -> Tensor:
-    parts = []
-    for delta, keep in zip(deltas, density):
-        if keep >= 1.0:
-            parts.append(delta)
-            continue
-        kept = delta * random_keep_mask(delta, keep, generator)
-        parts.append(rescale_kept(delta, kept, rescale, keep) if keep > 0 else torch.zeros_like(delta))
-    return _stack(parts)
+def _trim(row: Tensor, keeps: Sequence[int], parts: Sequence[tuple[int, int]]) -> Sparsifier | None:
+    if all(keep >= size for keep, (_, size) in zip(keeps, parts)):
+        return None
+    return magnitude_cut(row, keeps, parts).apply
+
+
+def _dare(deltas: Tensor, density: Sequence[float], rescale: str, generator: Generators,
+          segments: Segments) -> Tensor:
+    flat = deltas.reshape(deltas.shape[0], -1)
+    parts = segment_starts(flat.shape[1], segments)
+    generators = list(generator) if isinstance(generator, Sequence) else [generator] * len(parts)
+    return dare_drop(flat, density, rescale, generators, parts).view_as(deltas)
 
 
 @technique("dare_linear", params=[WEIGHT, DENSITY, LAMBDA, _normalize(False), RESCALE], needs_base=True,
-           randomized=True, paper="arXiv:2311.03099")
+           randomized=True, paper="arXiv:2311.03099", segmented=True)
 def dare_linear(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], lam: float,
-                normalize: bool, rescale: str, generator: torch.Generator | None = None) -> Tensor:
+                normalize: bool, rescale: str, generator: Generators = None, segments: Segments = None,
+                out: Tensor | None = None) -> Tensor:
     """DARE: drop entries at random (keep ``density``), rescale the rest, then task arithmetic."""
-    dropped = _dare(deltas, density, rescale, generator)
-    return combine_task_vectors(dropped, weight, lam=lam, normalize=normalize, sign_consensus=False)
+    dropped = _dare(deltas, density, rescale, generator, segments)
+    return combine_task_vectors(dropped, weight, lam=lam, normalize=normalize, sign_consensus=False, out=out)
 
 
 @technique("dare_ties", params=[WEIGHT, DENSITY, LAMBDA, _normalize(True), RESCALE], needs_base=True,
-           randomized=True, paper="arXiv:2311.03099")
+           randomized=True, paper="arXiv:2311.03099", segmented=True)
 def dare_ties(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], lam: float,
-              normalize: bool, rescale: str, generator: torch.Generator | None = None) -> Tensor:
+              normalize: bool, rescale: str, generator: Generators = None, segments: Segments = None,
+              out: Tensor | None = None) -> Tensor:
     """DARE-TIES: DARE's random drop and rescale, then TIES sign election."""
-    dropped = _dare(deltas, density, rescale, generator)
-    return combine_task_vectors(dropped, weight, lam=lam, normalize=normalize, sign_consensus=True)
+    dropped = _dare(deltas, density, rescale, generator, segments)
+    return combine_task_vectors(dropped, weight, lam=lam, normalize=normalize, sign_consensus=True, out=out)
 
 
-@technique("breadcrumbs", params=[WEIGHT, Param("density", 0.9, 0.0, 1.0, per_input=True, search=(0.5, 1.0)),
-                                  GAMMA, LAMBDA, _normalize(False)], needs_base=True, paper="arXiv:2312.06795")
+def _breadcrumbs(deltas: Tensor, density: Sequence[float], gamma: Sequence[float],
+                 segments: Segments) -> list[Sparsifier | None]:
+    flat = deltas.reshape(deltas.shape[0], -1)
+    parts = segment_starts(flat.shape[1], segments)
+    bands: list[Sparsifier | None] = []
+    for row, keep, outliers in zip(flat, density, gamma):
+        if keep >= 1.0:
+            bands.append(None)
+            continue
+        counts = [outlier_band_counts(keep, outliers, size) for _, size in parts]
+        outer = magnitude_cut(row, [skip + kept for skip, kept in counts], parts)
+        inner = magnitude_cut(row, [skip for skip, _ in counts], parts)
+        bands.append(MagnitudeBand(outer, inner).apply)
+    return bands
+
+
+_CRUMB_DENSITY = Param("density", 0.9, 0.0, 1.0, per_input=True, search=(0.5, 1.0))
+
+
+@technique("breadcrumbs", params=[WEIGHT, _CRUMB_DENSITY, GAMMA, LAMBDA, _normalize(False)], needs_base=True,
+           paper="arXiv:2312.06795", segmented=True)
 def breadcrumbs(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], gamma: Sequence[float],
-                lam: float, normalize: bool) -> Tensor:
+                lam: float, normalize: bool, segments: Segments = None, out: Tensor | None = None) -> Tensor:
     """Model Breadcrumbs: drop outliers and small entries of each task vector, then task arithmetic."""
-    kept = _stack([drop_outliers_and_small(d, k, g) for d, k, g in zip(deltas, density, gamma)])
-    return combine_task_vectors(kept, weight, lam=lam, normalize=normalize, sign_consensus=False)
+    bands = _breadcrumbs(deltas, density, gamma, segments)
+    return combine_task_vectors(deltas, weight, lam=lam, normalize=normalize, sign_consensus=False,
+                                sparsifiers=bands, out=out)
 
 
-@technique("breadcrumbs_ties", params=[WEIGHT, Param("density", 0.9, 0.0, 1.0, per_input=True, search=(0.5, 1.0)),
-                                       GAMMA, LAMBDA, _normalize(True)], needs_base=True, paper="arXiv:2312.06795")
+@technique("breadcrumbs_ties", params=[WEIGHT, _CRUMB_DENSITY, GAMMA, LAMBDA, _normalize(True)], needs_base=True,
+           paper="arXiv:2312.06795", segmented=True)
 def breadcrumbs_ties(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float],
-                     gamma: Sequence[float], lam: float, normalize: bool) -> Tensor:
+                     gamma: Sequence[float], lam: float, normalize: bool, segments: Segments = None,
+                     out: Tensor | None = None) -> Tensor:
     """Model Breadcrumbs with TIES sign election."""
-    kept = _stack([drop_outliers_and_small(d, k, g) for d, k, g in zip(deltas, density, gamma)])
-    return combine_task_vectors(kept, weight, lam=lam, normalize=normalize, sign_consensus=True)
+    bands = _breadcrumbs(deltas, density, gamma, segments)
+    return combine_task_vectors(deltas, weight, lam=lam, normalize=normalize, sign_consensus=True,
+                                sparsifiers=bands, out=out)
 
 
 def _della(deltas: Tensor, density: Sequence[float], epsilon: Sequence[float], rescale: str,
@@ -571,9 +536,16 @@ def apply_technique(
     stack: Tensor,
     params: Mapping[str, Any],
     location: TensorLocation | None = None,
-    generator: torch.Generator | None = None,
+    generator: Generators = None,
+    *,
+    segments: Segments = None,
+    out: Tensor | None = None,
 ) -> Tensor:
-    """Run ``tech`` on a stack ``(M, *shape)`` (task vectors if it needs a base) with canonical params."""
+    """Run ``tech`` on a stack ``(M, *shape)`` (task vectors if it needs a base) with canonical params.
+
+    ``segments`` (segmented techniques only) splits the flattened rows into consecutive
+    tensors; ``out`` receives the result when given.
+    """
     kwargs: dict[str, Any] = {}
     for param in tech.params:
         value = params[param.name]
@@ -582,4 +554,11 @@ def apply_technique(
                        else resolve_value(value, location))
     if tech.randomized:
         kwargs["generator"] = generator
-    return tech.fn(stack, **kwargs)
+    if tech.segmented:
+        return tech.fn(stack, segments=segments, out=out, **kwargs)
+    if segments is not None and len(segments) > 1:
+        raise ValueError(f"{tech.name} works on one tensor at a time, not on {len(segments)} segments")
+    result = tech.fn(stack, **kwargs)
+    if out is None:
+        return result
+    return out.copy_(result.reshape(out.shape))
