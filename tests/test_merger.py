@@ -317,3 +317,38 @@ def test_unknown_technique_in_recipe_file_is_a_clear_error(tmp_path):
                                     {"type": "source", "name": "a"}, {"type": "source", "name": "b"}]}}))
     with pytest.raises(ConfigurationError, match="unknown merge technique 'tiez' \\(did you mean 'ties'\\?\\)"):
         load_recipe_file(path)
+
+
+# -- the same bytes however the work is cut up ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("technique", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
+def test_bytes_do_not_depend_on_threads_block_sizes_or_batches(technique, tiny_family, tmp_path, monkeypatch):
+    """Streamed with tiny blocks, spans, batches and samples on 1 and 2 threads, and resident with
+    the defaults: every tensor is the same bits (PS-style layer-dependent densities included)."""
+    from agent_forge.evomerge import blockwise, graph, sparsify
+
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    density = [[0.3, 0.6, 0.45], 0.5, {"attention": 0.7, "default": 0.4}]
+    recipe = Merge(technique, [Source("m1"), Source("m2"), Source("m3")],
+                   {"density": density, "weight": [0.5, 0.8, 0.3]} | ({"epsilon": 0.1} if technique == "della" else {}),
+                   Source("base"), seed=9)
+    resident = AdvancedModelMerger(sources=sources, base="base", resident=True)
+    expected = {n: p.detach().clone() for n, p in resident.materialize(recipe).named_parameters()}
+    for name, value in (("BLOCK", 48), ("WHOLE", 100), ("SPAN", 333)):
+        monkeypatch.setattr(blockwise, name, value)
+    monkeypatch.setattr(sparsify, "EXACT_SELECT", 200)
+    monkeypatch.setattr(sparsify, "SAMPLE", 128)
+    monkeypatch.setattr(graph, "BATCH_ELEMENTS", 1000)
+    threads = torch.get_num_threads()
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            merger = AdvancedModelMerger(sources={n: open_source(n, str(p)) for n, p in tiny_family.items()},
+                                         base="base")
+            streamed = load_file(merger.merge(recipe, tmp_path / f"t{count}") / "model.safetensors")
+            assert set(streamed) == set(expected)
+            for name, tensor in streamed.items():
+                assert torch.equal(tensor, expected[name]), (count, name)
+    finally:
+        torch.set_num_threads(threads)

@@ -1,30 +1,46 @@
 """The recipe interpreter: what tensors a recipe has, their shapes, and each tensor's value.
 
-:class:`SourcePool` holds the named input models — read lazily from disk for streaming, or
-resident on the run's device (with task vectors against the base computed once) for
-evaluation. :class:`RecipeGraph` walks a recipe for one tensor name at a time; both the
-streaming writer and the in-memory materialiser call the same :meth:`RecipeGraph.compute`,
-which is why they agree bit for bit.
+The input models come from a :class:`~.pool.SourcePool` — read lazily from disk for streaming,
+or resident on the run's device (with task vectors against the base computed once) for
+evaluation. :class:`RecipeGraph` walks a recipe for a run of consecutive tensor names at a
+time (:meth:`RecipeGraph.batches`); both the streaming writer and the in-memory materialiser
+call the same :meth:`RecipeGraph.compute_into`, which is why they agree bit for bit. Streaming,
+the inputs are read from disk straight into a reused ``(M, N)`` buffer and turned into task
+vectors in place; resident, the stack is a view of the pool's task-vector matrix.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from .blockwise import add_, parallel_map, subtract_rows_
 from .exceptions import ConfigurationError, MergeError
-from .layout import component_of, is_residual_output, order_names, parse_layer, remap_layer_config, tensor_locations
+from .layout import (
+    component_of,
+    is_residual_output,
+    order_names,
+    parse_layer,
+    remap_layer_config,
+    tensor_locations,
+)
+from .pool import SourcePool
 from .recipe import LayerStack, Merge, RecipeNode, Source
-from .sources import ModelSource
-from .techniques import Technique, TensorLocation, apply_technique, get_technique
+from .techniques import Technique, TensorLocation, apply_technique, get_technique, resolve_value
+
+__all__ = ["BATCH_ELEMENTS", "RecipeGraph", "SourcePool", "is_layer_dependent", "source_layers", "tensor_seed"]
 
 logger = logging.getLogger(__name__)
+
+#: Most elements of small tensors that one technique call computes together.
+BATCH_ELEMENTS = 1 << 22
 
 
 def tensor_seed(node_hash: str, tensor_name: str) -> int:
@@ -40,63 +56,6 @@ def source_layers(config: Mapping[str, Any]) -> int:
     raise ConfigurationError("model config names no layer count (num_hidden_layers); cannot merge by layer")
 
 
-class SourcePool:
-    """The run's input models by name.
-
-    With ``resident=True`` every tensor is loaded once onto ``device`` and, when a base is
-    named, each model's task vector against it is computed once (``cache_deltas``).
-    """
-
-    def __init__(
-        self,
-        sources: Mapping[str, ModelSource],
-        base: str | None = None,
-        *,
-        resident: bool = False,
-        device: str | torch.device = "cpu",
-        cache_deltas: bool = True,
-    ) -> None:
-        self.sources = dict(sources)
-        self.base = base
-        self.device = torch.device(device)
-        self.resident = resident
-        self._tensors: dict[tuple[str, str], Tensor] = {}
-        self._deltas: dict[tuple[str, str], Tensor] = {}
-        self._cache_deltas = cache_deltas and resident and base is not None
-        if resident:
-            for name, source in self.sources.items():
-                for tensor_name in source.tensor_names:
-                    self._tensors[(name, tensor_name)] = source.get_tensor(tensor_name).to(self.device)
-                source.close()
-
-    def source(self, name: str) -> ModelSource:
-        try:
-            return self.sources[name]
-        except KeyError:
-            raise ConfigurationError(
-                f"the recipe names model {name!r}, which is not among the sources "
-                f"({', '.join(self.sources)}); check the recipe's source names"
-            ) from None
-
-    def tensor(self, source: str, name: str) -> Tensor:
-        """One source tensor in float32 on the pool's device."""
-        if self.resident:
-            stored = self._tensors.get((source, name))
-            if stored is None:
-                raise MergeError(f"model {source} has no tensor {name}")
-            return stored.float()
-        return self.source(source).get_tensor(name).to(self.device).float()
-
-    def delta(self, source: str, name: str) -> Tensor | None:
-        """The cached task vector ``θ_source − θ_base`` (None when not cached)."""
-        if not self._cache_deltas or source == self.base:
-            return None
-        key = (source, name)
-        if key not in self._deltas:
-            self._deltas[key] = self.tensor(source, name) - self.tensor(self.base, name)  # type: ignore[arg-type]
-        return self._deltas[key]
-
-
 class RecipeGraph:
     """Answers, for a recipe: its layer count, tensor names and shapes, config, and tensor values."""
 
@@ -107,6 +66,8 @@ class RecipeGraph:
         self._subtree_bytes = 0
         self._subtree_limit = subtree_cache_bytes
         self._location_tables: dict[str, dict[str, TensorLocation]] = {}
+        self._buffers: dict[str, Tensor] = {}
+        self._source_names: dict[str, list[str]] = {}
 
     # -- structure ------------------------------------------------------------------------------
 
@@ -126,7 +87,10 @@ class RecipeGraph:
     def names(self, node: RecipeNode) -> list[str]:
         """Tensor names in Hugging Face order."""
         if isinstance(node, Source):
-            return order_names(self.pool.source(node.name).tensor_names)
+            cached = self._source_names.get(node.name)
+            if cached is None:
+                cached = self._source_names[node.name] = order_names(self.pool.source(node.name).tensor_names)
+            return list(cached)
         if isinstance(node, Merge):
             return self.names(node.inputs[0])
         assert isinstance(node, LayerStack)
@@ -172,12 +136,50 @@ class RecipeGraph:
     # -- values ---------------------------------------------------------------------------------
 
     def compute(self, node: RecipeNode, name: str) -> Tensor:
-        """The float32 value of tensor ``name`` of ``node`` (identical subtrees computed once)."""
+        """The float32 value of tensor ``name`` of ``node`` (a new tensor; identical subtrees computed once)."""
         self._memo.clear()
         try:
             return self._compute(node, name, root=True)
         finally:
             self._memo.clear()
+
+    def batches(self, node: RecipeNode, names: Sequence[str], limit: int = BATCH_ELEMENTS) -> list[list[str]]:
+        """``names`` in order, grouped into runs that :meth:`compute_into` computes together.
+
+        A segmented technique takes consecutive small tensors whose parameters resolve alike
+        (up to ``limit`` elements) in one call; everything else goes one tensor at a time.
+        """
+        if not (isinstance(node, Merge) and get_technique(node.technique).segmented):
+            return [[name] for name in names]
+        tech = get_technique(node.technique)
+        varies = is_layer_dependent(tech, node.params)
+        runs: list[list[str]] = []
+        size, key = 0, None
+        for name in names:
+            count = math.prod(self.shape(node, name))
+            name_key = self._resolved(tech, node, name) if varies else None
+            if not runs or size + count > limit or name_key != key:
+                runs.append([])
+                size, key = 0, name_key
+            runs[-1].append(name)
+            size += count
+        return runs
+
+    def compute_into(self, node: RecipeNode, names: Sequence[str], out: Tensor) -> Tensor:
+        """The float32 values of tensors ``names`` of ``node``, flattened one after another into ``out``.
+
+        Gives the same bits as :meth:`compute` tensor by tensor. Reuses the graph's buffers, so
+        a graph computes one batch at a time.
+        """
+        self._memo.clear()
+        try:
+            if isinstance(node, Merge):
+                self._merge_into(node, names, out, shared=True)
+            else:
+                self._fill(node, names, out, self._sizes(node, names))
+        finally:
+            self._memo.clear()
+        return out
 
     def _compute(self, node: RecipeNode, name: str, root: bool = False) -> Tensor:
         if isinstance(node, Source):
@@ -190,7 +192,8 @@ class RecipeGraph:
             self._subtree_cache.move_to_end(key)
             return cached
         if isinstance(node, Merge):
-            value = self._merge(node, name)
+            value = torch.empty(self.shape(node, name), dtype=torch.float32, device=self.pool.device)
+            self._merge_into(node, [name], value.view(-1), shared=False)
         else:
             assert isinstance(node, LayerStack)
             child, child_name, scale = self._slot_lookup(node, name)
@@ -210,26 +213,106 @@ class RecipeGraph:
             table = self._location_tables[node.hash] = self.locations(node)
         return table[name]
 
-    def _merge(self, node: Merge, name: str) -> Tensor:
+    def _resolved(self, tech: Technique, node: Merge, name: str) -> tuple[Any, ...]:
+        location = self._location(node, name)
+        return tuple(repr(resolve_value(node.params[p.name], location)) if not p.per_input else
+                     repr([resolve_value(v, location) for v in node.params[p.name]]) for p in tech.params)
+
+    def _merge_into(self, node: Merge, names: Sequence[str], out: Tensor, *, shared: bool) -> None:
+        """``node``'s tensors ``names`` into flat ``out``: base, task vectors, technique, base added."""
         tech = get_technique(node.technique)
-        location = self._location(node, name) if is_layer_dependent(tech, node.params) else None
-        generator = None
-        if tech.randomized:
-            generator = torch.Generator(device=self.pool.device)
-            generator.manual_seed(tensor_seed(node.hash, name))
-        if not tech.needs_base:
-            stack = torch.stack([self._compute(i, name) for i in node.inputs])
-            return apply_technique(tech, stack, node.params, location, generator)
-        assert node.base is not None
-        base = self._compute(node.base, name)
-        deltas = []
-        for child in node.inputs:
-            cached = None
-            if isinstance(child, Source) and isinstance(node.base, Source) and node.base.name == self.pool.base:
-                cached = self.pool.delta(child.name, name)
-            deltas.append(cached if cached is not None else self._compute(child, name) - base)
-        merged = apply_technique(tech, torch.stack(deltas), node.params, location, generator)
-        return base + merged
+        location = self._location(node, names[0]) if is_layer_dependent(tech, node.params) else None
+        generators = [self._generator(node, name) for name in names] if tech.randomized else None
+        base, stack = self._operands(node, names, tech.needs_base, shared)  # (N,), (M, N)
+        if tech.segmented:
+            sizes = self._sizes(node, names)
+            apply_technique(tech, stack, node.params, location, generators, segments=sizes, out=out)
+        else:  # one tensor, in its own shape
+            shape = self.shape(node, names[0])
+            generator = generators[0] if generators else None
+            apply_technique(tech, stack.reshape(-1, *shape), node.params, location, generator,
+                            out=out.view(shape))
+        if base is not None:
+            add_(out, base)
+
+    def _generator(self, node: Merge, name: str) -> torch.Generator:
+        generator = torch.Generator(device=self.pool.device)
+        generator.manual_seed(tensor_seed(node.hash, name))
+        return generator
+
+    def _operands(self, node: Merge, names: Sequence[str], needs_base: bool, shared: bool
+                  ) -> tuple[Tensor | None, Tensor]:
+        """The base values (None without a base) and the ``(M, N)`` stack of the inputs' values —
+        task vectors when there is a base. Both read only: views of the resident pool where it
+        holds them, else read (in parallel) into the graph's buffers."""
+        base, stack = self._resident_operands(node, names, needs_base)
+        sizes = self._sizes(node, names)
+        jobs: list[tuple[RecipeNode, Tensor]] = []
+        if needs_base and base is None:
+            assert node.base is not None
+            base = self._buffer("base", sum(sizes), shared)
+            jobs.append((node.base, base))
+        filled = stack is None
+        if stack is None:
+            stack = self._buffer("stack", len(node.inputs) * sum(sizes), shared).view(len(node.inputs), -1)
+            jobs += zip(node.inputs, stack, strict=True)
+        if all(isinstance(job, Source) for job, _ in jobs):  # plain reads: files in parallel
+            parallel_map(lambda job: self._fill(job[0], names, job[1], sizes), jobs)
+        else:
+            for job, target in jobs:
+                self._fill(job, names, target, sizes)
+        if filled and base is not None:
+            subtract_rows_(stack, base)
+        return base, stack
+
+    def _resident_operands(self, node: Merge, names: Sequence[str], needs_base: bool
+                           ) -> tuple[Tensor | None, Tensor | None]:
+        """Views of the resident pool's base values and θ (or task-vector) rows, where it has them."""
+        if not self.pool.resident:
+            return None, None
+        base = None
+        if needs_base and isinstance(node.base, Source):
+            base = self.pool.flat(node.base.name, names)
+        if not all(isinstance(c, Source) for c in node.inputs):
+            return base, None
+        own_base = isinstance(node.base, Source) and node.base.name == self.pool.base
+        if needs_base and not own_base:
+            return base, None
+        sources = [c.name for c in node.inputs]  # type: ignore[attr-defined]
+        return base, self.pool.stack(sources, names, deltas=needs_base)
+
+    def _fill(self, node: RecipeNode, names: Sequence[str], out: Tensor, sizes: Sequence[int]) -> Tensor:
+        """Write ``node``'s tensors ``names`` (``sizes`` elements each) one after another into flat ``out``."""
+        if isinstance(node, Source):
+            return self.pool.read_into(node.name, names, sizes, out)
+        start = 0
+        for name, size in zip(names, sizes, strict=True):
+            value = self._compute(node, name)
+            if value.numel() != size:
+                raise MergeError(f"tensor {name} is {list(value.shape)} in one input, {size} elements in another")
+            out[start : start + size].copy_(value.reshape(-1))
+            start += size
+        return out
+
+    def count(self, node: RecipeNode, names: Sequence[str]) -> int:
+        """Elements in tensors ``names`` of ``node``."""
+        return sum(self._sizes(node, names))
+
+    def _sizes(self, node: RecipeNode, names: Sequence[str]) -> list[int]:
+        return [math.prod(self.shape(node, name)) for name in names]
+
+    def release(self) -> None:
+        """Free the reused buffers (a streaming merge holds the largest batch until then)."""
+        self._buffers.clear()
+
+    def _buffer(self, key: str, count: int, shared: bool) -> Tensor:
+        """``count`` float32 elements: a reused buffer when ``shared``, else a new one."""
+        if not shared:
+            return torch.empty(count, dtype=torch.float32, device=self.pool.device)
+        buffer = self._buffers.get(key)
+        if buffer is None or buffer.numel() < count:
+            buffer = self._buffers[key] = torch.empty(count, dtype=torch.float32, device=self.pool.device)
+        return buffer[:count]
 
     def _slot_lookup(self, node: LayerStack, name: str) -> tuple[RecipeNode, str, float]:
         parsed = parse_layer(name)

@@ -3,12 +3,14 @@
 Two ways to turn a recipe into weights, both through :meth:`RecipeGraph.compute`, so they give
 bit-identical tensors:
 
-- :meth:`AdvancedModelMerger.merge` streams: for each output tensor, read its inputs from the
-  memory-mapped sources, compute, append to the output shard. Peak memory is a few tensors.
-  The folder appears atomically with config, tokenizer, the recipe and a model card.
+- :meth:`AdvancedModelMerger.merge` streams: for each run of consecutive output tensors
+  (:meth:`RecipeGraph.batches`), read the inputs from the source files into reused buffers,
+  compute, append to the output shard. Peak memory is a few of the largest tensors. The
+  folder appears atomically with config, tokenizer, the recipe and a model card.
 - :meth:`AdvancedModelMerger.materialize` writes a candidate into one resident model's
   parameters (sources and task vectors held on the device): no disk, no re-instantiation
-  unless the layer count changes. This is what evaluation uses.
+  unless the layer count changes. The parameters are views of one flat buffer, which the
+  graph writes batch by batch without copies. This is what evaluation uses.
 """
 
 from __future__ import annotations
@@ -106,7 +108,8 @@ class AdvancedModelMerger:
         if subtree_cache_bytes is None:
             subtree_cache_bytes = 2 * self._float32_model_bytes() if resident else 0
         self.graph = RecipeGraph(self.pool, subtree_cache_bytes=subtree_cache_bytes)
-        self._resident_models: dict[int, PreTrainedModel] = {}
+        self._resident_models: dict[int, _ResidentModel] = {}
+        self._out: torch.Tensor | None = None
 
     def _float32_model_bytes(self) -> int:
         first = self.sources[self.model_names[0]]
@@ -195,7 +198,7 @@ class AdvancedModelMerger:
         """
         recipe = recipe if recipe is not None else self.default_recipe()
         if output_dir is None:
-            base_dir = self.config.output_dir if self.config is not None else "evomerge_output"
+            base_dir = (self.config.output_dir if self.config is not None else None) or "evomerge_output"
             output_dir = Path(base_dir) / f"merge-{recipe.short_hash}"
         protected = [s.folder for s in self.sources.values()]
         dest = check_destination(output_dir, overwrite=overwrite, protected=protected)
@@ -207,27 +210,44 @@ class AdvancedModelMerger:
         with atomic_directory(dest, overwrite=overwrite) as tmp:
             for shard, file in zip(shards, files):
                 writer = StreamingSafetensorsWriter(tmp / file, shard)
-                for item in shard:
-                    writer.write(item.name, self._compute_checked(recipe, item).to(dtype))
+                for batch in self._batches(recipe, shard):
+                    for item, value in self._compute_checked(recipe, batch):
+                        writer.write(item.name, value.to(dtype))
                 writer.close()
             write_shard_index(tmp, shards, files)
             self._write_metadata(tmp, recipe, dtype, source_paths)
         for source in self.sources.values():
             source.close()
+        self._out = None
+        self.graph.release()
         logger.info("merged %s into %s in %.2f s", recipe.short_hash, dest, time.perf_counter() - started)
         return dest
 
-    def _compute_checked(self, recipe: RecipeNode, item: TensorPlan) -> torch.Tensor:
+    def _batches(self, recipe: RecipeNode, shard: Sequence[TensorPlan]) -> list[list[TensorPlan]]:
+        plans = {item.name: item for item in shard}
+        return [[plans[name] for name in run] for run in self.graph.batches(recipe, list(plans))]
+
+    def _compute_checked(self, recipe: RecipeNode, batch: Sequence[TensorPlan]) -> list[tuple[TensorPlan, torch.Tensor]]:
+        """The batch's values as views of one reused float32 buffer, each checked against its plan."""
+        sizes = [math.prod(item.shape) for item in batch]
         try:
-            value = self.graph.compute(recipe, item.name)
+            shapes = [tuple(self.graph.shape(recipe, item.name)) for item in batch]
+            if self._out is None or self._out.numel() < sum(sizes):
+                self._out = torch.empty(sum(sizes), dtype=torch.float32, device=self.device)
+            flat = self.graph.compute_into(recipe, [item.name for item in batch], self._out[: sum(sizes)])
         except EvoMergeException:
             raise
-        except RuntimeError as exc:  # torch shape errors: a source that does not match the others
-            raise MergeError(f"cannot merge tensor {item.name}: {str(exc).splitlines()[0]}; "
+        except (RuntimeError, ValueError) as exc:  # torch shape errors: a source that does not match the others
+            names = batch[0].name if len(batch) == 1 else f"{batch[0].name} … {batch[-1].name}"
+            raise MergeError(f"cannot merge tensor {names}: {str(exc).splitlines()[0]}; "
                              "the sources' tensors differ in shape (check the models)") from None
-        if tuple(value.shape) != item.shape:
-            raise MergeError(f"tensor {item.name} came out {list(value.shape)}, expected {list(item.shape)}")
-        return value
+        values, start = [], 0
+        for item, shape, size in zip(batch, shapes, sizes):
+            if shape != item.shape:
+                raise MergeError(f"tensor {item.name} came out {list(shape)}, expected {list(item.shape)}")
+            values.append((item, flat[start : start + size].view(shape)))
+            start += size
+        return values
 
     def _write_metadata(self, folder: Path, recipe: RecipeNode, dtype: torch.dtype,
                         source_paths: Mapping[str, str] | None) -> None:
@@ -257,26 +277,26 @@ class AdvancedModelMerger:
     def materialize(self, recipe: RecipeNode) -> PreTrainedModel:
         """Write ``recipe`` into a resident model's parameters and return the model (eval mode).
 
-        One model is kept per layer count; switching candidates overwrites parameters in place.
+        One model is kept per layer count; its parameters are views of one flat buffer, which
+        the graph writes batch by batch, so switching candidates overwrites them in place.
         """
         layers = self.graph.layers(recipe)
-        model = self._resident_models.get(layers)
-        if model is None:
-            model = self._build_model(recipe)
-            self._resident_models[layers] = model
-        targets = dict(model.named_parameters())
-        targets.update(dict(model.named_buffers()))
+        resident = self._resident_models.get(layers)
+        if resident is None:
+            resident = self._resident_models[layers] = _ResidentModel.build(self._build_model(recipe),
+                                                                            self.graph.names(recipe))
         names = self.graph.names(recipe)
-        missing = sorted(set(dict(model.named_parameters())) - set(names))
-        if missing:
-            raise MergeError(f"the recipe gives no value for model parameter {missing[0]}")
+        resident.check(names)
         with torch.no_grad():
-            for name in names:
-                target = targets.get(name)
-                if target is None:
-                    raise MergeError(f"the model has no parameter {name} to receive the merged tensor")
-                target.copy_(self.graph.compute(recipe, name).to(target.dtype))
-        return model
+            for run in self.graph.batches(recipe, names):
+                target = resident.span(run)
+                if target is not None and target.dtype == torch.float32:
+                    self.graph.compute_into(recipe, run, target)
+                    continue
+                values = self.graph.compute_into(recipe, run, torch.empty(self.graph.count(recipe, run),
+                                                                          device=self.device))
+                resident.scatter(run, values)
+        return resident.model
 
     def _build_model(self, recipe: RecipeNode) -> PreTrainedModel:
         from transformers import AutoConfig, AutoModelForCausalLM
@@ -332,3 +352,70 @@ def model_card(recipe: RecipeNode, sources: Mapping[str, str], base: str | None)
               f"The full recipe is in `{RECIPE_FILE}`; rebuild the weights with",
               "", "```", f"python -m agent_forge.evomerge.cli --merge {RECIPE_FILE} --output DIR", "```", ""]
     return "\n".join(lines)
+
+
+class _ResidentModel:
+    """A model whose parameters are views of one flat buffer, in the recipe's tensor order."""
+
+    def __init__(self, model: PreTrainedModel, flat: torch.Tensor | None, offsets: dict[str, tuple[int, int]]) -> None:
+        self.model, self.flat, self.offsets = model, flat, offsets
+        self.parameters = set(dict(model.named_parameters()))
+        self._checked: tuple[str, ...] | None = None
+
+    @classmethod
+    def build(cls, model: PreTrainedModel, names: Sequence[str]) -> _ResidentModel:
+        """Re-point the parameters ``names`` into one new flat buffer (when they share a dtype)."""
+        targets = _targets(model)
+        offsets, total = {}, 0
+        for name in names:
+            if name in targets:
+                offsets[name] = (total, targets[name].numel())
+                total += targets[name].numel()
+        dtypes = {targets[name].dtype for name in offsets}
+        if len(dtypes) != 1:
+            return cls(model, None, offsets)
+        first = targets[next(iter(offsets))]
+        flat = torch.empty(total, dtype=first.dtype, device=first.device)
+        with torch.no_grad():
+            for name, (start, size) in offsets.items():
+                targets[name].data = flat[start : start + size].view(targets[name].shape)
+        return cls(model, flat, offsets)
+
+    def check(self, names: Sequence[str]) -> None:
+        """Raise MergeError unless the recipe's tensors are exactly the model's parameters."""
+        if tuple(names) == self._checked:
+            return
+        missing = sorted(self.parameters - set(names))
+        if missing:
+            raise MergeError(f"the recipe gives no value for model parameter {missing[0]}")
+        for name in names:
+            if name not in self.offsets:
+                raise MergeError(f"the model has no parameter {name} to receive the merged tensor")
+        self._checked = tuple(names)
+
+    def span(self, names: Sequence[str]) -> torch.Tensor | None:
+        """The flat buffer's slice for consecutive tensors ``names`` (None if not consecutive)."""
+        if self.flat is None:
+            return None
+        start = stop = self.offsets[names[0]][0]
+        for name in names:
+            offset, size = self.offsets[name]
+            if offset != stop:
+                return None
+            stop += size
+        return self.flat[start:stop]
+
+    def scatter(self, names: Sequence[str], values: torch.Tensor) -> None:
+        """Copy flat ``values`` of tensors ``names`` into their parameters (casting the dtype)."""
+        targets = _targets(self.model)
+        start = 0
+        for name in names:
+            target = targets[name]
+            target.copy_(values[start : start + target.numel()].view(target.shape))
+            start += target.numel()
+
+
+def _targets(model: PreTrainedModel) -> dict[str, torch.Tensor]:
+    targets: dict[str, torch.Tensor] = dict(model.named_parameters())
+    targets.update(dict(model.named_buffers()))
+    return targets

@@ -1,16 +1,20 @@
 """Model sources: find a model (folder, Hugging Face id, GGUF file) and read its tensors lazily.
 
 A :class:`ModelSource` holds a model's config and the map from tensor name to safetensors
-file; tensors are read one at a time through memory-mapped ``safe_open`` handles. Opening
-three 1 GB models reads their headers only.
+file; opening three 1 GB models reads their headers only. Tensor bytes are read with plain
+positioned reads straight into the caller's buffer (:meth:`ModelSource.read_into`): no memory
+map stays behind to count in the process's resident memory, and no intermediate copy is made.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+import struct
+import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,7 +23,7 @@ from typing import Any
 import torch
 from safetensors import safe_open
 
-from .exceptions import IncompatibleModelsError, ModelLoadError
+from .exceptions import IncompatibleModelsError, MergeError, ModelLoadError
 
 logger = logging.getLogger(__name__)
 
@@ -36,10 +40,8 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
     "chat_template.json",
 )
-#: Bytes read through one ``safe_open`` mapping before it is reopened: mapped pages count as
-#: resident memory while the mapping lives, so a long streaming merge would otherwise hold
-#: every source file in RSS.
-REMAP_AFTER_BYTES = 256 * 2**20
+#: Largest single read (some systems cap one read call near 2 GiB).
+_READ_CHUNK = 1 << 30
 
 
 def resolve_model_path(
@@ -155,6 +157,15 @@ class TensorInfo:
     dtype: str
 
 
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor's bytes lie in its safetensors file."""
+
+    info: TensorInfo
+    start: int
+    stop: int
+
+
 @dataclass
 class ModelSource:
     """One input model: its folder, config, and lazily read tensors."""
@@ -165,9 +176,9 @@ class ModelSource:
     config: dict[str, Any]
     weight_files: dict[str, Path]
     weight_format: str = "safetensors"
-    _infos: dict[str, TensorInfo] = field(default_factory=dict, repr=False)
+    _entries: dict[str, _Entry] = field(default_factory=dict, repr=False)
     _handles: dict[Path, Any] = field(default_factory=dict, repr=False)
-    _bytes_since_open: int = field(default=0, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def tensor_names(self) -> list[str]:
@@ -179,49 +190,115 @@ class ModelSource:
 
     def info(self, name: str) -> TensorInfo:
         """Shape and dtype of one tensor, from the file header (no tensor data read)."""
-        if not self._infos:
-            self._read_infos()
-        return self._infos[name]
+        return self._entry(name).info
 
-    def _read_infos(self) -> None:
+    def _entry(self, name: str) -> _Entry:
+        if not self._entries:
+            self._read_entries()
+        try:
+            return self._entries[name]
+        except KeyError:
+            raise ModelLoadError(f"model {self.name} has no tensor {name}") from None
+
+    def _read_entries(self) -> None:
         if self.weight_format == "pickle":
             for name, file in self.weight_files.items():
                 tensor = _pickle_state(file)[name]
-                self._infos[name] = TensorInfo(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+                info = TensorInfo(tuple(tensor.shape), str(tensor.dtype).removeprefix("torch."))
+                self._entries[name] = _Entry(info, 0, 0)
             return
         for file in sorted(set(self.weight_files.values())):
-            with open_safetensors(file) as handle:
-                for name in handle.keys():  # noqa: SIM118
-                    if name in self.weight_files:
-                        sl = handle.get_slice(name)
-                        self._infos[name] = TensorInfo(tuple(sl.get_shape()), _st_dtype_name(sl.get_dtype()))
+            for name, entry in read_safetensors_header(file).items():
+                if name in self.weight_files:
+                    self._entries[name] = entry
 
     def get_tensor(self, name: str) -> torch.Tensor:
-        """Read one tensor (a copy; the file stays mapped, not loaded)."""
+        """Read one tensor into new memory, in its stored dtype."""
+        if self.weight_format == "pickle":
+            return self._pickled(name)
+        info = self.info(name)
+        tensor = torch.empty(info.shape, dtype=getattr(torch, info.dtype))
+        self._read_raw(name, tensor)
+        return tensor
+
+    def read_into(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        """Read one tensor into ``out`` (contiguous, same number of elements), converting its dtype.
+
+        A tensor stored in ``out``'s dtype goes from the file straight into ``out``.
+        """
+        info = self.info(name)
+        if out.numel() != math.prod(info.shape) or not out.is_contiguous():
+            raise MergeError(f"tensor {name} of model {self.name} is {list(info.shape)}; cannot read it into "
+                             f"{list(out.shape)}")
+        if self.weight_format == "pickle":
+            return out.copy_(self._pickled(name).reshape(out.shape))
+        if getattr(torch, info.dtype) == out.dtype and out.device.type == "cpu":
+            return self._read_raw(name, out)
+        return out.copy_(self.get_tensor(name).reshape(out.shape))
+
+    def _pickled(self, name: str) -> torch.Tensor:
         file = self.weight_files.get(name)
         if file is None:
             raise ModelLoadError(f"model {self.name} has no tensor {name}")
-        if self.weight_format == "pickle":
-            return _pickle_state(file)[name]
-        handle = self._handles.get(file)
-        if handle is None or self._bytes_since_open > REMAP_AFTER_BYTES:
-            if self._bytes_since_open > REMAP_AFTER_BYTES:
-                self.close()
-            handle = open_safetensors(file)
-            self._handles[file] = handle
-        try:
-            tensor = handle.get_tensor(name).clone()
-        except Exception as exc:  # safetensors raises its own error types for corrupt files
-            raise ModelLoadError(f"cannot read tensor {name} of model {self.name} from {file}: {exc}") from None
-        self._bytes_since_open += tensor.numel() * tensor.element_size()
-        return tensor
+        return _pickle_state(file)[name]
+
+    def _read_raw(self, name: str, out: torch.Tensor) -> torch.Tensor:
+        entry, file = self._entry(name), self.weight_files[name]
+        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        if len(view) != entry.stop - entry.start:
+            raise ModelLoadError(f"tensor {name} of model {self.name} in {file} has {entry.stop - entry.start} "
+                                 f"bytes for shape {list(entry.info.shape)}; the file is damaged or incomplete")
+        with self._lock:  # one handle per file, shared by the threads that read this source
+            handle = self._handles.get(file)
+            if handle is None:
+                handle = self._handles[file] = open(file, "rb", buffering=0)  # noqa: SIM115 - see close()
+            handle.seek(entry.start)
+            done = 0
+            while done < len(view):
+                got = handle.readinto(view[done : done + _READ_CHUNK])
+                if not got:
+                    raise ModelLoadError(f"cannot read tensor {name} of model {self.name} from {file}: the "
+                                         "file ends early; it is damaged or incomplete (re-download or re-save "
+                                         "the model)")
+                done += got
+        return out
 
     def close(self) -> None:
-        self._handles.clear()
-        self._bytes_since_open = 0
+        with self._lock:
+            for handle in self._handles.values():
+                handle.close()
+            self._handles.clear()
 
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / f for f in TOKENIZER_FILES if (self.folder / f).is_file()]
+
+
+def read_safetensors_header(file: Path) -> dict[str, _Entry]:
+    """Every tensor's shape, dtype and absolute byte range, from the file's JSON header.
+
+    Raises:
+        ModelLoadError: the header is unreadable or points past the end of the file.
+    """
+    damaged = (f"cannot read {file}: %s; the file is damaged or incomplete (re-download or re-save the model)")
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as handle:
+            (length,) = struct.unpack("<Q", handle.read(8))
+            if length > size - 8:
+                raise ModelLoadError(damaged % "the header runs past the end of the file")
+            header = json.loads(handle.read(length))
+    except (OSError, struct.error, ValueError) as exc:
+        raise ModelLoadError(damaged % str(exc).splitlines()[0]) from None
+    entries = {}
+    for name, item in header.items():
+        if name == "__metadata__":
+            continue
+        start, stop = (8 + length + offset for offset in item["data_offsets"])
+        if stop > size:
+            raise ModelLoadError(damaged % f"tensor {name} runs past the end of the file")
+        info = TensorInfo(tuple(item["shape"]), _st_dtype_name(item["dtype"]))
+        entries[name] = _Entry(info, start, stop)
+    return entries
 
 
 _ST_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",

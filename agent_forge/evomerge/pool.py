@@ -1,0 +1,227 @@
+"""The run's input models: read from disk tensor by tensor, or resident in one flat layout.
+
+:class:`SourcePool` answers "tensors ``names`` of model ``source``" for :mod:`.graph`. Streaming,
+it reads them from the safetensors files into the caller's buffer. Resident (for evaluating
+many candidates), every source is loaded once onto the run's device into a matrix with a row
+per source and the tensors of one layout side by side, so consecutive tensors of several
+sources are one ``(M, N)`` view and need no copy; the task vectors against the base are
+computed once into a second such matrix.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from .exceptions import ConfigurationError, MergeError
+from .layout import order_names
+from .sources import ModelSource
+
+logger = logging.getLogger(__name__)
+
+
+class SourcePool:
+    """The run's input models by name.
+
+    Streaming, tensors are read from disk when asked for. With ``resident=True`` every tensor
+    is loaded once onto ``device``: sources with the same tensor names and shapes share one
+    flat layout, a matrix with a row per source, so consecutive tensors of several sources
+    are one ``(M, N)`` view; when a base is named, the task vectors ``θ − θ_base`` of the
+    other sources are computed once, on first use, into a second such matrix
+    (``cache_deltas``). Resident views are shared: callers must not write to them.
+    """
+
+    def __init__(
+        self,
+        sources: Mapping[str, ModelSource],
+        base: str | None = None,
+        *,
+        resident: bool = False,
+        device: str | torch.device = "cpu",
+        cache_deltas: bool = True,
+    ) -> None:
+        self.sources = dict(sources)
+        self.base = base
+        self.device = torch.device(device)
+        self.resident = resident
+        self._stores: dict[str, _Store] = {}
+        self._cache_deltas = cache_deltas and resident and base is not None
+        if resident:
+            self._load()
+
+    def _load(self) -> None:
+        groups: dict[tuple[tuple[str, tuple[int, ...]], ...], list[str]] = {}
+        for name, source in self.sources.items():
+            names = order_names(source.tensor_names)
+            groups.setdefault(tuple((n, source.info(n).shape) for n in names), []).append(name)
+        for layout, members in groups.items():
+            store = _Store(layout, members, [self.sources[m] for m in members], self.device)
+            for member in members:
+                self._stores[member] = store
+                self.sources[member].close()
+
+    def source(self, name: str) -> ModelSource:
+        try:
+            return self.sources[name]
+        except KeyError:
+            raise ConfigurationError(
+                f"the recipe names model {name!r}, which is not among the sources "
+                f"({', '.join(self.sources)}); check the recipe's source names"
+            ) from None
+
+    def tensor(self, source: str, name: str) -> Tensor:
+        """One source tensor in float32 on the pool's device (resident: do not modify it)."""
+        if self.resident:
+            return (
+                self._store(source)
+                .theta(source, [name])
+                .view(self._store(source).shape(name))
+                .float()
+            )
+        return self.source(source).get_tensor(name).to(self.device).float()
+
+    def read_into(
+        self, source: str, names: Sequence[str], sizes: Sequence[int], out: Tensor
+    ) -> Tensor:
+        """Tensors ``names`` of ``source`` (``sizes`` elements each), one after another in ``out``.
+
+        Raises:
+            MergeError: a tensor of this source has another size (the models do not match).
+        """
+        start = 0
+        for name, size in zip(names, sizes, strict=True):
+            if self.resident:
+                value = self.flat(source, [name])
+                if value.numel() != size:
+                    raise MergeError(
+                        f"tensor {name} of model {source} has {value.numel()} elements, "
+                        f"the other models' {size}"
+                    )
+                out[start : start + size].copy_(value)
+            else:
+                self.source(source).read_into(name, out[start : start + size])
+            start += size
+        return out
+
+    def flat(self, source: str, names: Sequence[str]) -> Tensor:
+        """Resident: tensors ``names`` of ``source`` flattened one after another, in float32."""
+        return self._store(source).theta(source, names).float()
+
+    def stack(self, sources: Sequence[str], names: Sequence[str], *, deltas: bool) -> Tensor | None:
+        """Resident: ``(M, N)`` θ rows (or task-vector rows) of ``sources`` for tensors ``names``.
+
+        A view when the sources are consecutive rows and the tensors consecutive in the layout;
+        None when the sources do not share one layout (or, for task vectors, none are cached).
+        """
+        stores = {id(self._store(s)) for s in sources}
+        if len(stores) != 1 or (deltas and not self._cache_deltas):
+            return None
+        store = self._store(sources[0])
+        if deltas:
+            if (
+                self.base is None
+                or id(self._store(self.base)) not in stores
+                or self.base in sources
+            ):
+                return None
+            return store.deltas(self.base, sources, names)
+        return store.thetas(sources, names).float()
+
+    def delta(self, source: str, name: str) -> Tensor | None:
+        """The cached task vector ``θ_source − θ_base`` (None when not cached)."""
+        if not self._cache_deltas or source == self.base:
+            return None
+        found = self.stack([source], [name], deltas=True)
+        return None if found is None else found[0].view(self._store(source).shape(name))
+
+    def _store(self, source: str) -> _Store:
+        store = self._stores.get(source)
+        if store is None:
+            self.source(source)  # raises for unknown names
+            raise MergeError(f"model {source} is not resident")
+        return store
+
+
+class _Store:
+    """Resident sources that share one layout: ``theta`` is ``(S, P)``, a row per source."""
+
+    def __init__(
+        self,
+        layout: Sequence[tuple[str, tuple[int, ...]]],
+        members: Sequence[str],
+        sources: Sequence[ModelSource],
+        device: torch.device,
+    ) -> None:
+        self.offsets: dict[str, tuple[int, int]] = {}
+        self.shapes = dict(layout)
+        total = 0
+        for name, shape in layout:
+            self.offsets[name] = (total, math.prod(shape))
+            total += math.prod(shape)
+        dtypes = {sources[0].info(n).dtype for n, _ in layout} if layout else {"float32"}
+        dtype = getattr(torch, dtypes.pop()) if len(dtypes) == 1 else torch.float32
+        self.rows = {m: i for i, m in enumerate(members)}
+        self.matrix = torch.empty(len(members), total, dtype=dtype)
+        for row, source in enumerate(sources):
+            for name, _ in layout:
+                start, size = self.offsets[name]
+                source.read_into(name, self.matrix[row, start : start + size])
+        self.matrix = self.matrix.to(device)
+        self._deltas: Tensor | None = None
+        self._delta_rows: dict[str, int] = {}
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        self._offset(name)
+        return self.shapes[name]
+
+    def span(self, names: Sequence[str]) -> slice | None:
+        """The layout's columns of consecutive tensors ``names`` (None if not consecutive)."""
+        start = stop = self._offset(names[0])[0]
+        for name in names:
+            offset, size = self._offset(name)
+            if offset != stop:
+                return None
+            stop += size
+        return slice(start, stop)
+
+    def _offset(self, name: str) -> tuple[int, int]:
+        try:
+            return self.offsets[name]
+        except KeyError:
+            raise MergeError(f"the resident models have no tensor {name}") from None
+
+    def theta(self, source: str, names: Sequence[str]) -> Tensor:
+        return self.thetas([source], names)[0]
+
+    def thetas(self, sources: Sequence[str], names: Sequence[str]) -> Tensor:
+        return _rows(self.matrix, [self.rows[s] for s in sources], self._columns(names))
+
+    def deltas(self, base: str, sources: Sequence[str], names: Sequence[str]) -> Tensor:
+        if self._deltas is None:
+            members = [m for m in self.rows if m != base]
+            self._delta_rows = {m: i for i, m in enumerate(members)}
+            self._deltas = torch.empty(
+                len(members), self.matrix.shape[1], dtype=torch.float32, device=self.matrix.device
+            )
+            reference = self.matrix[self.rows[base]].float()
+            for member, row in self._delta_rows.items():
+                torch.sub(self.matrix[self.rows[member]].float(), reference, out=self._deltas[row])
+        return _rows(self._deltas, [self._delta_rows[s] for s in sources], self._columns(names))
+
+    def _columns(self, names: Sequence[str]) -> slice | Tensor:
+        span = self.span(names)
+        if span is not None:
+            return span
+        pieces = [torch.arange(o, o + n) for o, n in (self._offset(name) for name in names)]
+        return torch.cat(pieces).to(self.matrix.device)
+
+
+def _rows(matrix: Tensor, rows: Sequence[int], columns: slice | Tensor) -> Tensor:
+    """``matrix[rows][:, columns]``: a view when rows run consecutively and columns are a slice."""
+    consecutive = list(rows) == list(range(rows[0], rows[0] + len(rows)))
+    picked = matrix[rows[0] : rows[0] + len(rows)] if consecutive else matrix[list(rows)]
+    return picked[:, columns]
