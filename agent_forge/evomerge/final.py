@@ -37,10 +37,13 @@ def write_best(evolution: EvolutionaryMerger, best: RecipeNode) -> Path:
 
 
 def test_scores(evolution: EvolutionaryMerger, best: RecipeNode) -> dict[str, dict[str, float]]:
-    """Per-task test scores (and their weighted ``mean``) of each parent, the plain average and the best."""
+    """Per-task test scores (and their weighted ``mean``) of each parent, the base (when there is
+    one), the plain average and the best."""
     executor = evolution.executor
     scorer = executor.scorer if isinstance(executor, SerialExecutor) else CandidateScorer(evolution.config)
     contenders: dict[str, RecipeNode] = {name: Source(name) for name in evolution.space.models}
+    if evolution.space.base is not None:
+        contenders["base"] = Source(evolution.space.base)
     contenders["average"] = Merge("linear", evolution.space.sources, {})
     contenders["best"] = best
     table = {}
