@@ -13,7 +13,7 @@ import numpy as np
 from .config import EvolutionSettings, MergeSettings
 from .genomes import LayerPathGenome, ParamsGenome
 from .recipe import LayerSlot, LayerStack, Merge, RecipeNode, Source, collapse_linear
-from .techniques import MERGE_TECHNIQUES, Param, canonical_params, get_technique, repair_params
+from .techniques import MERGE_TECHNIQUES, Param, Technique, canonical_params, get_technique, repair_params
 
 logger = logging.getLogger(__name__)
 
@@ -214,9 +214,12 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
             technique = options[int(rng.integers(len(options)))]
             params = {k: v for k, v in params.items() if any(p.name == k for p in get_technique(technique).params)}
     tech = get_technique(technique)
+    if rng.random() < evo.layer_refine_rate:
+        params = refine_by_layer(params, tech, space, rng)
     leaves = [(p, path) for p in tech.params if p.is_numeric and p.search and p.name in params
               for path in _leaf_paths(params[p.name])]
-    chosen = [leaf for leaf in leaves if rng.random() < evo.mutation_rate]
+    rate = min(evo.mutation_rate, 3.0 / max(1, len(leaves)))  # about three changes at most per child
+    chosen = [leaf for leaf in leaves if rng.random() < rate]
     if leaves and not chosen:
         chosen = [leaves[int(rng.integers(len(leaves)))]]
     for param, path in chosen:
@@ -229,6 +232,23 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
         base = space.base_node
     params = repair_params(technique, canonical_params(tech, params, len(node.inputs), joint_check=False))
     return Merge(technique, node.inputs, params, base, seed)
+
+
+def refine_by_layer(params: dict, tech: Technique, space: SearchSpace, rng: np.random.Generator) -> dict:
+    """Give one per-model parameter one value per layer group (copies of its current value).
+
+    The child computes the same tensors as its parent until a group's value is perturbed: this
+    is how the search moves from per-model settings into the per-layer PS space of the Sakana
+    paper without losing what it found.
+    """
+    names = [p.name for p in tech.params if p.per_input and p.is_numeric and p.search and p.name in params
+             and any(isinstance(v, float) for v in params[p.name])]
+    if not names:
+        return params
+    name = names[int(rng.integers(len(names)))]
+    refined = dict(params)
+    refined[name] = [[v] * space.groups if isinstance(v, float) else v for v in params[name]]
+    return refined
 
 
 def _leaf_paths(value: object, prefix: tuple = ()) -> list[tuple]:
