@@ -441,3 +441,20 @@ def test_a_batch_of_tensors_gives_the_bits_of_each_tensor_alone(name, blocked, r
         pieces.append(apply_technique(tech, part, params, None, generator if tech.randomized else None))
         start += size
     assert torch.equal(batched, torch.cat(pieces))
+
+
+@pytest.mark.parametrize("name", ["ties", "breadcrumbs", "breadcrumbs_ties"])
+def test_trims_from_sorted_magnitudes_give_the_same_bits(name):
+    """The resident pool hands trims the magnitudes sorted per tensor; thresholds become lookups."""
+    tech = get_technique(name)
+    sizes = [50, 7, 400]
+    gen = torch.Generator().manual_seed(4)
+    stack = torch.randint(-6, 7, (3, sum(sizes)), generator=gen).float() / 4  # ties at every threshold
+    stack[1] = torch.randn(sum(sizes), generator=gen)
+    ranked = torch.empty_like(stack)
+    for row in range(3):
+        sparsify.sort_segments(stack[row], sparsify.segment_starts(sum(sizes), sizes), ranked[row])
+    wanted = {"density": [0.3, 0.5, 0.8], "gamma": 0.1}
+    params = canonical_params(tech, {k: v for k, v in wanted.items() if k in tech.defaults()}, 3)
+    plain = apply_technique(tech, stack, params, segments=sizes)
+    assert torch.equal(apply_technique(tech, stack, params, segments=sizes, ranked=ranked), plain)

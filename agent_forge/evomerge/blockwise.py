@@ -58,13 +58,16 @@ def blocks(count: int, device: torch.device) -> list[tuple[int, int]]:
     return [(start, min(start + step, count)) for start in range(0, count, step)]
 
 
-def scratch(rows: int, width: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """A ``(rows, width)`` working buffer reused by this thread (contents undefined).
+def scratch(
+    rows: int, width: int, dtype: torch.dtype, device: torch.device, use: str = "combine"
+) -> Tensor:
+    """A ``(rows, width)`` working buffer reused by this thread for ``use`` (contents undefined).
 
-    Reuse spares the page faults a fresh large tensor costs on every call.
+    Reuse spares the page faults a fresh large tensor costs on every call. A caller must be done
+    with the buffer before the next call for the same ``use`` on the same thread.
     """
     pool = _local.__dict__.setdefault("scratch", {})
-    key = (dtype, device)
+    key = (use, dtype, device)
     buffer = pool.get(key)
     if buffer is None or buffer.numel() < rows * width:
         buffer = pool[key] = torch.empty(rows * width, dtype=dtype, device=device)

@@ -223,10 +223,14 @@ class RecipeGraph:
         tech = get_technique(node.technique)
         location = self._location(node, names[0]) if is_layer_dependent(tech, node.params) else None
         generators = [self._generator(node, name) for name in names] if tech.randomized else None
-        base, stack = self._operands(node, names, tech.needs_base, shared)  # (N,), (M, N)
+        base, stack, resident = self._operands(node, names, tech.needs_base, shared)  # (N,), (M, N)
+        ranked = None
+        if tech.ranked and resident and tech.needs_base:  # the pool's task vectors: sorted copies too
+            ranked = self.pool.ranked([c.name for c in node.inputs], names)  # type: ignore[attr-defined]
         if tech.segmented:
             sizes = self._sizes(node, names)
-            apply_technique(tech, stack, node.params, location, generators, segments=sizes, out=out)
+            apply_technique(tech, stack, node.params, location, generators, segments=sizes, out=out,
+                            ranked=ranked)
         else:  # one tensor, in its own shape
             shape = self.shape(node, names[0])
             generator = generators[0] if generators else None
@@ -241,18 +245,19 @@ class RecipeGraph:
         return generator
 
     def _operands(self, node: Merge, names: Sequence[str], needs_base: bool, shared: bool
-                  ) -> tuple[Tensor | None, Tensor]:
-        """The base values (None without a base) and the ``(M, N)`` stack of the inputs' values —
-        task vectors when there is a base. Both read only: views of the resident pool where it
-        holds them, else read (in parallel) into the graph's buffers."""
+                  ) -> tuple[Tensor | None, Tensor, bool]:
+        """The base values (None without a base), the ``(M, N)`` stack of the inputs' values —
+        task vectors when there is a base — and whether the stack is the resident pool's. Both
+        read only: views of the resident pool where it holds them, else read (in parallel) into
+        the graph's buffers."""
         base, stack = self._resident_operands(node, names, needs_base)
+        resident = stack is not None
         sizes = self._sizes(node, names)
         jobs: list[tuple[RecipeNode, Tensor]] = []
         if needs_base and base is None:
             assert node.base is not None
             base = self._buffer("base", sum(sizes), shared)
             jobs.append((node.base, base))
-        filled = stack is None
         if stack is None:
             stack = self._buffer("stack", len(node.inputs) * sum(sizes), shared).view(len(node.inputs), -1)
             jobs += zip(node.inputs, stack, strict=True)
@@ -261,9 +266,9 @@ class RecipeGraph:
         else:
             for job, target in jobs:
                 self._fill(job, names, target, sizes)
-        if filled and base is not None:
+        if not resident and base is not None:
             subtract_rows_(stack, base)
-        return base, stack
+        return base, stack, resident
 
     def _resident_operands(self, node: Merge, names: Sequence[str], needs_base: bool
                            ) -> tuple[Tensor | None, Tensor | None]:

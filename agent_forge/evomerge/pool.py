@@ -20,6 +20,7 @@ from torch import Tensor
 from .exceptions import ConfigurationError, MergeError
 from .layout import order_names
 from .sources import ModelSource
+from .sparsify import sort_segments
 
 logger = logging.getLogger(__name__)
 
@@ -131,6 +132,16 @@ class SourcePool:
             return store.deltas(self.base, sources, names)
         return store.thetas(sources, names).float()
 
+    def ranked(self, sources: Sequence[str], names: Sequence[str]) -> Tensor | None:
+        """Resident: the task vectors' magnitudes sorted ascending within each tensor, ``(M, N)``.
+
+        Rows and columns as :meth:`stack` gives the task vectors (None where it gives none).
+        Made on first use (one sort per tensor); a trim's threshold is then a lookup.
+        """
+        if self.stack(sources, names, deltas=True) is None:
+            return None
+        return self._store(sources[0]).ranked(self.base, sources, names)  # type: ignore[arg-type]
+
     def delta(self, source: str, name: str) -> Tensor | None:
         """The cached task vector ``θ_source − θ_base`` (None when not cached)."""
         if not self._cache_deltas or source == self.base:
@@ -173,6 +184,7 @@ class _Store:
         self.matrix = self.matrix.to(device)
         self._deltas: Tensor | None = None
         self._delta_rows: dict[str, int] = {}
+        self._ranked: Tensor | None = None
 
     def shape(self, name: str) -> tuple[int, ...]:
         self._offset(name)
@@ -201,16 +213,30 @@ class _Store:
         return _rows(self.matrix, [self.rows[s] for s in sources], self._columns(names))
 
     def deltas(self, base: str, sources: Sequence[str], names: Sequence[str]) -> Tensor:
+        """Task-vector rows ``θ_source − θ_base`` for ``sources``, columns of ``names``."""
+        matrix = self._delta_matrix(base)
+        return _rows(matrix, [self._delta_rows[s] for s in sources], self._columns(names))
+
+    def ranked(self, base: str, sources: Sequence[str], names: Sequence[str]) -> Tensor:
+        """Like :meth:`deltas`, holding the magnitudes sorted ascending within each tensor."""
+        if self._ranked is None:
+            deltas = self._delta_matrix(base)
+            self._ranked = torch.empty_like(deltas)
+            for row in range(deltas.shape[0]):
+                sort_segments(deltas[row], list(self.offsets.values()), self._ranked[row])
+        return _rows(self._ranked, [self._delta_rows[s] for s in sources], self._columns(names))
+
+    def _delta_matrix(self, base: str) -> Tensor:
         if self._deltas is None:
             members = [m for m in self.rows if m != base]
             self._delta_rows = {m: i for i, m in enumerate(members)}
-            self._deltas = torch.empty(
-                len(members), self.matrix.shape[1], dtype=torch.float32, device=self.matrix.device
-            )
+            shape = (len(members), self.matrix.shape[1])
+            deltas = torch.empty(shape, dtype=torch.float32, device=self.matrix.device)
             reference = self.matrix[self.rows[base]].float()
             for member, row in self._delta_rows.items():
-                torch.sub(self.matrix[self.rows[member]].float(), reference, out=self._deltas[row])
-        return _rows(self._deltas, [self._delta_rows[s] for s in sources], self._columns(names))
+                torch.sub(self.matrix[self.rows[member]].float(), reference, out=deltas[row])
+            self._deltas = deltas
+        return self._deltas
 
     def _columns(self, names: Sequence[str]) -> slice | Tensor:
         span = self.span(names)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .blockwise import blocks, parallel_map, per_thread, spans
+from .blockwise import blocks, parallel_map, per_thread, scratch, spans
 
 logger = logging.getLogger(__name__)
 
@@ -88,20 +88,24 @@ def _keep_above(x: Tensor, out: Tensor, bound: float) -> Tensor:
 
 
 def top_magnitude_cut(
-    x: Tensor, keep: int, offset: int = 0
+    x: Tensor, keep: int, offset: int = 0, ranked: Tensor | None = None
 ) -> tuple[tuple[int, ...], tuple[float, ...]]:
     """Pieces keeping exactly the ``keep`` largest |x| of a 1-D ``x`` (placed at ``offset``).
 
     Ties at the threshold magnitude t are broken by position: the lowest flat indices are kept
     first. So the cut is ``|x| ≥ t`` up to the last kept tie and ``|x| > t`` after it. When
     t = 0 everything is kept: the extra entries are zeros, which a merge ignores anyway.
+    ``ranked`` (|x| sorted ascending, optional) turns finding t into a lookup.
     """
     count = x.numel()
     if keep >= count:
         return (offset,), (_KEEP_ALL,)
     if keep <= 0:
         return (offset,), (_DROP_ALL,)
-    threshold, greater, ties = _kth_largest_magnitude(x, keep)
+    if ranked is None:
+        threshold, greater, ties = _kth_largest_magnitude(x, keep)
+    else:
+        threshold, greater, ties = _kth_largest_ranked(ranked, keep)
     if threshold <= 0.0:
         return (offset,), (_KEEP_ALL,)
     just_below = float(np.nextafter(np.float32(threshold), np.float32(0.0)))
@@ -113,13 +117,22 @@ def top_magnitude_cut(
 
 
 def magnitude_cut(
-    row: Tensor, keeps: Sequence[int], segments: Sequence[tuple[int, int]]
+    row: Tensor,
+    keeps: Sequence[int],
+    segments: Sequence[tuple[int, int]],
+    ranked: Tensor | None = None,
 ) -> MagnitudeCut:
-    """One :class:`MagnitudeCut` for a row of segments, keeping ``keeps[j]`` in segment j."""
+    """One :class:`MagnitudeCut` for a row of segments, keeping ``keeps[j]`` in segment j.
+
+    ``ranked`` (optional) holds the row's magnitudes sorted ascending within each segment.
+    """
     starts: list[int] = []
     bounds: list[float] = []
     for (start, size), keep in zip(segments, keeps, strict=True):
-        s, b = top_magnitude_cut(row[start : start + size], keep, start)
+        window = slice(start, start + size)
+        s, b = top_magnitude_cut(
+            row[window], keep, start, None if ranked is None else ranked[window]
+        )
         starts += s
         bounds += b
     return MagnitudeCut(tuple(starts), tuple(bounds))
@@ -159,6 +172,32 @@ def _kth_largest_magnitude(x: Tensor, keep: int) -> tuple[float, int, int]:
     threshold = np.partition(magnitudes, rank)[rank]
     greater = int(np.count_nonzero(magnitudes > threshold))
     return float(threshold), greater, int(np.count_nonzero(magnitudes == threshold))
+
+
+def _kth_largest_ranked(ranked: Tensor, keep: int) -> tuple[float, int, int]:
+    """:func:`_kth_largest_magnitude` from magnitudes sorted ascending: two binary searches."""
+    values = ranked.numpy() if ranked.device.type == "cpu" else ranked
+    threshold = values[values.shape[0] - keep]
+    if isinstance(values, np.ndarray):
+        first, after = (
+            np.searchsorted(values, threshold, "left"),
+            np.searchsorted(values, threshold, "right"),
+        )
+    else:
+        first = torch.searchsorted(values, threshold, side="left")
+        after = torch.searchsorted(values, threshold, side="right")
+    return float(threshold), values.shape[0] - int(after), int(after) - int(first)
+
+
+def sort_segments(row: Tensor, segments: Sequence[tuple[int, int]], out: Tensor) -> Tensor:
+    """``out`` = |row| sorted ascending within each segment (what ``ranked`` arguments take)."""
+    for start, size in segments:
+        window = slice(start, start + size)
+        if row.device.type == "cpu":
+            out[window].numpy()[:] = np.sort(np.abs(row[window].numpy()))
+        else:
+            out[window] = torch.sort(row[window].abs()).values
+    return out
 
 
 def _select_in_band(values: np.ndarray, rank: int) -> tuple[float, int, int] | None:
@@ -302,9 +341,9 @@ def dare_drop(
 
     Segment j draws from ``generators[j]``, input after input (an input at density ≥ 1 draws
     nothing). Kept entries are divided by the density (``paper``) or scaled to restore the
-    segment's L1 norm (``l1``). Returns a new stack.
+    segment's L1 norm (``l1``). Returns the dropped stack in this thread's reused buffer.
     """
-    dropped = torch.empty_like(stack)
+    dropped = scratch(stack.shape[0], stack.shape[1], stack.dtype, stack.device, "dare")
     for (start, size), generator in zip(segments, generators, strict=True):
         for i, keep in enumerate(density):
             if keep < 1.0:

@@ -13,7 +13,9 @@ family: linear, task arithmetic, TIES, DARE, breadcrumbs) also accept a stack ``
 rows hold several consecutive tensors, with ``segments=`` their sizes (and, when randomised,
 one generator per segment), and write into ``out=``; per-tensor steps (trim thresholds,
 random draws) run per segment, so a batch gives the same bits as its tensors one by one.
-The building blocks live in :mod:`.sparsify`.
+Magnitude trims also accept ``ranked=``: the stack's magnitudes sorted within each segment,
+which the resident pool keeps so that a candidate's thresholds are lookups. The building
+blocks live in :mod:`.sparsify` and :mod:`.combine`.
 
 The registry :data:`MERGE_TECHNIQUES` records each technique's parameters (defaults, valid and
 searched ranges, whether per input model), whether it needs a base, and whether it is
@@ -111,6 +113,7 @@ class Technique:
     summary: str
     check: Callable[[dict[str, Any], str], None] | None = None
     segmented: bool = False
+    ranked: bool = False
 
     def param(self, name: str) -> Param:
         for param in self.params:
@@ -139,10 +142,12 @@ def technique(
     paper: str = "",
     check: Callable[[dict[str, Any], str], None] | None = None,
     segmented: bool = False,
+    ranked: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register a technique function under ``name`` (see the module docstring for the contract).
 
-    ``segmented`` techniques also take ``segments=`` and ``out=`` (see the module docstring).
+    ``segmented`` techniques also take ``segments=`` and ``out=``; ``ranked`` ones take
+    ``ranked=``, their inputs' magnitudes sorted per segment (see the module docstring).
     """
 
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -150,7 +155,8 @@ def technique(
             raise ValueError(f"technique {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         MERGE_TECHNIQUES[name] = Technique(
-            name, fn, tuple(params), needs_base, randomized, min_inputs, max_inputs, paper, summary, check, segmented
+            name, fn, tuple(params), needs_base, randomized, min_inputs, max_inputs, paper, summary, check,
+            segmented, ranked,
         )
         return fn
 
@@ -287,25 +293,32 @@ def task_arithmetic(deltas: Tensor, *, weight: Sequence[float], lam: float, norm
 
 
 @technique("ties", params=[WEIGHT, DENSITY, LAMBDA, _normalize(True)], needs_base=True,
-           paper="arXiv:2306.01708", segmented=True)
+           paper="arXiv:2306.01708", segmented=True, ranked=True)
 def ties(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], lam: float, normalize: bool,
-         segments: Segments = None, out: Tensor | None = None) -> Tensor:
+         segments: Segments = None, out: Tensor | None = None, ranked: Tensor | None = None) -> Tensor:
     """TIES: trim each task vector, elect a sign per entry, average the agreeing entries.
 
     Each tensor of each δᵢ keeps exactly ``max(1, int(densityᵢ·numel))`` entries; ties at the
-    threshold magnitude keep the lowest flat indices first.
+    threshold magnitude keep the lowest flat indices first. ``ranked`` (optional, ``(M, N)``):
+    the magnitudes sorted within each segment, which make the thresholds lookups.
     """
     flat = deltas.reshape(deltas.shape[0], -1)  # (M, N)
     parts = segment_starts(flat.shape[1], segments)
-    trims = [_trim(row, [keep_count(d, size) for _, size in parts], parts) for row, d in zip(flat, density)]
+    trims = [_trim(row, [keep_count(d, size) for _, size in parts], parts, _row(ranked, i))
+             for i, (row, d) in enumerate(zip(flat, density, strict=True))]
     return combine_task_vectors(deltas, weight, lam=lam, normalize=normalize, sign_consensus=True,
                                 sparsifiers=trims, out=out)
 
 
-def _trim(row: Tensor, keeps: Sequence[int], parts: Sequence[tuple[int, int]]) -> Sparsifier | None:
-    if all(keep >= size for keep, (_, size) in zip(keeps, parts)):
+def _trim(row: Tensor, keeps: Sequence[int], parts: Sequence[tuple[int, int]],
+          ranked: Tensor | None) -> Sparsifier | None:
+    if all(keep >= size for keep, (_, size) in zip(keeps, parts, strict=True)):
         return None
-    return magnitude_cut(row, keeps, parts).apply
+    return magnitude_cut(row, keeps, parts, ranked).apply
+
+
+def _row(matrix: Tensor | None, index: int) -> Tensor | None:
+    return None if matrix is None else matrix[index]
 
 
 def _dare(deltas: Tensor, density: Sequence[float], rescale: str, generator: Generators,
@@ -337,17 +350,17 @@ def dare_ties(deltas: Tensor, *, weight: Sequence[float], density: Sequence[floa
 
 
 def _breadcrumbs(deltas: Tensor, density: Sequence[float], gamma: Sequence[float],
-                 segments: Segments) -> list[Sparsifier | None]:
+                 segments: Segments, ranked: Tensor | None) -> list[Sparsifier | None]:
     flat = deltas.reshape(deltas.shape[0], -1)
     parts = segment_starts(flat.shape[1], segments)
     bands: list[Sparsifier | None] = []
-    for row, keep, outliers in zip(flat, density, gamma):
+    for i, (row, keep, outliers) in enumerate(zip(flat, density, gamma, strict=True)):
         if keep >= 1.0:
             bands.append(None)
             continue
         counts = [outlier_band_counts(keep, outliers, size) for _, size in parts]
-        outer = magnitude_cut(row, [skip + kept for skip, kept in counts], parts)
-        inner = magnitude_cut(row, [skip for skip, _ in counts], parts)
+        outer = magnitude_cut(row, [skip + kept for skip, kept in counts], parts, _row(ranked, i))
+        inner = magnitude_cut(row, [skip for skip, _ in counts], parts, _row(ranked, i))
         bands.append(MagnitudeBand(outer, inner).apply)
     return bands
 
@@ -356,22 +369,23 @@ _CRUMB_DENSITY = Param("density", 0.9, 0.0, 1.0, per_input=True, search=(0.5, 1.
 
 
 @technique("breadcrumbs", params=[WEIGHT, _CRUMB_DENSITY, GAMMA, LAMBDA, _normalize(False)], needs_base=True,
-           paper="arXiv:2312.06795", segmented=True)
+           paper="arXiv:2312.06795", segmented=True, ranked=True)
 def breadcrumbs(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], gamma: Sequence[float],
-                lam: float, normalize: bool, segments: Segments = None, out: Tensor | None = None) -> Tensor:
+                lam: float, normalize: bool, segments: Segments = None, out: Tensor | None = None,
+                ranked: Tensor | None = None) -> Tensor:
     """Model Breadcrumbs: drop outliers and small entries of each task vector, then task arithmetic."""
-    bands = _breadcrumbs(deltas, density, gamma, segments)
+    bands = _breadcrumbs(deltas, density, gamma, segments, ranked)
     return combine_task_vectors(deltas, weight, lam=lam, normalize=normalize, sign_consensus=False,
                                 sparsifiers=bands, out=out)
 
 
 @technique("breadcrumbs_ties", params=[WEIGHT, _CRUMB_DENSITY, GAMMA, LAMBDA, _normalize(True)], needs_base=True,
-           paper="arXiv:2312.06795", segmented=True)
+           paper="arXiv:2312.06795", segmented=True, ranked=True)
 def breadcrumbs_ties(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float],
                      gamma: Sequence[float], lam: float, normalize: bool, segments: Segments = None,
-                     out: Tensor | None = None) -> Tensor:
+                     out: Tensor | None = None, ranked: Tensor | None = None) -> Tensor:
     """Model Breadcrumbs with TIES sign election."""
-    bands = _breadcrumbs(deltas, density, gamma, segments)
+    bands = _breadcrumbs(deltas, density, gamma, segments, ranked)
     return combine_task_vectors(deltas, weight, lam=lam, normalize=normalize, sign_consensus=True,
                                 sparsifiers=bands, out=out)
 
@@ -540,11 +554,13 @@ def apply_technique(
     *,
     segments: Segments = None,
     out: Tensor | None = None,
+    ranked: Tensor | None = None,
 ) -> Tensor:
     """Run ``tech`` on a stack ``(M, *shape)`` (task vectors if it needs a base) with canonical params.
 
     ``segments`` (segmented techniques only) splits the flattened rows into consecutive
-    tensors; ``out`` receives the result when given.
+    tensors; ``out`` receives the result when given; ``ranked`` (used by magnitude trims) holds
+    the stack's magnitudes sorted within each segment.
     """
     kwargs: dict[str, Any] = {}
     for param in tech.params:
@@ -554,6 +570,8 @@ def apply_technique(
                        else resolve_value(value, location))
     if tech.randomized:
         kwargs["generator"] = generator
+    if tech.ranked:
+        kwargs["ranked"] = ranked
     if tech.segmented:
         return tech.fn(stack, segments=segments, out=out, **kwargs)
     if segments is not None and len(segments) > 1:
