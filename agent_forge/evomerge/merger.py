@@ -20,7 +20,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -109,7 +110,6 @@ class AdvancedModelMerger:
             subtree_cache_bytes = 2 * self._float32_model_bytes() if resident else 0
         self.graph = RecipeGraph(self.pool, subtree_cache_bytes=subtree_cache_bytes)
         self._resident_models: dict[int, _ResidentModel] = {}
-        self._out: torch.Tensor | None = None
 
     def _float32_model_bytes(self) -> int:
         first = self.sources[self.model_names[0]]
@@ -207,18 +207,18 @@ class AdvancedModelMerger:
         plan = [TensorPlan(n, self.graph.shape(recipe, n), dtype) for n in self.graph.names(recipe)]
         shards = plan_shards(plan, parse_size(self.settings.max_shard_size))
         files = shard_file_names(len(shards))
-        with atomic_directory(dest, overwrite=overwrite) as tmp:
-            for shard, file in zip(shards, files):
+        with atomic_directory(dest, overwrite=overwrite) as tmp, _WriteBehind(self.device) as output:
+            for shard, file in zip(shards, files, strict=True):
                 writer = StreamingSafetensorsWriter(tmp / file, shard)
                 for batch in self._batches(recipe, shard):
-                    for item, value in self._compute_checked(recipe, batch):
-                        writer.write(item.name, value.to(dtype))
+                    values = self._compute_checked(recipe, batch, output.buffer(batch))
+                    output.submit(lambda w=writer, v=values: _write_all(w, v, dtype))
+                output.drain()
                 writer.close()
             write_shard_index(tmp, shards, files)
             self._write_metadata(tmp, recipe, dtype, source_paths)
         for source in self.sources.values():
             source.close()
-        self._out = None
         self.graph.release()
         logger.info("merged %s into %s in %.2f s", recipe.short_hash, dest, time.perf_counter() - started)
         return dest
@@ -227,14 +227,12 @@ class AdvancedModelMerger:
         plans = {item.name: item for item in shard}
         return [[plans[name] for name in run] for run in self.graph.batches(recipe, list(plans))]
 
-    def _compute_checked(self, recipe: RecipeNode, batch: Sequence[TensorPlan]) -> list[tuple[TensorPlan, torch.Tensor]]:
-        """The batch's values as views of one reused float32 buffer, each checked against its plan."""
-        sizes = [math.prod(item.shape) for item in batch]
+    def _compute_checked(self, recipe: RecipeNode, batch: Sequence[TensorPlan], out: torch.Tensor
+                         ) -> list[tuple[TensorPlan, torch.Tensor]]:
+        """The batch's values as views of flat ``out``, each checked against its plan."""
         try:
             shapes = [tuple(self.graph.shape(recipe, item.name)) for item in batch]
-            if self._out is None or self._out.numel() < sum(sizes):
-                self._out = torch.empty(sum(sizes), dtype=torch.float32, device=self.device)
-            flat = self.graph.compute_into(recipe, [item.name for item in batch], self._out[: sum(sizes)])
+            flat = self.graph.compute_into(recipe, [item.name for item in batch], out)
         except EvoMergeException:
             raise
         except (RuntimeError, ValueError) as exc:  # torch shape errors: a source that does not match the others
@@ -242,9 +240,10 @@ class AdvancedModelMerger:
             raise MergeError(f"cannot merge tensor {names}: {str(exc).splitlines()[0]}; "
                              "the sources' tensors differ in shape (check the models)") from None
         values, start = [], 0
-        for item, shape, size in zip(batch, shapes, sizes):
+        for item, shape in zip(batch, shapes, strict=True):
             if shape != item.shape:
                 raise MergeError(f"tensor {item.name} came out {list(shape)}, expected {list(item.shape)}")
+            size = math.prod(shape)
             values.append((item, flat[start : start + size].view(shape)))
             start += size
         return values
@@ -419,3 +418,58 @@ def _targets(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     return targets
+
+
+def _write_all(writer: StreamingSafetensorsWriter, values: Sequence[tuple[TensorPlan, torch.Tensor]],
+               dtype: torch.dtype) -> None:
+    for item, value in values:
+        writer.write(item.name, value.to(dtype))
+
+
+class _WriteBehind:
+    """Writes a batch on a background thread while the next one is computed.
+
+    Two output buffers take turns: a batch is computed into one while the other's tensors are
+    still being written; :meth:`buffer` waits for a buffer's earlier writes before reusing it.
+    Writes run in submission order; an error surfaces at the next :meth:`buffer` or :meth:`drain`.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-writer")
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._pending: list[Future[Any] | None] = [None, None]
+        self._turn = 0
+
+    def __enter__(self) -> _WriteBehind:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def buffer(self, batch: Sequence[TensorPlan]) -> torch.Tensor:
+        """A flat float32 buffer for ``batch`` (the one whose writes finished longest ago)."""
+        count = sum(math.prod(item.shape) for item in batch)
+        pending = self._pending[self._turn]
+        if pending is not None:
+            pending.result()
+        buffer = self._buffers[self._turn]
+        if buffer is None or buffer.numel() < count:
+            buffer = self._buffers[self._turn] = torch.empty(count, dtype=torch.float32, device=self.device)
+        return buffer[:count]
+
+    def submit(self, write: Callable[[], Any]) -> None:
+        """Run ``write`` (which reads the buffer last handed out) on the writer thread."""
+        self._pending[self._turn] = self._pool.submit(write)
+        self._turn ^= 1
+
+    def drain(self) -> None:
+        """Wait for every submitted write; re-raise the first error."""
+        for index, pending in enumerate(self._pending):
+            if pending is not None:
+                self._pending[index] = None
+                pending.result()
