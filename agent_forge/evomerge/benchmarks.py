@@ -5,8 +5,9 @@ measured side by side in one run and printed with its ratio to a floor measured 
 machine at the same time (these machines are noisy; compare ratios, not seconds):
 
 - ``merge``: a streaming three-model TIES merge (plus base) of generated Llama-shaped models
-  (~100M parameters each by default, ``--size 1b`` for ~1B): wall time, peak RSS, MB/s, against
-  reading the same files and, with ``--mergekit``, against mergekit on the same files.
+  (~100M parameters each by default, ``--size 1b`` for ~1B): wall time, peak RSS, MB/s (four
+  inputs read and one output written), against reading the same files into a reused buffer
+  and, with ``--mergekit``, against mergekit on the same files (``--rounds`` alternates them).
 - ``materialize``: writing a candidate into a resident model, against copying the same bytes.
 - ``evaluate``: seconds per candidate on the embedded default (fitness subset and test split).
 - ``gpu``: each technique on a 7B-sized matrix against a device copy (needs CUDA).
@@ -108,41 +109,59 @@ def _child(code: str, *args: str) -> dict[str, Any]:
 
 
 def _read_floor(root: Path) -> float:
+    """Seconds to read the four source files into one reused buffer (from the page cache)."""
+    buffer = memoryview(bytearray(64 * 2**20))
     start = time.perf_counter()
     for name in ("base", "m1", "m2", "m3"):
-        with open(root / name / "model.safetensors", "rb") as handle:
-            while handle.read(64 * 2**20):
+        with open(root / name / "model.safetensors", "rb", buffering=0) as handle:
+            while handle.readinto(buffer):
                 pass
     return time.perf_counter() - start
 
 
-def bench_merge(size: str, work: Path, threads: int, mergekit: bool) -> dict[str, Any]:
+def bench_merge(size: str, work: Path, threads: int, mergekit: bool, rounds: int = 1) -> dict[str, Any]:
+    """Our streaming TIES merge and, with ``mergekit``, mergekit's, alternating for ``rounds``.
+
+    Each contender's figure is its best round (medians too); ratios compare the bests.
+    """
     root = work / f"models-{size}"
     if not (root / "m3" / "model.safetensors").is_file():
         make_models(root, size)
     model_bytes = (root / "m1" / "model.safetensors").stat().st_size
     _read_floor(root)  # warm the page cache: every contender reads from memory
-    floor = min(_read_floor(root) for _ in range(2))
-    out = work / "out-evomerge"
-    shutil.rmtree(out, ignore_errors=True)
-    ours = _child(CHILD_MERGE.format(threads=threads), str(root), str(out))
-    result = {"size": size, "model_mb": model_bytes / 1e6, "read_floor_s": floor, "evomerge": ours,
-              "evomerge_mb_per_s": 5 * model_bytes / 1e6 / ours["seconds"]}
-    if mergekit:
-        out = work / "out-mergekit"
-        shutil.rmtree(out, ignore_errors=True)
-        try:
-            theirs = _child(CHILD_MERGEKIT.format(threads=threads), str(root), str(out))
-            result["mergekit"] = theirs
-            result["time_ratio"] = ours["seconds"] / theirs["seconds"]
-            result["rss_ratio"] = ours["peak_rss"] / theirs["peak_rss"]
-        except (RuntimeError, json.JSONDecodeError) as exc:
-            result["mergekit_error"] = str(exc)
+    floor = min(_read_floor(root) for _ in range(3))
+    children = {"evomerge": CHILD_MERGE} | ({"mergekit": CHILD_MERGEKIT} if mergekit else {})
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in children}
+    result: dict[str, Any] = {"size": size, "model_mb": model_bytes / 1e6, "read_floor_s": floor}
+    for _ in range(rounds):
+        for name, code in children.items():
+            out = work / f"out-{name}"
+            shutil.rmtree(out, ignore_errors=True)
+            try:
+                runs[name].append(_child(code.format(threads=threads), str(root), str(out)))
+            except (RuntimeError, json.JSONDecodeError) as exc:
+                result[f"{name}_error"] = str(exc)
+            shutil.rmtree(out, ignore_errors=True)
+    for name, measured in runs.items():
+        if measured:
+            seconds = [m["seconds"] for m in measured]
+            result[name] = {"seconds": min(seconds), "median_seconds": _median(seconds),
+                            "peak_rss": _median([m["peak_rss"] for m in measured]),
+                            "mb_per_s": 5 * model_bytes / 1e6 / min(seconds)}
+    if "evomerge" in result:
+        result["evomerge_to_read_floor"] = result["evomerge"]["seconds"] / floor
+    if "evomerge" in result and "mergekit" in result:
+        result["time_ratio"] = result["evomerge"]["seconds"] / result["mergekit"]["seconds"]
+        result["rss_ratio"] = result["evomerge"]["peak_rss"] / result["mergekit"]["peak_rss"]
     return result
 
 
-def bench_materialize(repeats: int = 5) -> dict[str, Any]:
-    """Resident materialisation on the embedded default, against copying the same bytes."""
+def bench_materialize(rounds: int = 30) -> dict[str, Any]:
+    """Resident materialisation on the embedded default, against copying the same bytes.
+
+    The contenders run interleaved, one call each per round, so a busy machine slows them
+    alike; each figure is the best round (the median is given too).
+    """
     import torch
 
     from .config import create_default_config
@@ -152,14 +171,15 @@ def bench_materialize(repeats: int = 5) -> dict[str, Any]:
     config = create_default_config()
     merger = AdvancedModelMerger(config, resident=True)
     names = [m.name for m in config.models]
+    inputs, base = [Source(n) for n in names], Source("base")
     recipes = {
-        "linear": Merge("linear", [Source(n) for n in names], {}),
-        "task_arithmetic": Merge("task_arithmetic", [Source(n) for n in names], {"lambda": 0.5}, Source("base")),
-        "ties": Merge("ties", [Source(n) for n in names], {"density": 0.5}, Source("base")),
-        "dare_ties": Merge("dare_ties", [Source(n) for n in names], {"density": 0.5}, Source("base"), seed=1),
+        "linear": Merge("linear", inputs, {}),
+        "task_arithmetic": Merge("task_arithmetic", inputs, {"lambda": 0.5}, base),
+        "ties": Merge("ties", inputs, {"density": 0.5}, base),
+        "dare_ties": Merge("dare_ties", inputs, {"density": 0.5}, base, seed=1),
     }
     model = merger.materialize(recipes["linear"])
-    params = [p for p in model.parameters()]
+    params = list(model.parameters())
     copies = [p.detach().clone() for p in params]
 
     def copy_floor() -> None:
@@ -167,21 +187,32 @@ def bench_materialize(repeats: int = 5) -> dict[str, Any]:
             for target, source in zip(params, copies):
                 target.copy_(source)
 
-    def timed(fn: Any) -> float:
-        fn()
-        best = float("inf")
-        for _ in range(repeats):
+    contenders: dict[str, Any] = {"copy": copy_floor}
+    contenders.update({name: (lambda r=recipe: merger.materialize(r)) for name, recipe in recipes.items()})
+    times = _interleaved(contenders, rounds)
+    floor = min(times["copy"])
+    out: dict[str, Any] = {"copy_floor_ms": floor * 1e3, "copy_floor_median_ms": _median(times["copy"]) * 1e3,
+                           "model_mb": sum(p.numel() * 4 for p in params) / 1e6}
+    for name in recipes:
+        best = min(times[name])
+        out[name] = {"ms": best * 1e3, "median_ms": _median(times[name]) * 1e3, "ratio_to_copy": best / floor}
+    return out
+
+
+def _interleaved(contenders: dict[str, Any], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call of each contender, one call each per round (after one warm-up round)."""
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for round_ in range(rounds + 1):
+        for name, fn in contenders.items():
             start = time.perf_counter()
             fn()
-            best = min(best, time.perf_counter() - start)
-        return best
+            if round_:
+                times[name].append(time.perf_counter() - start)
+    return times
 
-    floor = timed(copy_floor)
-    out: dict[str, Any] = {"copy_floor_ms": floor * 1e3, "model_mb": sum(p.numel() * 4 for p in params) / 1e6}
-    for name, recipe in recipes.items():
-        seconds = timed(lambda r=recipe: merger.materialize(r))
-        out[name] = {"ms": seconds * 1e3, "ratio_to_copy": seconds / floor}
-    return out
+
+def _median(values: Sequence[float]) -> float:
+    return sorted(values)[len(values) // 2]
 
 
 def bench_evaluate(repeats: int = 3) -> dict[str, Any]:
@@ -252,6 +283,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--size", choices=sorted(SIZES), default="100m", help="model size for the merge benchmark")
     parser.add_argument("--mergekit", action="store_true", help="also time mergekit on the same files (needs mergekit)")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for the merges")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="merge benchmark: alternate the contenders this many times, keep each one's best")
     parser.add_argument("--workdir", help="where generated models go (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -259,7 +292,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for what in args.what.split(","):
         if what == "merge":
-            results["merge"] = bench_merge(args.size, work, args.threads, args.mergekit)
+            results["merge"] = bench_merge(args.size, work, args.threads, args.mergekit, args.rounds)
         elif what == "materialize":
             results["materialize"] = bench_materialize()
         elif what == "evaluate":
