@@ -49,7 +49,8 @@ def run(strategy, generations: int) -> list[float]:
 
 @pytest.mark.parametrize("kind", ["tournament", "cmaes"])
 def test_each_strategy_improves_on_a_sphere(kind):
-    evo = dict(population_size=8, num_generations=30, patience=100, technique_switch_rate=0.0, lower_merge_count=0)
+    evo = dict(population_size=8, num_generations=30, patience=100, technique_switch_rate=0.0, lower_merge_count=0,
+               layer_refine_rate=0.0)
     strategy = make_strategy(kind, "task_arithmetic", space(**evo), seed=3)
     bests = run(strategy, 25)
     assert max(bests) > bests[0] + 0.05
@@ -58,10 +59,10 @@ def test_each_strategy_improves_on_a_sphere(kind):
 
 @pytest.mark.parametrize("kind", ["tournament", "cmaes"])
 def test_state_dict_round_trip_gives_the_same_next_ask(kind):
-    strategy = make_strategy(kind, "task_arithmetic", space(patience=100), seed=5)
+    strategy = make_strategy(kind, "task_arithmetic", space(patience=100, layer_refine_rate=0.0), seed=5)
     run(strategy, 3)
     state = json.loads(json.dumps(strategy.state_dict()))
-    again = make_strategy(kind, "task_arithmetic", space(patience=100), seed=5)
+    again = make_strategy(kind, "task_arithmetic", space(patience=100, layer_refine_rate=0.0), seed=5)
     again.load_state_dict(state)
     assert [r.hash for r in again.ask()] == [r.hash for r in strategy.ask()]
 
@@ -96,7 +97,8 @@ def test_mutation_stays_in_range_and_is_seed_deterministic():
         for param in tech.params:
             if param.is_numeric and param.search:
                 values = child.params[param.name] if param.per_input else [child.params[param.name]]
-                assert all(param.search[0] <= v <= param.search[1] for v in values), (param.name, values)
+                leaves = [x for v in values for x in (v if isinstance(v, list) else [v])]
+                assert all(param.search[0] <= v <= param.search[1] for v in leaves), (param.name, values)
 
 
 def test_mutation_of_a_layer_stack_keeps_valid_slots_and_scales():
@@ -146,7 +148,7 @@ def test_genomes_decode_into_valid_recipes():
 
 
 def test_tournament_keeps_elites_unchanged():
-    strategy = TournamentSearch(space(elite_size=2, patience=100), "task_arithmetic", seed=0)
+    strategy = TournamentSearch(space(elite_size=2, patience=100, layer_refine_rate=0.0), "task_arithmetic", seed=0)
     first = strategy.ask()
     strategy.tell([(r, sphere(r)) for r in first])
     ranked = sorted(((r, sphere(r)) for r in first), key=lambda x: -x[1])
@@ -159,3 +161,23 @@ def test_cmaes_rejects_a_told_list_of_the_wrong_length():
     recipes = strategy.ask()
     with pytest.raises(Exception, match="different number"):
         strategy.tell([(recipes[0], 0.0)])
+
+
+def test_layer_refinement_keeps_the_parents_tensors_until_perturbed(tiny_sources):
+    """A per-model weight turned into per-layer-group copies computes exactly the same model."""
+    import torch
+
+    from agent_forge.evomerge.graph import RecipeGraph, SourcePool
+    from agent_forge.evomerge.operators import refine_by_layer
+
+    sp = space()
+    parent = Merge("task_arithmetic", [Source("m1"), Source("m2"), Source("m3")],
+                   {"weight": [0.3, 0.5, 0.2], "lambda": 0.9}, Source("base"))
+    refined_params = refine_by_layer(dict(parent.params), get_technique("task_arithmetic"), sp,
+                                     np.random.default_rng(0))
+    assert refined_params["weight"] == [[0.3] * 4, [0.5] * 4, [0.2] * 4]
+    child = Merge("task_arithmetic", parent.inputs, refined_params, parent.base)
+    assert child.hash != parent.hash
+    graph = RecipeGraph(SourcePool(tiny_sources, "base"))
+    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.o_proj.weight", "lm_head.weight"):
+        assert torch.equal(graph.compute(child, name), graph.compute(parent, name))
