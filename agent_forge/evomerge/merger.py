@@ -20,8 +20,8 @@ import logging
 import math
 import shutil
 import time
-from collections.abc import Callable, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Mapping, Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +35,7 @@ from .sources import ModelSource, check_compatible, open_source
 from .storage import (
     StreamingSafetensorsWriter,
     TensorPlan,
+    WriteBehind,
     atomic_directory,
     check_destination,
     plan_shards,
@@ -207,12 +208,12 @@ class AdvancedModelMerger:
         plan = [TensorPlan(n, self.graph.shape(recipe, n), dtype) for n in self.graph.names(recipe)]
         shards = plan_shards(plan, parse_size(self.settings.max_shard_size))
         files = shard_file_names(len(shards))
-        with atomic_directory(dest, overwrite=overwrite) as tmp, _WriteBehind(self.device) as output:
+        with atomic_directory(dest, overwrite=overwrite) as tmp, WriteBehind(self.device) as output:
             for shard, file in zip(shards, files, strict=True):
                 writer = StreamingSafetensorsWriter(tmp / file, shard)
                 for batch in self._batches(recipe, shard):
                     values = self._compute_checked(recipe, batch, output.buffer(batch))
-                    output.submit(lambda w=writer, v=values: _write_all(w, v, dtype))
+                    output.submit(partial(writer.write_all, values, dtype))
                 output.drain()
                 writer.close()
             write_shard_index(tmp, shards, files)
@@ -418,58 +419,3 @@ def _targets(model: PreTrainedModel) -> dict[str, torch.Tensor]:
     targets: dict[str, torch.Tensor] = dict(model.named_parameters())
     targets.update(dict(model.named_buffers()))
     return targets
-
-
-def _write_all(writer: StreamingSafetensorsWriter, values: Sequence[tuple[TensorPlan, torch.Tensor]],
-               dtype: torch.dtype) -> None:
-    for item, value in values:
-        writer.write(item.name, value.to(dtype))
-
-
-class _WriteBehind:
-    """Writes a batch on a background thread while the next one is computed.
-
-    Two output buffers take turns: a batch is computed into one while the other's tensors are
-    still being written; :meth:`buffer` waits for a buffer's earlier writes before reusing it.
-    Writes run in submission order; an error surfaces at the next :meth:`buffer` or :meth:`drain`.
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-writer")
-        self._buffers: list[torch.Tensor | None] = [None, None]
-        self._pending: list[Future[Any] | None] = [None, None]
-        self._turn = 0
-
-    def __enter__(self) -> _WriteBehind:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        try:
-            if exc[0] is None:
-                self.drain()
-        finally:
-            self._pool.shutdown(wait=True)
-
-    def buffer(self, batch: Sequence[TensorPlan]) -> torch.Tensor:
-        """A flat float32 buffer for ``batch`` (the one whose writes finished longest ago)."""
-        count = sum(math.prod(item.shape) for item in batch)
-        pending = self._pending[self._turn]
-        if pending is not None:
-            pending.result()
-        buffer = self._buffers[self._turn]
-        if buffer is None or buffer.numel() < count:
-            buffer = self._buffers[self._turn] = torch.empty(count, dtype=torch.float32, device=self.device)
-        return buffer[:count]
-
-    def submit(self, write: Callable[[], Any]) -> None:
-        """Run ``write`` (which reads the buffer last handed out) on the writer thread."""
-        self._pending[self._turn] = self._pool.submit(write)
-        self._turn ^= 1
-
-    def drain(self) -> None:
-        """Wait for every submitted write; re-raise the first error."""
-        for index, pending in enumerate(self._pending):
-            if pending is not None:
-                self._pending[index] = None
-                pending.result()

@@ -244,7 +244,7 @@ class ModelSource:
 
     def _read_raw(self, name: str, out: torch.Tensor) -> torch.Tensor:
         entry, file = self._entry(name), self.weight_files[name]
-        view = memoryview(out.view(-1).view(torch.uint8).numpy())
+        view = out.view(-1).view(torch.uint8).numpy().data  # a memoryview of out's bytes
         if len(view) != entry.stop - entry.start:
             raise ModelLoadError(f"tensor {name} of model {self.name} in {file} has {entry.stop - entry.start} "
                                  f"bytes for shape {list(entry.info.shape)}; the file is damaged or incomplete")

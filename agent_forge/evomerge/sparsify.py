@@ -176,17 +176,18 @@ def _kth_largest_magnitude(x: Tensor, keep: int) -> tuple[float, int, int]:
 
 def _kth_largest_ranked(ranked: Tensor, keep: int) -> tuple[float, int, int]:
     """:func:`_kth_largest_magnitude` from magnitudes sorted ascending: two binary searches."""
-    values = ranked.numpy() if ranked.device.type == "cpu" else ranked
-    threshold = values[values.shape[0] - keep]
-    if isinstance(values, np.ndarray):
-        first, after = (
-            np.searchsorted(values, threshold, "left"),
-            np.searchsorted(values, threshold, "right"),
-        )
+    count = ranked.shape[0]
+    if ranked.device.type == "cpu":
+        values = ranked.numpy()
+        threshold = float(values[count - keep])
+        first = int(np.searchsorted(values, values[count - keep], "left"))
+        after = int(np.searchsorted(values, values[count - keep], "right"))
     else:
-        first = torch.searchsorted(values, threshold, side="left")
-        after = torch.searchsorted(values, threshold, side="right")
-    return float(threshold), values.shape[0] - int(after), int(after) - int(first)
+        found = ranked[count - keep]
+        threshold = float(found)
+        first = int(torch.searchsorted(ranked, found, side="left"))
+        after = int(torch.searchsorted(ranked, found, side="right"))
+    return threshold, count - after, after - first
 
 
 def sort_segments(row: Tensor, segments: Sequence[tuple[int, int]], out: Tensor) -> Tensor:

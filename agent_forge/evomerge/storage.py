@@ -1,7 +1,9 @@
 """Files on disk: atomic writes, run-owned paths, and a streaming safetensors writer.
 
 Everything EvoMerge writes appears atomically: it is built in a temporary sibling and renamed
-into place when complete, so a crash leaves either nothing or the whole result.
+into place when complete, so a crash leaves either nothing or the whole result. A streaming
+merge writes each batch of tensors on a background thread (:class:`WriteBehind`) while it
+computes the next.
 """
 
 from __future__ import annotations
@@ -9,14 +11,17 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import os
 import shutil
 import struct
 import tempfile
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -201,10 +206,15 @@ class StreamingSafetensorsWriter:
                 f"{item.name} {list(item.shape)} {item.dtype}"
             )
         data = tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8)
-        view = memoryview(data.numpy())
+        view = data.numpy().data  # a memoryview of the bytes
         for start in range(0, len(view), _WRITE_CHUNK):
             self._handle.write(view[start : start + _WRITE_CHUNK])
         self._next += 1
+
+    def write_all(self, values: Sequence[tuple[TensorPlan, torch.Tensor]], dtype: torch.dtype) -> None:
+        """:meth:`write` each ``(plan, value)`` in order, cast to ``dtype``."""
+        for item, value in values:
+            self.write(item.name, value.to(dtype))
 
     def close(self) -> None:
         if self._next != len(self._plan):
@@ -213,6 +223,55 @@ class StreamingSafetensorsWriter:
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
+
+
+class WriteBehind:
+    """Writes a batch on a background thread while the next one is computed.
+
+    Two output buffers take turns: a batch is computed into one while the other's tensors are
+    still being written; :meth:`buffer` waits for a buffer's earlier writes before reusing it.
+    Writes run in submission order; an error surfaces at the next :meth:`buffer` or :meth:`drain`.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="evomerge-writer")
+        self._buffers: list[torch.Tensor | None] = [None, None]
+        self._pending: list[Future[Any] | None] = [None, None]
+        self._turn = 0
+
+    def __enter__(self) -> WriteBehind:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        try:
+            if exc[0] is None:
+                self.drain()
+        finally:
+            self._pool.shutdown(wait=True)
+
+    def buffer(self, batch: Sequence[TensorPlan]) -> torch.Tensor:
+        """A flat float32 buffer for ``batch`` (the one whose writes finished longest ago)."""
+        count = sum(math.prod(item.shape) for item in batch)
+        pending = self._pending[self._turn]
+        if pending is not None:
+            pending.result()
+        buffer = self._buffers[self._turn]
+        if buffer is None or buffer.numel() < count:
+            buffer = self._buffers[self._turn] = torch.empty(count, dtype=torch.float32, device=self.device)
+        return buffer[:count]
+
+    def submit(self, write: Callable[[], Any]) -> None:
+        """Run ``write`` (which reads the buffer last handed out) on the writer thread."""
+        self._pending[self._turn] = self._pool.submit(write)
+        self._turn ^= 1
+
+    def drain(self) -> None:
+        """Wait for every submitted write; re-raise the first error."""
+        for index, pending in enumerate(self._pending):
+            if pending is not None:
+                self._pending[index] = None
+                pending.result()
 
 
 def plan_shards(plan: Sequence[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
