@@ -458,3 +458,17 @@ def test_trims_from_sorted_magnitudes_give_the_same_bits(name):
     params = canonical_params(tech, {k: v for k, v in wanted.items() if k in tech.defaults()}, 3)
     plain = apply_technique(tech, stack, params, segments=sizes)
     assert torch.equal(apply_technique(tech, stack, params, segments=sizes, ranked=ranked), plain)
+
+
+@pytest.mark.parametrize("case", list(trim_cases()))
+def test_the_device_path_of_the_trim_gives_the_same_bits(case, monkeypatch):
+    """On GPUs thresholds come from topk/searchsorted in torch; run that path here on CPU."""
+    x = trim_cases()[case].reshape(-1)
+    sizes = [x.numel() // 3, x.numel() - x.numel() // 3]
+    parts = sparsify.segment_starts(x.numel(), sizes)
+    ranked = sparsify.sort_segments(x, parts, torch.empty_like(x))
+    expected = sparsify.magnitude_cut(x, [max(1, s // 4) for s in sizes], parts)
+    monkeypatch.setattr(sparsify, "TORCH_SELECT", True)
+    assert sparsify.magnitude_cut(x, [max(1, s // 4) for s in sizes], parts) == expected
+    assert sparsify.magnitude_cut(x, [max(1, s // 4) for s in sizes], parts, ranked) == expected
+    assert torch.equal(sparsify.sort_segments(x, parts, torch.empty_like(x)), ranked)

@@ -36,6 +36,8 @@ logger = logging.getLogger(__name__)
 EXACT_SELECT = 1 << 17
 #: Magnitudes sampled to bracket the threshold of a larger tensor.
 SAMPLE = 1 << 16
+#: Select with torch (``topk``, as on GPUs) on CPU too; tests set it to check that path.
+TORCH_SELECT = False
 _KEEP_ALL = -math.inf
 _DROP_ALL = math.inf
 
@@ -155,9 +157,14 @@ def keep_top_magnitude(delta: Tensor, density: float) -> Tensor:
     return cut.apply(flat, torch.empty_like(flat)).view_as(delta)
 
 
+def _numpy_path(x: Tensor) -> bool:
+    """Whether selections on ``x`` run in numpy (CPU) rather than torch (other devices)."""
+    return x.device.type == "cpu" and not TORCH_SELECT
+
+
 def _kth_largest_magnitude(x: Tensor, keep: int) -> tuple[float, int, int]:
     """The ``keep``-th largest |x| (exact), how many entries exceed it, and how many equal it."""
-    if x.device.type != "cpu":
+    if not _numpy_path(x):
         magnitudes = x.abs()
         threshold = torch.topk(magnitudes, keep, sorted=False).values.min()
         greater = int(torch.count_nonzero(magnitudes > threshold))
@@ -177,7 +184,7 @@ def _kth_largest_magnitude(x: Tensor, keep: int) -> tuple[float, int, int]:
 def _kth_largest_ranked(ranked: Tensor, keep: int) -> tuple[float, int, int]:
     """:func:`_kth_largest_magnitude` from magnitudes sorted ascending: two binary searches."""
     count = ranked.shape[0]
-    if ranked.device.type == "cpu":
+    if _numpy_path(ranked):
         values = ranked.numpy()
         threshold = float(values[count - keep])
         first = int(np.searchsorted(values, values[count - keep], "left"))
@@ -194,7 +201,7 @@ def sort_segments(row: Tensor, segments: Sequence[tuple[int, int]], out: Tensor)
     """``out`` = |row| sorted ascending within each segment (what ``ranked`` arguments take)."""
     for start, size in segments:
         window = slice(start, start + size)
-        if row.device.type == "cpu":
+        if _numpy_path(row):
             out[window].numpy()[:] = np.sort(np.abs(row[window].numpy()))
         else:
             out[window] = torch.sort(row[window].abs()).values
@@ -271,7 +278,7 @@ _chunk_scratch = per_thread(
 
 def _nth_tie_index(x: Tensor, threshold: float, nth: int) -> int:
     """Flat index of the ``nth`` (1-based) entry with ``|x| == threshold``."""
-    if x.device.type != "cpu":
+    if not _numpy_path(x):
         return int(torch.nonzero((x.abs() == threshold).reshape(-1))[nth - 1])
     values, seen = x.detach().numpy(), 0
     for start in range(0, values.size, _CHUNK):
@@ -280,7 +287,7 @@ def _nth_tie_index(x: Tensor, threshold: float, nth: int) -> int:
             return start + int(hits[nth - seen - 1])
         seen += hits.size
     raise RuntimeError(
-        f"found fewer than {nth} entries of magnitude {threshold}"
+        f"fewer than {nth} entries of magnitude {threshold}"
     )  # counted on the same data
 
 
