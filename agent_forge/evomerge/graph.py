@@ -173,7 +173,7 @@ class RecipeGraph:
         """
         self._memo.clear()
         try:
-            if isinstance(node, Merge):
+            if isinstance(node, Merge) and (len(names) == 1 or get_technique(node.technique).segmented):
                 self._merge_into(node, names, out, shared=True)
             else:
                 self._fill(node, names, out, self._sizes(node, names))
