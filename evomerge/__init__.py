@@ -17,17 +17,19 @@ _TARGET = "agent_forge.evomerge"
 
 class _AliasLoader(importlib.abc.Loader):
     def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType:
-        return importlib.import_module(_TARGET + spec.name[len(__name__):])
+        return importlib.import_module(_TARGET + spec.name[len(__name__) :])
 
     def exec_module(self, module: ModuleType) -> None:  # already executed under its real name
         pass
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder):
-    def find_spec(self, fullname: str, path: object = None, target: object = None) -> importlib.machinery.ModuleSpec | None:
+    def find_spec(
+        self, fullname: str, path: object = None, target: object = None
+    ) -> importlib.machinery.ModuleSpec | None:
         if not fullname.startswith(__name__ + "."):
             return None
-        if importlib.util.find_spec(_TARGET + fullname[len(__name__):]) is None:
+        if importlib.util.find_spec(_TARGET + fullname[len(__name__) :]) is None:
             return None
         return importlib.util.spec_from_loader(fullname, _AliasLoader())
 

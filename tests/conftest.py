@@ -29,10 +29,19 @@ def train_tiny_tokenizer(vocab_size: int = 300):
         special_tokens=["<|endoftext|>", "<|pad|>"],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    text = ["the quick brown fox jumps over the lazy dog", "12+34=46", "abc>cba", "hello world"] * 50
+    text = [
+        "the quick brown fox jumps over the lazy dog",
+        "12+34=46",
+        "abc>cba",
+        "hello world",
+    ] * 50
     tok.train_from_iterator(text, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>",
-                                   bos_token="<|endoftext|>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token="<|endoftext|>",
+        pad_token="<|pad|>",
+        bos_token="<|endoftext|>",
+    )
 
 
 def tiny_llama_config(vocab_size: int, layers: int = 2, tie: bool = False):
@@ -53,8 +62,17 @@ def tiny_llama_config(vocab_size: int, layers: int = 2, tie: bool = False):
     )
 
 
-def save_tiny_llama(path: Path, tokenizer, *, seed: int, layers: int = 2, tie: bool = False,
-                    from_model=None, noise: float = 0.0, dtype=torch.float32) -> Path:
+def save_tiny_llama(
+    path: Path,
+    tokenizer,
+    *,
+    seed: int,
+    layers: int = 2,
+    tie: bool = False,
+    from_model=None,
+    noise: float = 0.0,
+    dtype=torch.float32,
+) -> Path:
     """Save a tiny Llama: fresh weights from ``seed``, or ``from_model`` plus seeded noise (a "fine-tune").
 
     The noise has a part shared by every fine-tune (as real fine-tunes of one base move in
@@ -95,7 +113,9 @@ def tiny_family(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     base = LlamaForCausalLM.from_pretrained(base_dir)
     family = {"base": base_dir}
     for i, name in enumerate(["m1", "m2", "m3"], start=1):
-        family[name] = save_tiny_llama(root / name, tiny_tokenizer, seed=i, from_model=base, noise=0.02)
+        family[name] = save_tiny_llama(
+            root / name, tiny_tokenizer, seed=i, from_model=base, noise=0.02
+        )
     return family
 
 

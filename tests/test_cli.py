@@ -17,13 +17,22 @@ import pytest
 from agent_forge.evomerge.config import create_default_config
 
 QUICK = ["--generations", "1", "--population", "4", "--fitness-sample-size", "24"]
-MODEL_NAMES = [m.name for m in create_default_config().models]  # the embedded skills (task names too)
+MODEL_NAMES = [
+    m.name for m in create_default_config().models
+]  # the embedded skills (task names too)
 
 
-def cli(*args: str, env: dict[str, str] | None = None, timeout: int = 300) -> subprocess.CompletedProcess:
+def cli(
+    *args: str, env: dict[str, str] | None = None, timeout: int = 300
+) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "agent_forge.evomerge.cli", *args], capture_output=True, text=True,
-                          env=full_env, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "agent_forge.evomerge.cli", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+    )
 
 
 def assert_clean_error(result: subprocess.CompletedProcess, fragment: str) -> None:
@@ -38,7 +47,9 @@ def default_run(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("cli") / "run"
     result = cli("--run", *QUICK, "--output", str(out))
     assert result.returncode == 0, result.stderr
-    assert "test split" in result.stdout and f"best model: {out.resolve() / 'best'}" in result.stdout
+    assert (
+        "test split" in result.stdout and f"best model: {out.resolve() / 'best'}" in result.stdout
+    )
     for row in (*MODEL_NAMES, "base", "average", "best"):
         assert row in result.stdout
     return out
@@ -52,16 +63,28 @@ def test_run_with_the_embedded_default(default_run):
 
 def test_merge_rebuilds_the_best_model_from_its_recipe(default_run, tmp_path):
     out = tmp_path / "rebuilt"
-    result = cli("--merge", str(default_run / "best" / "evomerge_recipe.json"), "--output", str(out))
+    result = cli(
+        "--merge", str(default_run / "best" / "evomerge_recipe.json"), "--output", str(out)
+    )
     assert result.returncode == 0, result.stderr
-    digest = [hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest() for folder in (out, default_run / "best")]
+    digest = [
+        hashlib.sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+        for folder in (out, default_run / "best")
+    ]
     assert digest[0] == digest[1]
 
 
 def test_merge_with_gguf_export(default_run, tmp_path):
     out = tmp_path / "merged"
-    result = cli("--merge", str(default_run / "best" / "evomerge_recipe.json"), "--output", str(out),
-                 "--export-gguf", "--outtype", "f32")
+    result = cli(
+        "--merge",
+        str(default_run / "best" / "evomerge_recipe.json"),
+        "--output",
+        str(out),
+        "--export-gguf",
+        "--outtype",
+        "f32",
+    )
     assert result.returncode == 0, result.stderr
     from agent_forge.evomerge.gguf_utils import gguf_info
 
@@ -89,7 +112,16 @@ def test_run_with_two_local_models_takes_the_third_from_the_defaults(tmp_path):
     first, second = (tmp_path / "mine-a", tmp_path / "mine-b")
     shutil.copytree(config.models[0].path, first)
     shutil.copytree(config.models[1].path, second)
-    result = cli("--run", *QUICK, "--model1", str(first), "--model2", str(second), "--output", str(tmp_path / "run"))
+    result = cli(
+        "--run",
+        *QUICK,
+        "--model1",
+        str(first),
+        "--model2",
+        str(second),
+        "--output",
+        str(tmp_path / "run"),
+    )
     assert result.returncode == 0, result.stderr
     assert f"model3 not given: using {config.models[2].name}" in result.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
@@ -104,7 +136,9 @@ def test_run_from_a_config_file_with_flags_overriding(tmp_path):
     config.evaluation_settings.fitness_sample_size = 24
     config.seed = 11
     path = config.save(tmp_path / "run.json")
-    result = cli("--config", str(path), "--run", "--generations", "1", "--output", str(tmp_path / "run"))
+    result = cli(
+        "--config", str(path), "--run", "--generations", "1", "--output", str(tmp_path / "run")
+    )
     assert result.returncode == 0, result.stderr
     saved = json.loads((tmp_path / "run" / "config.json").read_text())
     assert saved["seed"] == 11 and saved["evolution_settings"]["num_generations"] == 1
@@ -115,9 +149,13 @@ def test_sigint_mid_generation_then_resume_gives_the_same_best(tmp_path):
     whole = cli("--run", *args, "--output", str(tmp_path / "whole"))
     assert whole.returncode == 0, whole.stderr
     run = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "-m", "agent_forge.evomerge.cli", "--run", *args, "--output", str(run)],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    process = subprocess.Popen(
+        [sys.executable, "-m", "agent_forge.evomerge.cli", "--run", *args, "--output", str(run)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     evaluations = run / "evaluations.jsonl"
     deadline = time.time() + 240
     while time.time() < deadline:  # wait until generation 1 is under way
@@ -131,30 +169,47 @@ def test_sigint_mid_generation_then_resume_gives_the_same_best(tmp_path):
     assert not (run / "summary.json").exists()
     resumed = cli("--resume", str(run))
     assert resumed.returncode == 0, resumed.stderr
-    best = [json.loads((folder / "summary.json").read_text())["best_recipe_hash"] for folder in (tmp_path / "whole", run)]
+    best = [
+        json.loads((folder / "summary.json").read_text())["best_recipe_hash"]
+        for folder in (tmp_path / "whole", run)
+    ]
     assert best[0] == best[1]
 
 
 def test_spec_example_with_hub_models_fails_offline_with_a_clear_message(tmp_path):
-    result = cli("--run", "--model1", "bert-base-uncased", "--model2", "roberta-base", "--model3",
-                 "distilbert-base-uncased", env={"HF_HOME": str(tmp_path / "hf")})
+    result = cli(
+        "--run",
+        "--model1",
+        "bert-base-uncased",
+        "--model2",
+        "roberta-base",
+        "--model3",
+        "distilbert-base-uncased",
+        env={"HF_HOME": str(tmp_path / "hf")},
+    )
     assert_clean_error(result, "bert-base-uncased is not available offline")
     assert not Path("evomerge_runs").exists() or not any(Path("evomerge_runs").iterdir())
 
 
-@pytest.mark.parametrize("args,fragment", [
-    ([], "nothing to do"),
-    (["--run", "--evaluate", "x"], "choose exactly one"),
-    (["--run", "--population", "1"], "evolution_settings.population_size = 1"),
-    (["--run", "--strategy", "annealing"], "invalid choice: 'annealing'"),
-    (["--run", "--method", "tie"], "did you mean 'ties'"),
-    (["--run", "--model1", "/no/such/model"], "model path /no/such/model does not exist"),
-    (["--generate", "/no/such/model", "--prompt", "hi"], "does not exist"),
-    (["--generate", "x"], "--generate needs --prompt"),
-    (["--merge", "/no/recipe.json", "--output", "x"], "recipe file /no/recipe.json does not exist"),
-    (["--resume", "/no/run"], "is not a run folder"),
-    (["--config", "/no/config.yaml", "--run"], "does not exist"),
-])
+@pytest.mark.parametrize(
+    "args,fragment",
+    [
+        ([], "nothing to do"),
+        (["--run", "--evaluate", "x"], "choose exactly one"),
+        (["--run", "--population", "1"], "evolution_settings.population_size = 1"),
+        (["--run", "--strategy", "annealing"], "invalid choice: 'annealing'"),
+        (["--run", "--method", "tie"], "did you mean 'ties'"),
+        (["--run", "--model1", "/no/such/model"], "model path /no/such/model does not exist"),
+        (["--generate", "/no/such/model", "--prompt", "hi"], "does not exist"),
+        (["--generate", "x"], "--generate needs --prompt"),
+        (
+            ["--merge", "/no/recipe.json", "--output", "x"],
+            "recipe file /no/recipe.json does not exist",
+        ),
+        (["--resume", "/no/run"], "is not a run folder"),
+        (["--config", "/no/config.yaml", "--run"], "does not exist"),
+    ],
+)
 def test_user_mistakes_end_in_one_line_and_exit_code_2(args, fragment):
     assert_clean_error(cli(*args), fragment)
 
@@ -167,7 +222,9 @@ def test_bad_config_file_names_the_field(tmp_path):
 
 def test_unwritable_output_is_a_clear_error(tmp_path):
     # /proc accepts no new folders, even for root (chmod cannot stop root)
-    assert_clean_error(cli("--run", *QUICK, "--output", "/proc/evomerge-run"), "cannot write under /proc")
+    assert_clean_error(
+        cli("--run", *QUICK, "--output", "/proc/evomerge-run"), "cannot write under /proc"
+    )
     as_file = tmp_path / "a-file"
     as_file.write_text("x")
     assert_clean_error(cli("--run", *QUICK, "--output", str(as_file)), "exists and is a file")
@@ -184,8 +241,11 @@ def test_output_that_is_not_empty_is_refused(tmp_path):
 def test_help_shows_the_spec_examples_and_version():
     result = cli("--help")
     assert result.returncode == 0
-    for example in ("--run --model1 bert-base-uncased --model2 roberta-base --model3 distilbert-base-uncased",
-                    "--evaluate path/to/merged/model", '--generate path/to/merged/model --prompt "Your prompt here"',
-                    "--config path/to/config.json --run"):
+    for example in (
+        "--run --model1 bert-base-uncased --model2 roberta-base --model3 distilbert-base-uncased",
+        "--evaluate path/to/merged/model",
+        '--generate path/to/merged/model --prompt "Your prompt here"',
+        "--config path/to/config.json --run",
+    ):
         assert example in result.stdout
     assert cli("--version").stdout.startswith("evomerge ")

@@ -40,7 +40,8 @@ def test_default_config_points_at_the_embedded_models_and_tasks():
     for ref in [*config.models, config.base_model]:
         assert (__import__("pathlib").Path(ref.path) / "config.json").is_file()
     assert config.evaluation_settings.tasks and all(
-        __import__("pathlib").Path(t).is_file() for t in config.evaluation_settings.tasks)
+        __import__("pathlib").Path(t).is_file() for t in config.evaluation_settings.tasks
+    )
 
 
 def test_model_reference_accepts_positional_name_and_path():
@@ -65,22 +66,39 @@ def test_round_trip_json_and_yaml(tmp_path, suffix):
     assert data["evolution_settings"]["strategy"] == "cmaes"
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"modles": []}, "unknown field 'modles'"),
-    ({"evolution_settings": {"popsize": 4}}, "unknown field 'evolution_settings.popsize' \\(allowed: strategy,"),
-    ({"evolution_settings": {"population_size": 1}}, "evolution_settings.population_size = 1: .*greater than or equal to 2"),
-    ({"evolution_settings": {"population_size": 4, "tournament_size": 5}},
-     "tournament_size = 5 exceeds population_size = 4"),
-    ({"evolution_settings": {"strategy": "annealing"}}, "evolution_settings.strategy = \"annealing\": .*'tournament' or 'cmaes'"),
-    ({"evolution_settings": {"mutation_rate": 1.5}}, "mutation_rate = 1.5"),
-    ({"merge_settings": {"merge_method": "tie"}}, "unknown method 'tie' \\(did you mean 'ties'"),
-    ({"merge_settings": {"ps_technique": "linear"}}, "needs no base model"),
-    ({"merge_settings": {"max_shard_size": "lots"}}, "cannot read size 'lots'"),
-    ({"device": "tpu"}, "device = \"tpu\""),
-    ({"seed": -1}, "seed = -1"),
-    ({"models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "repeated: a"),
-    ({"models": [{"name": "", "path": "x"}]}, "models.0.name"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"modles": []}, "unknown field 'modles'"),
+        (
+            {"evolution_settings": {"popsize": 4}},
+            "unknown field 'evolution_settings.popsize' \\(allowed: strategy,",
+        ),
+        (
+            {"evolution_settings": {"population_size": 1}},
+            "evolution_settings.population_size = 1: .*greater than or equal to 2",
+        ),
+        (
+            {"evolution_settings": {"population_size": 4, "tournament_size": 5}},
+            "tournament_size = 5 exceeds population_size = 4",
+        ),
+        (
+            {"evolution_settings": {"strategy": "annealing"}},
+            "evolution_settings.strategy = \"annealing\": .*'tournament' or 'cmaes'",
+        ),
+        ({"evolution_settings": {"mutation_rate": 1.5}}, "mutation_rate = 1.5"),
+        (
+            {"merge_settings": {"merge_method": "tie"}},
+            "unknown method 'tie' \\(did you mean 'ties'",
+        ),
+        ({"merge_settings": {"ps_technique": "linear"}}, "needs no base model"),
+        ({"merge_settings": {"max_shard_size": "lots"}}, "cannot read size 'lots'"),
+        ({"device": "tpu"}, 'device = "tpu"'),
+        ({"seed": -1}, "seed = -1"),
+        ({"models": [{"name": "a", "path": "x"}, {"name": "a", "path": "y"}]}, "repeated: a"),
+        ({"models": [{"name": "", "path": "x"}]}, "models.0.name"),
+    ],
+)
 def test_each_invalid_field_is_named_with_value_and_what_is_allowed(data, message):
     with pytest.raises(ConfigurationError, match=message):
         Configuration.from_dict(data, origin="run.json")

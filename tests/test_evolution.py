@@ -26,7 +26,9 @@ def small_config(tmp_path: Path, name: str = "run", **evolution) -> Configuratio
     config = create_default_config()
     config.output_dir = str(tmp_path / name)
     config.evaluation_settings.fitness_sample_size = 24
-    settings = dict(population_size=4, num_generations=3, tournament_size=2, elite_size=1, patience=10)
+    settings = dict(
+        population_size=4, num_generations=3, tournament_size=2, elite_size=1, patience=10
+    )
     settings.update(evolution)
     config.evolution_settings = EvolutionSettings(**settings)
     return config
@@ -61,7 +63,16 @@ def test_cache_prevents_scoring_any_recipe_twice(counted_run):
     lines = (Path(evolution.run_dir) / "evaluations.jsonl").read_text().splitlines()
     assert len(lines) == len(executor.scored)
     record = json.loads(lines[0])
-    assert {"generation", "hash", "recipe", "parents", "scores", "fitness", "merge_seconds", "eval_seconds"} <= set(record)
+    assert {
+        "generation",
+        "hash",
+        "recipe",
+        "parents",
+        "scores",
+        "fitness",
+        "merge_seconds",
+        "eval_seconds",
+    } <= set(record)
 
 
 def test_elitism_keeps_the_best_fitness_non_decreasing(counted_run):
@@ -125,22 +136,37 @@ def test_killed_run_resumes_to_the_same_best_recipe_and_bytes(tmp_path):
     assert summary["best_recipe_hash"] == whole_summary["best_recipe_hash"]
     assert digest(resumed) == digest(whole)
     assert summary["test"] == whole_summary["test"]
-    hashes = [json.loads(line)["hash"] for line in (Path(resumed).parent / "evaluations.jsonl").read_text().splitlines()]
+    hashes = [
+        json.loads(line)["hash"]
+        for line in (Path(resumed).parent / "evaluations.jsonl").read_text().splitlines()
+    ]
     assert len(hashes) == len(set(hashes))
 
 
 def test_run_folder_holds_summary_report_plots_and_best(tmp_path):
     best = run_evolutionary_tournament(small_config(tmp_path, num_generations=2))
     run = Path(best).parent
-    for name in ("config.json", "evaluations.jsonl", "checkpoint.json", "report.md", "fitness.png", "lineage.png",
-                 "summary.json", "best/evomerge_recipe.json", "best/config.json", "best/tokenizer.json"):
+    for name in (
+        "config.json",
+        "evaluations.jsonl",
+        "checkpoint.json",
+        "report.md",
+        "fitness.png",
+        "lineage.png",
+        "summary.json",
+        "best/evomerge_recipe.json",
+        "best/config.json",
+        "best/tokenizer.json",
+    ):
         assert (run / name).is_file(), name
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_model"] == str(Path(best).resolve())
     names = {m.name for m in create_default_config().models}
     assert set(summary["test"]) == names | {"base", "average", "best"}
     assert all("mean" in scores for scores in summary["test"].values())
-    assert summary["fitness_test_gap"] == pytest.approx(summary["best_fitness"] - summary["test"]["best"]["mean"])
+    assert summary["fitness_test_gap"] == pytest.approx(
+        summary["best_fitness"] - summary["test"]["best"]["mean"]
+    )
     recipe = json.loads((run / "best" / "evomerge_recipe.json").read_text())
     assert recipe["hash"] == summary["best_recipe_hash"]
     report = (run / "report.md").read_text()
@@ -166,7 +192,10 @@ def test_spec_usage_example_runs_end_to_end(tmp_path):
     tokenizer = AutoTokenizer.from_pretrained(best_model)
     text = generate_text(model, tokenizer, "Once upon a time", max_length=10)
     assert isinstance(text, str)
-    stages = {json.loads(line)["stage"] for line in (tmp_path / "spec" / "evaluations.jsonl").read_text().splitlines()}
+    stages = {
+        json.loads(line)["stage"]
+        for line in (tmp_path / "spec" / "evaluations.jsonl").read_text().splitlines()
+    }
     assert stages == {"ps", "dfs"}
 
 
@@ -174,7 +203,9 @@ def test_resume_with_a_different_config_names_the_field(tmp_path):
     config = small_config(tmp_path, num_generations=1)
     run_evolutionary_tournament(config)
     changed = small_config(tmp_path, num_generations=5)
-    with pytest.raises(ConfigurationError, match="evolution_settings.num_generations is 1 in the run, 5 here"):
+    with pytest.raises(
+        ConfigurationError, match="evolution_settings.num_generations is 1 in the run, 5 here"
+    ):
         run_evolutionary_tournament(changed, resume=config.output_dir)
 
 
@@ -187,7 +218,9 @@ def test_a_new_run_refuses_a_used_folder(tmp_path):
 
 def test_lower_performers_are_merged_into_new_nodes(counted_run):
     evolution, _, _ = counted_run
-    nested = [r for r in evolution.records.values() if r["generation"] > 0 and len(r["parents"]) >= 2]
+    nested = [
+        r for r in evolution.records.values() if r["generation"] > 0 and len(r["parents"]) >= 2
+    ]
     assert nested, "no merge of lower performers was bred"
     for record in nested:
         assert record["recipe"]["type"] == "merge"

@@ -13,8 +13,9 @@ def small_config(tmp_path, name):
     config = create_default_config()
     config.output_dir = str(tmp_path / name)
     config.evaluation_settings.fitness_sample_size = 24
-    config.evolution_settings = EvolutionSettings(population_size=4, num_generations=2, tournament_size=2,
-                                                  elite_size=1)
+    config.evolution_settings = EvolutionSettings(
+        population_size=4, num_generations=2, tournament_size=2, elite_size=1
+    )
     return config
 
 
@@ -35,7 +36,9 @@ def test_ray_workers_score_like_the_serial_executor(tmp_path):
         executor.close()
         ray.shutdown()
     assert list(distributed.records) == list(serial.records)
-    assert [r["fitness"] for r in distributed.records.values()] == [r["fitness"] for r in serial.records.values()]
+    assert [r["fitness"] for r in distributed.records.values()] == [
+        r["fitness"] for r in serial.records.values()
+    ]
 
 
 def test_serial_is_the_default_executor(tmp_path):

@@ -34,30 +34,79 @@ RUN_MERGEKIT = textwrap.dedent(
 
 def configs(family: dict[str, Path]) -> dict[str, dict]:
     base, m1, m2, m3 = (str(family[n]) for n in ("base", "m1", "m2", "m3"))
-    three = [{"model": m1, "parameters": {"weight": 0.5, "density": 0.6}},
-             {"model": m2, "parameters": {"weight": 0.3, "density": 0.4}},
-             {"model": m3, "parameters": {"weight": 0.2, "density": 0.8}}]
+    three = [
+        {"model": m1, "parameters": {"weight": 0.5, "density": 0.6}},
+        {"model": m2, "parameters": {"weight": 0.3, "density": 0.4}},
+        {"model": m3, "parameters": {"weight": 0.2, "density": 0.8}},
+    ]
     return {
-        "linear": {"merge_method": "linear", "models": [{"model": m1, "parameters": {"weight": 2.0}},
-                                                          {"model": m2, "parameters": {"weight": 1.0}}]},
-        "task_arithmetic": {"merge_method": "task_arithmetic", "base_model": base,
-                            "models": [{"model": m1, "parameters": {"weight": 0.7}}, {"model": m2, "parameters": {"weight": 0.4}}],
-                            "parameters": {"lambda": 0.9}},
-        "ties": {"merge_method": "ties", "base_model": base, "models": three, "parameters": {"lambda": 1.1}},
-        "ties_defaults": {"merge_method": "ties", "base_model": base,
-                          "models": [{"model": m1, "parameters": {"weight": 0.6}}, {"model": m2, "parameters": {"weight": 0.4}}]},
-        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": base,
-                        "models": [{"model": m1, "parameters": {"weight": 0.6, "density": 0.7, "gamma": 0.05}},
-                                   {"model": m2, "parameters": {"weight": 0.4, "density": 0.9, "gamma": 0.02}}]},
-        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": base, "models": three},
-        "model_stock": {"merge_method": "model_stock", "base_model": base,
-                        "models": [{"model": m1}, {"model": m2}, {"model": m3}]},
-        "slerp": {"merge_method": "slerp", "base_model": m1, "models": [{"model": m1}, {"model": m2}],
-                  "parameters": {"t": [{"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
-                                       {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]}, {"value": 0.4}]}},
-        "passthrough": {"merge_method": "passthrough",
-                        "slices": [{"sources": [{"model": m1, "layer_range": [0, 2]}]},
-                                   {"sources": [{"model": m2, "layer_range": [1, 2]}]}]},
+        "linear": {
+            "merge_method": "linear",
+            "models": [
+                {"model": m1, "parameters": {"weight": 2.0}},
+                {"model": m2, "parameters": {"weight": 1.0}},
+            ],
+        },
+        "task_arithmetic": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.7}},
+                {"model": m2, "parameters": {"weight": 0.4}},
+            ],
+            "parameters": {"lambda": 0.9},
+        },
+        "ties": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": three,
+            "parameters": {"lambda": 1.1},
+        },
+        "ties_defaults": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.6}},
+                {"model": m2, "parameters": {"weight": 0.4}},
+            ],
+        },
+        "breadcrumbs": {
+            "merge_method": "breadcrumbs",
+            "base_model": base,
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.6, "density": 0.7, "gamma": 0.05}},
+                {"model": m2, "parameters": {"weight": 0.4, "density": 0.9, "gamma": 0.02}},
+            ],
+        },
+        "breadcrumbs_ties": {
+            "merge_method": "breadcrumbs_ties",
+            "base_model": base,
+            "models": three,
+        },
+        "model_stock": {
+            "merge_method": "model_stock",
+            "base_model": base,
+            "models": [{"model": m1}, {"model": m2}, {"model": m3}],
+        },
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": m1,
+            "models": [{"model": m1}, {"model": m2}],
+            "parameters": {
+                "t": [
+                    {"filter": "self_attn", "value": [0.0, 0.5, 0.3, 0.7, 1.0]},
+                    {"filter": "mlp", "value": [1.0, 0.5, 0.7, 0.3, 0.0]},
+                    {"value": 0.4},
+                ]
+            },
+        },
+        "passthrough": {
+            "merge_method": "passthrough",
+            "slices": [
+                {"sources": [{"model": m1, "layer_range": [0, 2]}]},
+                {"sources": [{"model": m2, "layer_range": [1, 2]}]},
+            ],
+        },
     }
 
 
@@ -85,8 +134,20 @@ def evomerge_merge(yaml_path: Path, out: Path) -> dict[str, torch.Tensor]:
     return load_file(merger.merge(document.recipe, out) / "model.safetensors")
 
 
-@pytest.mark.parametrize("name", ["linear", "task_arithmetic", "ties", "ties_defaults", "breadcrumbs",
-                                  "breadcrumbs_ties", "model_stock", "slerp", "passthrough"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear",
+        "task_arithmetic",
+        "ties",
+        "ties_defaults",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "model_stock",
+        "slerp",
+        "passthrough",
+    ],
+)
 def test_same_tensors_as_mergekit(name, mergekit_outputs, tmp_path):
     ours = evomerge_merge(mergekit_outputs / f"{name}.yaml", tmp_path / "ours")
     out = mergekit_outputs / f"{name}-out"
@@ -94,13 +155,22 @@ def test_same_tensors_as_mergekit(name, mergekit_outputs, tmp_path):
     assert set(ours) == set(theirs)
     for tensor_name, tensor in theirs.items():
         assert torch.allclose(ours[tensor_name], tensor, rtol=1e-5, atol=1e-6), (
-            tensor_name, (ours[tensor_name] - tensor).abs().max())
+            tensor_name,
+            (ours[tensor_name] - tensor).abs().max(),
+        )
 
 
 def test_mergekit_defaults_fill_what_the_yaml_leaves_out(tiny_family, tmp_path):
     path = tmp_path / "dare.yaml"
-    path.write_text(yaml.safe_dump({"merge_method": "dare_ties", "base_model": str(tiny_family["base"]),
-                                    "models": [{"model": str(tiny_family["m1"])}, {"model": str(tiny_family["m2"])}]}))
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "dare_ties",
+                "base_model": str(tiny_family["base"]),
+                "models": [{"model": str(tiny_family["m1"])}, {"model": str(tiny_family["m2"])}],
+            }
+        )
+    )
     recipe = load_recipe_file(path).recipe
     assert isinstance(recipe, Merge)
     assert recipe.params["density"] == [1.0, 1.0]
@@ -116,13 +186,32 @@ def test_slices_become_a_layer_stack(tiny_family, tmp_path):
     assert document.sources == {"m1": str(tiny_family["m1"]), "m2": str(tiny_family["m2"])}
 
 
-@pytest.mark.parametrize("config,message", [
-    ({"merge_method": "karcher", "models": [{"model": "a"}]}, "merge_method 'karcher' is not supported"),
-    ({"merge_method": "ties", "models": [{"model": "a"}, {"model": "b"}]}, "ties needs base_model"),
-    ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"}, "tokenizer_source"),
-    ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": [{"filter": "q_proj", "value": 1}]}}]},
-     "filter 'q_proj' is not supported"),
-])
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        (
+            {"merge_method": "karcher", "models": [{"model": "a"}]},
+            "merge_method 'karcher' is not supported",
+        ),
+        (
+            {"merge_method": "ties", "models": [{"model": "a"}, {"model": "b"}]},
+            "ties needs base_model",
+        ),
+        (
+            {"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"},
+            "tokenizer_source",
+        ),
+        (
+            {
+                "merge_method": "linear",
+                "models": [
+                    {"model": "a", "parameters": {"weight": [{"filter": "q_proj", "value": 1}]}}
+                ],
+            },
+            "filter 'q_proj' is not supported",
+        ),
+    ],
+)
 def test_unsupported_mergekit_features_are_clear_errors(config, message, tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump(config))

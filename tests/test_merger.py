@@ -45,7 +45,9 @@ def recipe_for(technique: str) -> Merge:
 
 
 @pytest.mark.parametrize("technique", sorted(MERGE_TECHNIQUES))
-def test_each_technique_merges_to_a_loadable_model_that_generates(technique, merger, resident, tmp_path):
+def test_each_technique_merges_to_a_loadable_model_that_generates(
+    technique, merger, resident, tmp_path
+):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     recipe = recipe_for(technique)
@@ -53,7 +55,9 @@ def test_each_technique_merges_to_a_loadable_model_that_generates(technique, mer
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     ids = tokenizer("the quick", return_tensors="pt")
-    generated = model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    generated = model.generate(
+        **ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
     assert generated.shape[1] == ids["input_ids"].shape[1] + 4
     document = json.loads((out / RECIPE_FILE).read_text())
     assert document["hash"] == recipe.hash and document["recipe"] == recipe.to_dict()
@@ -65,29 +69,45 @@ def test_each_technique_merges_to_a_loadable_model_that_generates(technique, mer
         assert torch.equal(tensor, params[name].detach()), name
 
 
-def test_linear_task_arithmetic_and_ties_match_the_formula_tensor_by_tensor(merger, tiny_family, tmp_path):
+def test_linear_task_arithmetic_and_ties_match_the_formula_tensor_by_tensor(
+    merger, tiny_family, tmp_path
+):
     sd = states(tiny_family)
     weights = [0.5, 0.3, 0.2]
-    out = merger.merge(Merge("linear", [Source("m1"), Source("m2"), Source("m3")], {"weight": weights}),
-                       tmp_path / "linear")
+    out = merger.merge(
+        Merge("linear", [Source("m1"), Source("m2"), Source("m3")], {"weight": weights}),
+        tmp_path / "linear",
+    )
     merged = load_file(out / "model.safetensors")
     for name in sd["base"]:
         expected = sum(w * sd[m][name] for w, m in zip(weights, ["m1", "m2", "m3"])) / sum(weights)
         assert torch.allclose(merged[name], expected, atol=1e-6), name
 
-    out = merger.merge(Merge("task_arithmetic", [Source("m1"), Source("m2")], {"weight": [1.0, 0.5], "lambda": 0.7},
-                             Source("base")), tmp_path / "ta")
+    out = merger.merge(
+        Merge(
+            "task_arithmetic",
+            [Source("m1"), Source("m2")],
+            {"weight": [1.0, 0.5], "lambda": 0.7},
+            Source("base"),
+        ),
+        tmp_path / "ta",
+    )
     merged = load_file(out / "model.safetensors")
     for name, base in sd["base"].items():
         expected = base + 0.7 * ((sd["m1"][name] - base) + 0.5 * (sd["m2"][name] - base))
         assert torch.allclose(merged[name], expected, atol=1e-6), name
 
-    out = merger.merge(Merge("ties", [Source("m1"), Source("m2"), Source("m3")], {"density": 0.3}, Source("base")),
-                       tmp_path / "ties")
+    out = merger.merge(
+        Merge("ties", [Source("m1"), Source("m2"), Source("m3")], {"density": 0.3}, Source("base")),
+        tmp_path / "ties",
+    )
     merged = load_file(out / "model.safetensors")
     for name, base in sd["base"].items():
-        assert torch.allclose(merged[name], base + reference_ties([sd[m][name] - base for m in ("m1", "m2", "m3")], 0.3),
-                              atol=1e-6), name
+        assert torch.allclose(
+            merged[name],
+            base + reference_ties([sd[m][name] - base for m in ("m1", "m2", "m3")], 0.3),
+            atol=1e-6,
+        ), name
 
 
 def reference_ties(deltas, density):
@@ -113,30 +133,60 @@ def test_per_layer_group_weights_apply_to_the_right_layers(merger, tiny_family, 
     """A PS merge with one weight per position (embeddings, layer 0, layer 1, head)."""
     sd = states(tiny_family)
     w1 = [0.1, 0.9, 0.5, 0.3]
-    recipe = merger._ps_merge({"weight": [w1, 1.0, 1.0], "normalize": False}, technique="task_arithmetic")
+    recipe = merger._ps_merge(
+        {"weight": [w1, 1.0, 1.0], "normalize": False}, technique="task_arithmetic"
+    )
     merged = load_file(merger.merge(recipe, tmp_path / "ps") / "model.safetensors")
-    expected_w = {"model.embed_tokens.weight": 0.1, "model.layers.0.mlp.up_proj.weight": 0.9,
-                  "model.layers.1.self_attn.q_proj.weight": 0.5, "model.norm.weight": 0.3, "lm_head.weight": 0.3}
+    expected_w = {
+        "model.embed_tokens.weight": 0.1,
+        "model.layers.0.mlp.up_proj.weight": 0.9,
+        "model.layers.1.self_attn.q_proj.weight": 0.5,
+        "model.norm.weight": 0.3,
+        "lm_head.weight": 0.3,
+    }
     for name, w in expected_w.items():
         base = sd["base"][name]
-        expected = base + w * (sd["m1"][name] - base) + (sd["m2"][name] - base) + (sd["m3"][name] - base)
+        expected = (
+            base + w * (sd["m1"][name] - base) + (sd["m2"][name] - base) + (sd["m3"][name] - base)
+        )
         assert torch.allclose(merged[name], expected, atol=1e-6), name
 
 
 def test_component_weights_split_attention_and_mlp(merger, tiny_family, tmp_path):
     sd = states(tiny_family)
-    recipe = Merge("linear", [Source("m1"), Source("m2")],
-                   {"weight": [{"attention": 1.0, "mlp": 0.0, "default": 0.5}, {"attention": 0.0, "mlp": 1.0, "default": 0.5}]})
+    recipe = Merge(
+        "linear",
+        [Source("m1"), Source("m2")],
+        {
+            "weight": [
+                {"attention": 1.0, "mlp": 0.0, "default": 0.5},
+                {"attention": 0.0, "mlp": 1.0, "default": 0.5},
+            ]
+        },
+    )
     merged = load_file(merger.merge(recipe, tmp_path / "c") / "model.safetensors")
-    assert torch.equal(merged["model.layers.0.self_attn.q_proj.weight"], sd["m1"]["model.layers.0.self_attn.q_proj.weight"])
-    assert torch.equal(merged["model.layers.1.mlp.down_proj.weight"], sd["m2"]["model.layers.1.mlp.down_proj.weight"])
+    assert torch.equal(
+        merged["model.layers.0.self_attn.q_proj.weight"],
+        sd["m1"]["model.layers.0.self_attn.q_proj.weight"],
+    )
+    assert torch.equal(
+        merged["model.layers.1.mlp.down_proj.weight"],
+        sd["m2"]["model.layers.1.mlp.down_proj.weight"],
+    )
     norm = "model.layers.0.input_layernorm.weight"
     assert torch.allclose(merged[norm], (sd["m1"][norm] + sd["m2"][norm]) / 2)
 
 
-def test_same_recipe_gives_identical_bytes_twice_and_in_another_process(merger, tiny_family, tmp_path):
-    recipe = Merge("della", [Source("m1"), Source("m2"), Source("m3")], {"density": 0.5, "epsilon": 0.1},
-                   Source("base"), seed=3)
+def test_same_recipe_gives_identical_bytes_twice_and_in_another_process(
+    merger, tiny_family, tmp_path
+):
+    recipe = Merge(
+        "della",
+        [Source("m1"), Source("m2"), Source("m3")],
+        {"density": 0.5, "epsilon": 0.1},
+        Source("base"),
+        seed=3,
+    )
     first = merger.merge(recipe, tmp_path / "a")
     second = merger.merge(recipe, tmp_path / "b")
     digest = hashlib.sha256((first / "model.safetensors").read_bytes()).hexdigest()
@@ -154,15 +204,21 @@ def test_same_recipe_gives_identical_bytes_twice_and_in_another_process(merger, 
         "out = m.merge(doc.recipe, Path(sys.argv[2]))\n"
         "print(hashlib.sha256((out / 'model.safetensors').read_bytes()).hexdigest())\n"
     )
-    result = subprocess.run([sys.executable, "-c", script, str(recipe_file), str(tmp_path / "c")],
-                            capture_output=True, text=True, check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", script, str(recipe_file), str(tmp_path / "c")],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert result.stdout.strip() == digest
 
 
 def test_sharded_output_has_an_index_and_loads(merger, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    single = load_file(merger.merge(recipe_for("linear"), tmp_path / "single") / "model.safetensors")
+    single = load_file(
+        merger.merge(recipe_for("linear"), tmp_path / "single") / "model.safetensors"
+    )
     merger.settings = merger.settings.model_copy(update={"max_shard_size": "20KB"})
     out = merger.merge(recipe_for("linear"), tmp_path / "sharded")
     index = json.loads((out / "model.safetensors.index.json").read_text())
@@ -179,10 +235,30 @@ def test_bf16_sources_merge_in_float32_and_keep_bf16(tiny_family, tiny_tokenizer
     from transformers import LlamaForCausalLM
 
     base = LlamaForCausalLM.from_pretrained(tiny_family["base"])
-    paths = {"base": save_tiny_llama(tmp_path / "b", tiny_tokenizer, seed=0, from_model=base, dtype=torch.bfloat16),
-             "x": save_tiny_llama(tmp_path / "x", tiny_tokenizer, seed=1, from_model=base, noise=0.05, dtype=torch.bfloat16),
-             "y": save_tiny_llama(tmp_path / "y", tiny_tokenizer, seed=2, from_model=base, noise=0.05, dtype=torch.bfloat16)}
-    merger = AdvancedModelMerger(sources={n: open_source(n, str(p)) for n, p in paths.items()}, base="base")
+    paths = {
+        "base": save_tiny_llama(
+            tmp_path / "b", tiny_tokenizer, seed=0, from_model=base, dtype=torch.bfloat16
+        ),
+        "x": save_tiny_llama(
+            tmp_path / "x",
+            tiny_tokenizer,
+            seed=1,
+            from_model=base,
+            noise=0.05,
+            dtype=torch.bfloat16,
+        ),
+        "y": save_tiny_llama(
+            tmp_path / "y",
+            tiny_tokenizer,
+            seed=2,
+            from_model=base,
+            noise=0.05,
+            dtype=torch.bfloat16,
+        ),
+    }
+    merger = AdvancedModelMerger(
+        sources={n: open_source(n, str(p)) for n, p in paths.items()}, base="base"
+    )
     out = merger.merge(Merge("linear", [Source("x"), Source("y")], {}), tmp_path / "out")
     merged = load_file(out / "model.safetensors")
     sd = states(paths)
@@ -204,7 +280,9 @@ def manual_forward(models, path, stream_scales, input_ids):
     for (model_index, layer), w in zip(path, stream_scales):
         hidden = hidden * w
         layer_module = models[model_index].model.layers[layer]
-        out = layer_module(hidden, position_embeddings=rotary, attention_mask=None, position_ids=positions)
+        out = layer_module(
+            hidden, position_embeddings=rotary, attention_mask=None, position_ids=positions
+        )
         hidden = out[0] if isinstance(out, tuple) else out
     return embed_model.lm_head(embed_model.model.norm(hidden))
 
@@ -231,19 +309,35 @@ def test_dfs_layer_path_with_scales_equals_scaling_the_stream(merger, tiny_famil
 def test_dfs_repeated_layers_give_a_deeper_model_that_runs(merger, resident, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    slots = [LayerSlot(0, 0), LayerSlot(0, 1), LayerSlot(1, 0), LayerSlot(1, 1), LayerSlot(2, 1, 0.5), LayerSlot(0, 1)]
+    slots = [
+        LayerSlot(0, 0),
+        LayerSlot(0, 1),
+        LayerSlot(1, 0),
+        LayerSlot(1, 1),
+        LayerSlot(2, 1, 0.5),
+        LayerSlot(0, 1),
+    ]
     stack = LayerStack((Source("m1"), Source("m2"), Source("m3")), tuple(slots))
     out = merger.merge(stack, tmp_path / "deep")
     model = AutoModelForCausalLM.from_pretrained(out)
     tokenizer = AutoTokenizer.from_pretrained(out)
     assert model.config.num_hidden_layers == 6
-    generated = model.generate(**tokenizer("hello", return_tensors="pt"), max_new_tokens=3, do_sample=False,
-                               pad_token_id=tokenizer.pad_token_id)
+    generated = model.generate(
+        **tokenizer("hello", return_tensors="pt"),
+        max_new_tokens=3,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+    )
     assert generated.shape[1] > 1
     streamed = load_file(out / "model.safetensors")
     sd3 = load_file(Path(merger.sources["m3"].folder) / "model.safetensors")
-    assert torch.equal(streamed["model.layers.4.mlp.down_proj.weight"], sd3["model.layers.1.mlp.down_proj.weight"] * 0.5)
-    assert torch.equal(streamed["model.layers.4.mlp.up_proj.weight"], sd3["model.layers.1.mlp.up_proj.weight"])
+    assert torch.equal(
+        streamed["model.layers.4.mlp.down_proj.weight"],
+        sd3["model.layers.1.mlp.down_proj.weight"] * 0.5,
+    )
+    assert torch.equal(
+        streamed["model.layers.4.mlp.up_proj.weight"], sd3["model.layers.1.mlp.up_proj.weight"]
+    )
     params = dict(resident.materialize(stack).named_parameters())
     assert all(torch.equal(streamed[n], params[n].detach()) for n in streamed)
 
@@ -271,13 +365,20 @@ def test_truncated_source_fails_without_leaving_an_output_folder(tiny_family, tm
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[: len(data) // 2])
     with pytest.raises(ModelLoadError, match="damaged or incomplete"):
-        sources = {"m1": open_source("m1", str(tiny_family["m1"])), "m2": open_source("m2", str(broken))}
-        AdvancedModelMerger(sources=sources).merge(Merge("linear", [Source("m1"), Source("m2")], {}), tmp_path / "out")
+        sources = {
+            "m1": open_source("m1", str(tiny_family["m1"])),
+            "m2": open_source("m2", str(broken)),
+        }
+        AdvancedModelMerger(sources=sources).merge(
+            Merge("linear", [Source("m1"), Source("m2")], {}), tmp_path / "out"
+        )
     assert not (tmp_path / "out").exists()
     assert not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
 
 
-def test_shape_mismatch_mid_merge_is_a_clear_error_and_leaves_nothing(tiny_family, tiny_tokenizer, tmp_path):
+def test_shape_mismatch_mid_merge_is_a_clear_error_and_leaves_nothing(
+    tiny_family, tiny_tokenizer, tmp_path
+):
     from conftest import save_tiny_llama
 
     wide = tmp_path / "wide"
@@ -292,7 +393,9 @@ def test_shape_mismatch_mid_merge_is_a_clear_error_and_leaves_nothing(tiny_famil
     save_file(sd, wide / "model.safetensors")
     sources = {"m1": open_source("m1", str(tiny_family["m1"])), "w": open_source("w", str(wide))}
     with pytest.raises(EvoMergeException, match="model.layers.1.mlp.up_proj.weight"):
-        AdvancedModelMerger(sources=sources).merge(Merge("linear", [Source("m1"), Source("w")], {}), tmp_path / "out")
+        AdvancedModelMerger(sources=sources).merge(
+            Merge("linear", [Source("m1"), Source("w")], {}), tmp_path / "out"
+        )
     assert not (tmp_path / "out").exists()
 
 
@@ -312,10 +415,21 @@ def test_non_empty_output_is_not_overwritten(merger, tmp_path):
 
 def test_unknown_technique_in_recipe_file_is_a_clear_error(tmp_path):
     path = tmp_path / "r.json"
-    path.write_text(json.dumps({"sources": {"a": "x", "b": "y"},
-                                "recipe": {"type": "merge", "technique": "tiez", "inputs": [
-                                    {"type": "source", "name": "a"}, {"type": "source", "name": "b"}]}}))
-    with pytest.raises(ConfigurationError, match="unknown merge technique 'tiez' \\(did you mean 'ties'\\?\\)"):
+    path.write_text(
+        json.dumps(
+            {
+                "sources": {"a": "x", "b": "y"},
+                "recipe": {
+                    "type": "merge",
+                    "technique": "tiez",
+                    "inputs": [{"type": "source", "name": "a"}, {"type": "source", "name": "b"}],
+                },
+            }
+        )
+    )
+    with pytest.raises(
+        ConfigurationError, match="unknown merge technique 'tiez' \\(did you mean 'ties'\\?\\)"
+    ):
         load_recipe_file(path)
 
 
@@ -323,16 +437,23 @@ def test_unknown_technique_in_recipe_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize("technique", ["ties", "dare_ties", "breadcrumbs_ties", "della"])
-def test_bytes_do_not_depend_on_threads_block_sizes_or_batches(technique, tiny_family, tmp_path, monkeypatch):
+def test_bytes_do_not_depend_on_threads_block_sizes_or_batches(
+    technique, tiny_family, tmp_path, monkeypatch
+):
     """Streamed with tiny blocks, spans, batches and samples on 1 and 2 threads, and resident with
     the defaults: every tensor is the same bits (PS-style layer-dependent densities included)."""
     from agent_forge.evomerge import blockwise, graph, sparsify
 
     sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
     density = [[0.3, 0.6, 0.45], 0.5, {"attention": 0.7, "default": 0.4}]
-    recipe = Merge(technique, [Source("m1"), Source("m2"), Source("m3")],
-                   {"density": density, "weight": [0.5, 0.8, 0.3]} | ({"epsilon": 0.1} if technique == "della" else {}),
-                   Source("base"), seed=9)
+    recipe = Merge(
+        technique,
+        [Source("m1"), Source("m2"), Source("m3")],
+        {"density": density, "weight": [0.5, 0.8, 0.3]}
+        | ({"epsilon": 0.1} if technique == "della" else {}),
+        Source("base"),
+        seed=9,
+    )
     resident = AdvancedModelMerger(sources=sources, base="base", resident=True)
     expected = {n: p.detach().clone() for n, p in resident.materialize(recipe).named_parameters()}
     for name, value in (("BLOCK", 48), ("WHOLE", 100), ("SPAN", 333)):
@@ -344,8 +465,9 @@ def test_bytes_do_not_depend_on_threads_block_sizes_or_batches(technique, tiny_f
     try:
         for count in (1, 2):
             torch.set_num_threads(count)
-            merger = AdvancedModelMerger(sources={n: open_source(n, str(p)) for n, p in tiny_family.items()},
-                                         base="base")
+            merger = AdvancedModelMerger(
+                sources={n: open_source(n, str(p)) for n, p in tiny_family.items()}, base="base"
+            )
             streamed = load_file(merger.merge(recipe, tmp_path / f"t{count}") / "model.safetensors")
             assert set(streamed) == set(expected)
             for name, tensor in streamed.items():

@@ -24,7 +24,12 @@ A, B, C, BASE = Source("a"), Source("b"), Source("c"), Source("base")
 
 def test_equivalent_spellings_have_one_canonical_form_and_hash():
     terse = Merge("ties", [A, B], {"density": 0.5}, BASE)
-    explicit = Merge("ties", [A, B], {"weight": [1, 1.0], "density": [0.5, 0.5], "lambda": 1, "normalize": True}, BASE)
+    explicit = Merge(
+        "ties",
+        [A, B],
+        {"weight": [1, 1.0], "density": [0.5, 0.5], "lambda": 1, "normalize": True},
+        BASE,
+    )
     assert terse == explicit and terse.hash == explicit.hash
     assert terse.canonical_json == explicit.canonical_json
     assert len({terse, explicit}) == 1
@@ -69,19 +74,49 @@ def test_hash_is_stable_across_versions_of_this_code():
     assert recipe.hash == hashlib.sha256(recipe.canonical_json.encode()).hexdigest()
 
 
-@pytest.mark.parametrize("data,message", [
-    ({"type": "merge", "technique": "ties", "inputs": [{"type": "source", "name": "a"}]}, "ties needs a base model"),
-    ({"type": "merge", "technique": "linear", "inputs": [{"type": "source", "name": "a"}], "extra": 1},
-     "unknown key 'extra'"),
-    ({"type": "blend", "inputs": []}, "unknown node type 'blend'"),
-    ({"type": "merge", "technique": "linear",
-      "inputs": [{"type": "source", "name": "a"}, {"type": "merge", "technique": "ties", "inputs": []}]},
-     r"recipe.inputs\[1\]: ties needs a base model"),
-    ({"type": "layer_stack", "inputs": [{"type": "source", "name": "a"}], "slots": [[1, 0, 1.0]]},
-     "names input 1, but there are 1"),
-    ({"type": "layer_stack", "inputs": [{"type": "source", "name": "a"}], "slots": []}, "at least one layer slot"),
-    ({"type": "source", "name": ""}, "non-empty model name"),
-])
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (
+            {"type": "merge", "technique": "ties", "inputs": [{"type": "source", "name": "a"}]},
+            "ties needs a base model",
+        ),
+        (
+            {
+                "type": "merge",
+                "technique": "linear",
+                "inputs": [{"type": "source", "name": "a"}],
+                "extra": 1,
+            },
+            "unknown key 'extra'",
+        ),
+        ({"type": "blend", "inputs": []}, "unknown node type 'blend'"),
+        (
+            {
+                "type": "merge",
+                "technique": "linear",
+                "inputs": [
+                    {"type": "source", "name": "a"},
+                    {"type": "merge", "technique": "ties", "inputs": []},
+                ],
+            },
+            r"recipe.inputs\[1\]: ties needs a base model",
+        ),
+        (
+            {
+                "type": "layer_stack",
+                "inputs": [{"type": "source", "name": "a"}],
+                "slots": [[1, 0, 1.0]],
+            },
+            "names input 1, but there are 1",
+        ),
+        (
+            {"type": "layer_stack", "inputs": [{"type": "source", "name": "a"}], "slots": []},
+            "at least one layer slot",
+        ),
+        ({"type": "source", "name": ""}, "non-empty model name"),
+    ],
+)
 def test_invalid_recipes_name_the_node_and_problem(data, message):
     with pytest.raises(ConfigurationError, match=message):
         recipe_from_dict(data)
@@ -96,8 +131,10 @@ def test_depth_and_source_names():
 
 def test_linear_of_linear_collapses_to_one_node_with_the_same_value(tiny_sources):
     m1, m2, m3 = Source("m1"), Source("m2"), Source("m3")
-    inner = Merge("linear", [m1, m2], {"weight": [1.0, 3.0]})          # (m1 + 3 m2) / 4
-    nested = Merge("linear", [inner, m3, m1], {"weight": [2.0, 1.0, 1.0]})  # (2·inner + m3 + m1) / 4
+    inner = Merge("linear", [m1, m2], {"weight": [1.0, 3.0]})  # (m1 + 3 m2) / 4
+    nested = Merge(
+        "linear", [inner, m3, m1], {"weight": [2.0, 1.0, 1.0]}
+    )  # (2·inner + m3 + m1) / 4
     flat = collapse_linear(nested)
     assert flat.depth() == 1
     # 2·(1/4) + 1 for m1, 2·(3/4) for m2, 1 for m3

@@ -31,10 +31,15 @@ def space(**evolution) -> SearchSpace:
 def sphere(recipe: RecipeNode) -> float:
     """Higher is better; 0 at the target weights and λ of a task-arithmetic merge of the sources
     (anything else — another technique, a merge of merges — scores -10)."""
-    if not (isinstance(recipe, Merge) and recipe.technique == "task_arithmetic" and recipe.depth() == 1):
+    if not (
+        isinstance(recipe, Merge) and recipe.technique == "task_arithmetic" and recipe.depth() == 1
+    ):
         return -10.0
     weights = recipe.params["weight"]
-    return -sum((w - t) ** 2 for w, t in zip(weights, TARGET_WEIGHTS)) - (recipe.params["lambda"] - TARGET_LAMBDA) ** 2
+    return (
+        -sum((w - t) ** 2 for w, t in zip(weights, TARGET_WEIGHTS))
+        - (recipe.params["lambda"] - TARGET_LAMBDA) ** 2
+    )
 
 
 def run(strategy, generations: int) -> list[float]:
@@ -49,8 +54,14 @@ def run(strategy, generations: int) -> list[float]:
 
 @pytest.mark.parametrize("kind", ["tournament", "cmaes"])
 def test_each_strategy_improves_on_a_sphere(kind):
-    evo = dict(population_size=8, num_generations=30, patience=100, technique_switch_rate=0.0, lower_merge_count=0,
-               layer_refine_rate=0.0)
+    evo = dict(
+        population_size=8,
+        num_generations=30,
+        patience=100,
+        technique_switch_rate=0.0,
+        lower_merge_count=0,
+        layer_refine_rate=0.0,
+    )
     strategy = make_strategy(kind, "task_arithmetic", space(**evo), seed=3)
     bests = run(strategy, 25)
     assert max(bests) > bests[0] + 0.05
@@ -59,23 +70,34 @@ def test_each_strategy_improves_on_a_sphere(kind):
 
 @pytest.mark.parametrize("kind", ["tournament", "cmaes"])
 def test_state_dict_round_trip_gives_the_same_next_ask(kind):
-    strategy = make_strategy(kind, "task_arithmetic", space(patience=100, layer_refine_rate=0.0), seed=5)
+    strategy = make_strategy(
+        kind, "task_arithmetic", space(patience=100, layer_refine_rate=0.0), seed=5
+    )
     run(strategy, 3)
     state = json.loads(json.dumps(strategy.state_dict()))
-    again = make_strategy(kind, "task_arithmetic", space(patience=100, layer_refine_rate=0.0), seed=5)
+    again = make_strategy(
+        kind, "task_arithmetic", space(patience=100, layer_refine_rate=0.0), seed=5
+    )
     again.load_state_dict(state)
     assert [r.hash for r in again.ask()] == [r.hash for r in strategy.ask()]
 
 
 def test_cmaes_with_a_fixed_seed_is_reproducible():
-    first = [[r.hash for r in make_strategy("cmaes", "ps", space(), seed=9).ask()] for _ in range(2)]
+    first = [
+        [r.hash for r in make_strategy("cmaes", "ps", space(), seed=9).ask()] for _ in range(2)
+    ]
     assert first[0] == first[1]
-    a, b = make_strategy("cmaes", "ps", space(), seed=9), make_strategy("cmaes", "ps", space(), seed=10)
+    a, b = (
+        make_strategy("cmaes", "ps", space(), seed=9),
+        make_strategy("cmaes", "ps", space(), seed=10),
+    )
     assert [r.hash for r in a.ask()] != [r.hash for r in b.ask()]
 
 
 def test_tournament_selection_picks_by_fitness():
-    recipes = [Merge("linear", [Source("a"), Source("b")], {"weight": [1.0, float(i)]}) for i in range(6)]
+    recipes = [
+        Merge("linear", [Source("a"), Source("b")], {"weight": [1.0, float(i)]}) for i in range(6)
+    ]
     scored = [(r, float(f)) for r, f in zip(recipes, [0.1, 0.9, 0.3, 0.5, 0.2, 0.4])]
     rng = np.random.default_rng(0)
     # a tournament over the whole population always returns the fittest
@@ -88,7 +110,9 @@ def test_tournament_selection_picks_by_fitness():
 
 def test_mutation_stays_in_range_and_is_seed_deterministic():
     sp = space(mutation_rate=1.0, mutation_strength=1.0, technique_switch_rate=0.3)
-    recipe = Merge("ties", [Source("a"), Source("b"), Source("c")], {"density": 0.5}, Source("base"))
+    recipe = Merge(
+        "ties", [Source("a"), Source("b"), Source("c")], {"density": 0.5}, Source("base")
+    )
     for seed in range(40):
         child = mutate_recipe(recipe, sp, np.random.default_rng(seed))
         assert child.hash == mutate_recipe(recipe, sp, np.random.default_rng(seed)).hash
@@ -98,7 +122,10 @@ def test_mutation_stays_in_range_and_is_seed_deterministic():
             if param.is_numeric and param.search:
                 values = child.params[param.name] if param.per_input else [child.params[param.name]]
                 leaves = [x for v in values for x in (v if isinstance(v, list) else [v])]
-                assert all(param.search[0] <= v <= param.search[1] for v in leaves), (param.name, values)
+                assert all(param.search[0] <= v <= param.search[1] for v in leaves), (
+                    param.name,
+                    values,
+                )
 
 
 def test_mutation_of_a_layer_stack_keeps_valid_slots_and_scales():
@@ -114,20 +141,35 @@ def test_mutation_of_a_layer_stack_keeps_valid_slots_and_scales():
 def test_initial_mixed_population_covers_the_techniques():
     population = initial_population("mixed", space(), np.random.default_rng(0), 8)
     kinds = [r.technique if isinstance(r, Merge) else "dfs" for r in population]
-    assert kinds == ["linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-                     "dare_ties"]  # the 8th is the PS merge (ps_technique dare_ties, per-layer values)
+    assert kinds == [
+        "linear",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+        "dare_ties",
+        "dare_linear",
+        "breadcrumbs",
+        "dare_ties",
+    ]  # the 8th is the PS merge (ps_technique dare_ties, per-layer values)
     ps = population[7]
-    assert isinstance(ps.params["weight"][0], list) and len(ps.params["weight"][0]) == 4  # 2 layers + 2
+    assert (
+        isinstance(ps.params["weight"][0], list) and len(ps.params["weight"][0]) == 4
+    )  # 2 layers + 2
     assert len({r.hash for r in population}) == 8
     without_base = SearchSpace(("a", "b", "c"), None, 2, MergeSettings(), EvolutionSettings())
-    kinds = {type(r).__name__ + getattr(r, "technique", "") for r in initial_population("mixed", without_base,
-                                                                                      np.random.default_rng(0), 8)}
+    kinds = {
+        type(r).__name__ + getattr(r, "technique", "")
+        for r in initial_population("mixed", without_base, np.random.default_rng(0), 8)
+    }
     assert kinds <= {"Mergelinear", "Mergeslerp", "LayerStack"} and "LayerStack" in kinds
 
 
 def test_merging_lower_performers_builds_a_node_over_their_recipes():
     sp = space()
-    lower = [Merge("ties", [Source("a"), Source("b")], {"density": d}, Source("base")) for d in (0.3, 0.6, 0.9)]
+    lower = [
+        Merge("ties", [Source("a"), Source("b")], {"density": d}, Source("base"))
+        for d in (0.3, 0.6, 0.9)
+    ]
     rng = np.random.default_rng(4)
     made = [merge_lower(lower, sp, rng) for _ in range(20)]
     for recipe, parents in filter(None, made):
@@ -148,7 +190,9 @@ def test_genomes_decode_into_valid_recipes():
 
 
 def test_tournament_keeps_elites_unchanged():
-    strategy = TournamentSearch(space(elite_size=2, patience=100, layer_refine_rate=0.0), "task_arithmetic", seed=0)
+    strategy = TournamentSearch(
+        space(elite_size=2, patience=100, layer_refine_rate=0.0), "task_arithmetic", seed=0
+    )
     first = strategy.ask()
     strategy.tell([(r, sphere(r)) for r in first])
     ranked = sorted(((r, sphere(r)) for r in first), key=lambda x: -x[1])
@@ -157,7 +201,9 @@ def test_tournament_keeps_elites_unchanged():
 
 
 def test_cmaes_rejects_a_told_list_of_the_wrong_length():
-    strategy = CMAESSearch(ParamsGenome("ties", [Source("a"), Source("b")], Source("base")), EvolutionSettings(), 0)
+    strategy = CMAESSearch(
+        ParamsGenome("ties", [Source("a"), Source("b")], Source("base")), EvolutionSettings(), 0
+    )
     recipes = strategy.ask()
     with pytest.raises(Exception, match="different number"):
         strategy.tell([(recipes[0], 0.0)])
@@ -171,13 +217,22 @@ def test_layer_refinement_keeps_the_parents_tensors_until_perturbed(tiny_sources
     from agent_forge.evomerge.operators import refine_by_layer
 
     sp = space()
-    parent = Merge("task_arithmetic", [Source("m1"), Source("m2"), Source("m3")],
-                   {"weight": [0.3, 0.5, 0.2], "lambda": 0.9}, Source("base"))
-    refined_params = refine_by_layer(dict(parent.params), get_technique("task_arithmetic"), sp,
-                                     np.random.default_rng(0))
+    parent = Merge(
+        "task_arithmetic",
+        [Source("m1"), Source("m2"), Source("m3")],
+        {"weight": [0.3, 0.5, 0.2], "lambda": 0.9},
+        Source("base"),
+    )
+    refined_params = refine_by_layer(
+        dict(parent.params), get_technique("task_arithmetic"), sp, np.random.default_rng(0)
+    )
     assert refined_params["weight"] == [[0.3] * 4, [0.5] * 4, [0.2] * 4]
     child = Merge("task_arithmetic", parent.inputs, refined_params, parent.base)
     assert child.hash != parent.hash
     graph = RecipeGraph(SourcePool(tiny_sources, "base"))
-    for name in ("model.embed_tokens.weight", "model.layers.1.self_attn.o_proj.weight", "lm_head.weight"):
+    for name in (
+        "model.embed_tokens.weight",
+        "model.layers.1.self_attn.o_proj.weight",
+        "lm_head.weight",
+    ):
         assert torch.equal(graph.compute(child, name), graph.compute(parent, name))

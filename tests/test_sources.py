@@ -31,8 +31,13 @@ def test_folder_opens_with_names_shapes_and_config(tiny_family):
 def _run_isolated(code: str, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(env_extra)
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
 
 
 OPEN_HUB_ID = """
@@ -57,7 +62,9 @@ def test_uncached_hub_id_offline_fails_fast_with_how_to_fix(tmp_path):
 
 def test_uncached_hub_id_with_unreachable_hub_fails_fast(tmp_path):
     # a hub endpoint that refuses connections stands for "no network"
-    result = _run_isolated(OPEN_HUB_ID, {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"})
+    result = _run_isolated(
+        OPEN_HUB_ID, {"HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    )
     seconds, message = result.stdout.strip().split("|", 1)
     assert float(seconds) < 15
     assert "not available offline" in message and "hub is unreachable" in message
@@ -125,8 +132,10 @@ def test_bert_and_roberta_report_architecture_and_embedding_shapes(tmp_path):
     small = dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
     BertModel(BertConfig(vocab_size=100, **small)).save_pretrained(tmp_path / "bert-base-uncased")
     RobertaModel(RobertaConfig(vocab_size=120, **small)).save_pretrained(tmp_path / "roberta-base")
-    sources = [open_source("bert-base-uncased", str(tmp_path / "bert-base-uncased")),
-               open_source("roberta-base", str(tmp_path / "roberta-base"))]
+    sources = [
+        open_source("bert-base-uncased", str(tmp_path / "bert-base-uncased")),
+        open_source("roberta-base", str(tmp_path / "roberta-base")),
+    ]
     with pytest.raises(IncompatibleModelsError) as info:
         check_compatible(sources)
     message = str(info.value)
@@ -173,24 +182,42 @@ def test_every_mismatch_kind_is_reported_precisely(tiny_family, tiny_sources, tm
         data["model"]["vocab"]["zzzz-new"] = len(data["model"]["vocab"]) + 5
 
     cases = {
-        "arch": (_variant(tiny_family, tmp_path, "arch", edit_config=lambda c: c.update(model_type="mistral")),
-                 "config model_type is 'llama' vs 'mistral'"),
-        "missing": (_variant(tiny_family, tmp_path, "missing", edit_tensors=drop),
-                    "1 tensors only in m1 (e.g. model.layers.1.mlp.up_proj.weight)"),
-        "shape": (_variant(tiny_family, tmp_path, "shape", edit_tensors=reshape), "model.norm.weight is [32] vs [33]"),
-        "vocab": (_variant(tiny_family, tmp_path, "vocab", edit_tokenizer=swap), "tokenizer vocabularies differ (2 tokens"),
+        "arch": (
+            _variant(
+                tiny_family, tmp_path, "arch", edit_config=lambda c: c.update(model_type="mistral")
+            ),
+            "config model_type is 'llama' vs 'mistral'",
+        ),
+        "missing": (
+            _variant(tiny_family, tmp_path, "missing", edit_tensors=drop),
+            "1 tensors only in m1 (e.g. model.layers.1.mlp.up_proj.weight)",
+        ),
+        "shape": (
+            _variant(tiny_family, tmp_path, "shape", edit_tensors=reshape),
+            "model.norm.weight is [32] vs [33]",
+        ),
+        "vocab": (
+            _variant(tiny_family, tmp_path, "vocab", edit_tokenizer=swap),
+            "tokenizer vocabularies differ (2 tokens",
+        ),
         "size": (_variant(tiny_family, tmp_path, "size", edit_tokenizer=grow), "differ in size"),
     }
     for name, (other, expected) in cases.items():
         problems = compatibility_problems([m1, other])
         assert any(expected in p for p in problems), (name, problems)
-        assert all(p.startswith(f"m1 and {name} cannot be merged weight-by-weight") for p in problems)
+        assert all(
+            p.startswith(f"m1 and {name} cannot be merged weight-by-weight") for p in problems
+        )
 
 
-def test_different_layer_counts_are_fine_for_layer_stacking_only(tiny_family, tiny_tokenizer, tmp_path):
+def test_different_layer_counts_are_fine_for_layer_stacking_only(
+    tiny_family, tiny_tokenizer, tmp_path
+):
     from conftest import save_tiny_llama
 
-    deep = open_source("deep", str(save_tiny_llama(tmp_path / "deep", tiny_tokenizer, seed=4, layers=3)))
+    deep = open_source(
+        "deep", str(save_tiny_llama(tmp_path / "deep", tiny_tokenizer, seed=4, layers=3))
+    )
     m1 = open_source("m1", str(tiny_family["m1"]))
     assert any("only in deep" in p for p in compatibility_problems([m1, deep]))
     assert compatibility_problems([m1, deep], layer_stacking=True) == []
@@ -230,16 +257,27 @@ def test_opening_three_sources_does_not_read_their_weights(tmp_path):
     for i in range(3):
         folder = tmp_path / f"big{i}"
         folder.mkdir()
-        tensors = {f"model.layers.{k}.mlp.up_proj.weight": torch.full((1024, 4096), float(i)) for k in range(16)}
+        tensors = {
+            f"model.layers.{k}.mlp.up_proj.weight": torch.full((1024, 4096), float(i))
+            for k in range(16)
+        }
         save_file(tensors, folder / "model.safetensors")
         total += sum(t.numel() * 4 for t in tensors.values())
-        (folder / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 16}))
+        (folder / "config.json").write_text(
+            json.dumps({"model_type": "llama", "num_hidden_layers": 16})
+        )
         paths.append(str(folder))
         del tensors
     start = time.perf_counter()
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(LAZY), *paths], capture_output=True, text=True,
-                            check=True)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(LAZY), *paths],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     grown = int(result.stdout.strip())
     assert total > 700 * 2**20
-    assert grown < 0.05 * total, f"RSS grew {grown / 2**20:.0f} MiB for {total / 2**20:.0f} MiB of sources"
+    assert grown < 0.05 * total, (
+        f"RSS grew {grown / 2**20:.0f} MiB for {total / 2**20:.0f} MiB of sources"
+    )
     assert time.perf_counter() - start < 60

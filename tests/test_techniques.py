@@ -30,7 +30,9 @@ def run(name: str, stack: list, generator: torch.Generator | None = None, **para
     """Apply a registered technique to a stack of tensors with canonical parameters."""
     tech = get_technique(name)
     tensors = torch.stack([torch.as_tensor(t, dtype=torch.float32) for t in stack])
-    return apply_technique(tech, tensors, canonical_params(tech, params, len(stack)), None, generator)
+    return apply_technique(
+        tech, tensors, canonical_params(tech, params, len(stack)), None, generator
+    )
 
 
 T1 = [[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]]
@@ -45,8 +47,20 @@ def close(actual: torch.Tensor, expected, tol: float = 1e-6) -> bool:
 
 
 def test_registry_lists_every_technique_with_its_traits():
-    expected = {"linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs",
-                "breadcrumbs_ties", "della", "della_linear", "model_stock", "passthrough"}
+    expected = {
+        "linear",
+        "slerp",
+        "task_arithmetic",
+        "ties",
+        "dare_linear",
+        "dare_ties",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+        "della",
+        "della_linear",
+        "model_stock",
+        "passthrough",
+    }
     assert expected == set(MERGE_TECHNIQUES)
     assert get_technique("ties").needs_base and not get_technique("ties").randomized
     assert get_technique("dare_ties").randomized and get_technique("della").randomized
@@ -61,12 +75,16 @@ def test_unknown_technique_names_closest_match():
 
 
 def test_out_of_range_parameter_is_a_clear_error():
-    with pytest.raises(ConfigurationError, match=r"ties: parameter 'density' = 1.5 is out of range \[0.0, 1.0\]"):
+    with pytest.raises(
+        ConfigurationError, match=r"ties: parameter 'density' = 1.5 is out of range \[0.0, 1.0\]"
+    ):
         Merge("ties", [Source("a"), Source("b")], {"density": 1.5}, Source("base"))
 
 
 def test_unknown_parameter_and_wrong_count_are_errors():
-    with pytest.raises(ConfigurationError, match="unknown parameter 'densty'.*did you mean 'density'"):
+    with pytest.raises(
+        ConfigurationError, match="unknown parameter 'densty'.*did you mean 'density'"
+    ):
         Merge("ties", [Source("a"), Source("b")], {"densty": 0.5}, Source("base"))
     with pytest.raises(ConfigurationError, match="3 values for 2 input models"):
         Merge("linear", [Source("a"), Source("b")], {"weight": [1, 2, 3]})
@@ -85,7 +103,9 @@ def test_missing_base_is_an_error():
 def test_linear_weighted_average_by_hand():
     # (1·T1 + 3·T2) / 4
     assert close(run("linear", [T1, T2], weight=[1.0, 3.0]), [[2.5, 2.0, 1.5], [1.0, 2.0, 3.0]])
-    assert close(run("linear", [T1, T2], weight=[1.0, 3.0], normalize=False), [[10, 8, 6], [4, 8, 12]])
+    assert close(
+        run("linear", [T1, T2], weight=[1.0, 3.0], normalize=False), [[10, 8, 6], [4, 8, 12]]
+    )
 
 
 def test_linear_zero_weight_sum_with_normalize_is_an_error():
@@ -127,7 +147,10 @@ D3 = [[2.0, 1.2, -3.0], [0.3, -0.2, 1.0]]
 
 def test_task_arithmetic_by_hand():
     # λ·(1·D1 + 0.5·D2) with λ = 0.5
-    expected = [[0.5 * (3 - 0.75), 0.5 * (-1 - 1), 0.5 * (0.5 + 0.1)], [0.5 * (-2 + 0.5), 0.5 * (0.1 + 1.5), 0.5 * (4 - 0.25)]]
+    expected = [
+        [0.5 * (3 - 0.75), 0.5 * (-1 - 1), 0.5 * (0.5 + 0.1)],
+        [0.5 * (-2 + 0.5), 0.5 * (0.1 + 1.5), 0.5 * (4 - 0.25)],
+    ]
     assert close(run("task_arithmetic", [D1, D2], weight=[1.0, 0.5], **{"lambda": 0.5}), expected)
 
 
@@ -157,8 +180,10 @@ def test_ties_weights_enter_election_and_divisor():
 
 def test_ties_with_density_one_and_one_model_equals_task_arithmetic():
     delta = torch.randn(5, 7)
-    assert torch.allclose(run("ties", [delta], density=1.0, **{"lambda": 0.7}),
-                          run("task_arithmetic", [delta], **{"lambda": 0.7}))
+    assert torch.allclose(
+        run("ties", [delta], density=1.0, **{"lambda": 0.7}),
+        run("task_arithmetic", [delta], **{"lambda": 0.7}),
+    )
 
 
 @pytest.mark.parametrize("density", [0.1, 0.25, 0.5, 0.9])
@@ -201,7 +226,13 @@ def test_dare_paper_rescale_divides_kept_entries_by_density():
 
 def test_dare_l1_rescale_restores_l1_norm():
     delta = torch.randn(40, 40)
-    out = run("dare_linear", [delta], generator=torch.Generator().manual_seed(0), density=0.3, rescale="l1")
+    out = run(
+        "dare_linear",
+        [delta],
+        generator=torch.Generator().manual_seed(0),
+        density=0.3,
+        rescale="l1",
+    )
     assert torch.allclose(out.abs().sum(), delta.abs().sum(), rtol=1e-5)
 
 
@@ -227,8 +258,12 @@ def test_dare_reproducible_across_processes(tiny_family, tmp_path):
     )
     paths = [str(tiny_family[n]) for n in ("base", "m1", "m2")]
     digests = [
-        subprocess.run([sys.executable, "-c", script, str(tmp_path / f"out{i}"), *paths], check=True,
-                       capture_output=True, text=True).stdout.strip()
+        subprocess.run(
+            [sys.executable, "-c", script, str(tmp_path / f"out{i}"), *paths],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         for i in range(2)
     ]
     assert digests[0] == digests[1] and len(digests[0]) == 64
@@ -264,26 +299,47 @@ def test_breadcrumbs_reduces_outlier_drop_to_keep_density():
 def test_della_keep_probabilities_rise_with_magnitude_rank():
     row = torch.tensor([[0.1, -0.4, 0.3, 0.2]])
     # ranks by |x|: 0, 3, 2, 1 → p = 0.4 + 0.2·rank/3
-    assert close(della_keep_probabilities(row, 0.5, 0.1), [[0.4, 0.6, 0.4 + 0.2 * 2 / 3, 0.4 + 0.2 / 3]])
+    assert close(
+        della_keep_probabilities(row, 0.5, 0.1), [[0.4, 0.6, 0.4 + 0.2 * 2 / 3, 0.4 + 0.2 / 3]]
+    )
 
 
 def test_della_rescales_kept_entries_by_one_over_p_and_is_unbiased():
     delta = torch.randn(6, 8, generator=torch.Generator().manual_seed(2))
     probs = della_keep_probabilities(delta, 0.5, 0.2)
-    out = run("della_linear", [delta], generator=torch.Generator().manual_seed(0), density=0.5, epsilon=0.2)
+    out = run(
+        "della_linear",
+        [delta],
+        generator=torch.Generator().manual_seed(0),
+        density=0.5,
+        epsilon=0.2,
+    )
     kept = out != 0
     assert torch.allclose(out[kept], delta[kept] / probs[kept])
-    mean = torch.stack([
-        run("della_linear", [delta], generator=torch.Generator().manual_seed(s), density=0.5, epsilon=0.2)
-        for s in range(3000)
-    ]).mean(0)
+    mean = torch.stack(
+        [
+            run(
+                "della_linear",
+                [delta],
+                generator=torch.Generator().manual_seed(s),
+                density=0.5,
+                epsilon=0.2,
+            )
+            for s in range(3000)
+        ]
+    ).mean(0)
     assert torch.allclose(mean, delta, atol=0.25)
 
 
 @pytest.mark.parametrize("density,epsilon", [(0.1, 0.2), (0.9, 0.15)])
 def test_della_parameters_outside_unit_interval_are_errors(density, epsilon):
     with pytest.raises(ConfigurationError, match=r"density ± epsilon must lie inside \(0, 1\)"):
-        Merge("della", [Source("a"), Source("b")], {"density": density, "epsilon": epsilon}, Source("base"))
+        Merge(
+            "della",
+            [Source("a"), Source("b")],
+            {"density": density, "epsilon": epsilon},
+            Source("base"),
+        )
 
 
 # -- model stock ------------------------------------------------------------------------------------------
@@ -358,7 +414,9 @@ def test_trim_equals_a_stable_sort_with_ties_broken_by_position(case, density):
     keep = max(1, int(density * x.numel()))
     expected = reference_trim(x, keep)
     assert torch.equal(keep_top_magnitude(x, density), expected)
-    assert torch.equal(keep_top_magnitude(x.double().float(), density), expected)  # a second run: same bits
+    assert torch.equal(
+        keep_top_magnitude(x.double().float(), density), expected
+    )  # a second run: same bits
 
 
 def test_trim_keeps_exactly_k_entries_among_many_ties():
@@ -392,7 +450,9 @@ def reference_combine(deltas, weights, lam, normalize, consensus):
     return (mixed / divisor if normalize else mixed) * lam
 
 
-@pytest.mark.parametrize("weights", [[1.0], [1.0, 1.0, 1.0], [0.5, 0.3, 0.2], [1.0, -1.0, 0.5], [2.0, 0.0]])
+@pytest.mark.parametrize(
+    "weights", [[1.0], [1.0, 1.0, 1.0], [0.5, 0.3, 0.2], [1.0, -1.0, 0.5], [2.0, 0.0]]
+)
 @pytest.mark.parametrize("consensus", [True, False])
 @pytest.mark.parametrize("size", [37, 1000])
 def test_blockwise_core_gives_the_bits_of_the_formula(weights, consensus, size, tiny_blocks):
@@ -400,14 +460,18 @@ def test_blockwise_core_gives_the_bits_of_the_formula(weights, consensus, size, 
     deltas = torch.randn(len(weights), size, generator=gen)
     deltas[:, ::7] = 0.0  # zero entries and exact sign ties
     for normalize, lam in [(True, 1.0), (False, 0.7), (True, 1.3)]:
-        got = combine_task_vectors(deltas, weights, lam=lam, normalize=normalize, sign_consensus=consensus)
+        got = combine_task_vectors(
+            deltas, weights, lam=lam, normalize=normalize, sign_consensus=consensus
+        )
         assert torch.equal(got, reference_combine(deltas, weights, lam, normalize, consensus))
 
 
 @pytest.mark.parametrize("density", [0.2, 0.5])
 def test_ties_in_blocks_equals_trim_then_formula(density, tiny_blocks):
     gen = torch.Generator().manual_seed(5)
-    deltas = torch.randint(-20, 21, (3, 700), generator=gen).float() / 8  # many ties at the threshold
+    deltas = (
+        torch.randint(-20, 21, (3, 700), generator=gen).float() / 8
+    )  # many ties at the threshold
     weights = [0.6, 0.3, 0.4]
     keep = max(1, int(density * 700))
     trimmed = torch.stack([reference_trim(d, keep) for d in deltas])
@@ -415,7 +479,15 @@ def test_ties_in_blocks_equals_trim_then_formula(density, tiny_blocks):
     assert torch.equal(run("ties", list(deltas), weight=weights, density=density), expected)
 
 
-SEGMENTED = ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties"]
+SEGMENTED = [
+    "linear",
+    "task_arithmetic",
+    "ties",
+    "dare_linear",
+    "dare_ties",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+]
 
 
 @pytest.mark.parametrize("name", SEGMENTED)
@@ -433,12 +505,21 @@ def test_a_batch_of_tensors_gives_the_bits_of_each_tensor_alone(name, blocked, r
     def generators():
         return [torch.Generator().manual_seed(100 + j) for j in range(len(sizes))]
 
-    batched = apply_technique(tech, stack, params, None, generators() if tech.randomized else None,
-                              segments=sizes, out=torch.empty(sum(sizes)))
+    batched = apply_technique(
+        tech,
+        stack,
+        params,
+        None,
+        generators() if tech.randomized else None,
+        segments=sizes,
+        out=torch.empty(sum(sizes)),
+    )
     pieces, start = [], 0
     for size, generator in zip(sizes, generators()):
         part = stack[:, start : start + size].contiguous()
-        pieces.append(apply_technique(tech, part, params, None, generator if tech.randomized else None))
+        pieces.append(
+            apply_technique(tech, part, params, None, generator if tech.randomized else None)
+        )
         start += size
     assert torch.equal(batched, torch.cat(pieces))
 
@@ -449,7 +530,9 @@ def test_trims_from_sorted_magnitudes_give_the_same_bits(name):
     tech = get_technique(name)
     sizes = [50, 7, 400]
     gen = torch.Generator().manual_seed(4)
-    stack = torch.randint(-6, 7, (3, sum(sizes)), generator=gen).float() / 4  # ties at every threshold
+    stack = (
+        torch.randint(-6, 7, (3, sum(sizes)), generator=gen).float() / 4
+    )  # ties at every threshold
     stack[1] = torch.randn(sum(sizes), generator=gen)
     ranked = torch.empty_like(stack)
     for row in range(3):

@@ -20,15 +20,21 @@ from agent_forge.evomerge.utils import (
 def model_and_tokenizer(tiny_family):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(tiny_family["m1"]), AutoTokenizer.from_pretrained(tiny_family["m1"])
+    return AutoModelForCausalLM.from_pretrained(tiny_family["m1"]), AutoTokenizer.from_pretrained(
+        tiny_family["m1"]
+    )
 
 
 def test_save_model_writes_a_loadable_folder(model_and_tokenizer, tmp_path):
     from transformers import AutoModelForCausalLM
 
     model, tokenizer = model_and_tokenizer
-    out = save_model(model, tokenizer, tmp_path / "saved", extra_files={"evomerge_recipe.json": "{}"})
-    assert {"config.json", "model.safetensors", "tokenizer.json", "evomerge_recipe.json"} <= {p.name for p in out.iterdir()}
+    out = save_model(
+        model, tokenizer, tmp_path / "saved", extra_files={"evomerge_recipe.json": "{}"}
+    )
+    assert {"config.json", "model.safetensors", "tokenizer.json", "evomerge_recipe.json"} <= {
+        p.name for p in out.iterdir()
+    }
     again = AutoModelForCausalLM.from_pretrained(out)
     assert torch.equal(again.model.embed_tokens.weight, model.model.embed_tokens.weight)
 
@@ -53,7 +59,9 @@ def test_failure_mid_save_leaves_no_destination_and_no_residue(model_and_tokeniz
     assert list(tmp_path.iterdir()) == []
 
 
-def test_save_model_refuses_non_empty_destination_and_source_folders(model_and_tokenizer, tiny_family, tmp_path):
+def test_save_model_refuses_non_empty_destination_and_source_folders(
+    model_and_tokenizer, tiny_family, tmp_path
+):
     model, tokenizer = model_and_tokenizer
     taken = tmp_path / "taken"
     taken.mkdir()
@@ -91,23 +99,33 @@ def test_merge_techniques_reexported():
 
 
 def family_config(family, **merge) -> Configuration:
-    config = Configuration(models=[ModelReference(n, str(family[n])) for n in ("m1", "m2", "m3")],
-                           base_model=ModelReference("base", str(family["base"])))
+    config = Configuration(
+        models=[ModelReference(n, str(family[n])) for n in ("m1", "m2", "m3")],
+        base_model=ModelReference("base", str(family["base"])),
+    )
     for key, value in merge.items():
         setattr(config.merge_settings, key, value)
     return config
 
 
 def test_validate_merge_config_accepts_a_good_configuration(tiny_family):
-    sources = validate_merge_config(family_config(tiny_family, merge_method="ties", parameters={"density": 0.4}))
+    sources = validate_merge_config(
+        family_config(tiny_family, merge_method="ties", parameters={"density": 0.4})
+    )
     assert [s.name for s in sources] == ["m1", "m2", "m3", "base"]
 
 
-@pytest.mark.parametrize("merge,message", [
-    ({"merge_method": "ties", "parameters": {"density": 2.0}}, "density' = 2.0 is out of range"),
-    ({"merge_method": "ties", "parameters": {"densty": 0.5}}, "unknown parameter 'densty'"),
-    ({"merge_method": "slerp", "parameters": {"t": -0.1}}, "'t' = -0.1 is out of range"),
-])
+@pytest.mark.parametrize(
+    "merge,message",
+    [
+        (
+            {"merge_method": "ties", "parameters": {"density": 2.0}},
+            "density' = 2.0 is out of range",
+        ),
+        ({"merge_method": "ties", "parameters": {"densty": 0.5}}, "unknown parameter 'densty'"),
+        ({"merge_method": "slerp", "parameters": {"t": -0.1}}, "'t' = -0.1 is out of range"),
+    ],
+)
 def test_validate_merge_config_checks_settings_against_the_registry(tiny_family, merge, message):
     with pytest.raises(ConfigurationError, match=message):
         validate_merge_config(family_config(tiny_family, **merge))
@@ -125,10 +143,21 @@ def test_validate_merge_config_reports_incompatible_models(tiny_family, tiny_tok
 
     config = family_config(tiny_family, merge_method="linear")
 
-    wide = LlamaForCausalLM(LlamaConfig(vocab_size=len(tiny_tokenizer), hidden_size=48, intermediate_size=64,
-                                        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2))
+    wide = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=48,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+        )
+    )
     wide.save_pretrained(tmp_path / "wide")
     tiny_tokenizer.save_pretrained(tmp_path / "wide")
     config.models[2] = ModelReference("wide", str(tmp_path / "wide"))
-    with pytest.raises(IncompatibleModelsError, match="m1 and wide cannot be merged weight-by-weight: config hidden_size is 32 vs 48"):
+    with pytest.raises(
+        IncompatibleModelsError,
+        match="m1 and wide cannot be merged weight-by-weight: config hidden_size is 32 vs 48",
+    ):
         validate_merge_config(config)

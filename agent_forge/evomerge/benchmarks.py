@@ -32,9 +32,9 @@ from typing import Any
 logger = logging.getLogger(__name__)
 
 SIZES = {  # hidden, intermediate, layers, vocab → parameters
-    "tiny": (256, 704, 4, 8000),      # ~7M, for a quick look
-    "100m": (768, 2048, 10, 16000),   # ~95M
-    "1b": (2048, 5632, 16, 32000),    # ~1.1B
+    "tiny": (256, 704, 4, 8000),  # ~7M, for a quick look
+    "100m": (768, 2048, 10, 16000),  # ~95M
+    "1b": (2048, 5632, 16, 32000),  # ~1.1B
 }
 
 CHILD_MERGE = """
@@ -77,34 +77,63 @@ def make_models(root: Path, size: str, seed: int = 0) -> int:
     from safetensors.torch import save_file
 
     hidden, inter, layers, vocab = SIZES[size]
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "model.norm.weight": (hidden,),
-              "lm_head.weight": (vocab, hidden)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+        "lm_head.weight": (vocab, hidden),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (hidden, hidden),
-                       p + "self_attn.v_proj.weight": (hidden, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                       p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                       p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
-                       p + "post_attention_layernorm.weight": (hidden,)})
-    config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": hidden,
-              "intermediate_size": inter, "num_hidden_layers": layers, "num_attention_heads": hidden // 64,
-              "num_key_value_heads": hidden // 64, "vocab_size": vocab, "max_position_embeddings": 2048,
-              "rms_norm_eps": 1e-5, "tie_word_embeddings": False, "torch_dtype": "float32", "hidden_act": "silu"}
+        shapes.update(
+            {
+                p + "self_attn.q_proj.weight": (hidden, hidden),
+                p + "self_attn.k_proj.weight": (hidden, hidden),
+                p + "self_attn.v_proj.weight": (hidden, hidden),
+                p + "self_attn.o_proj.weight": (hidden, hidden),
+                p + "mlp.gate_proj.weight": (inter, hidden),
+                p + "mlp.up_proj.weight": (inter, hidden),
+                p + "mlp.down_proj.weight": (hidden, inter),
+                p + "input_layernorm.weight": (hidden,),
+                p + "post_attention_layernorm.weight": (hidden,),
+            }
+        )
+    config = {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": hidden,
+        "intermediate_size": inter,
+        "num_hidden_layers": layers,
+        "num_attention_heads": hidden // 64,
+        "num_key_value_heads": hidden // 64,
+        "vocab_size": vocab,
+        "max_position_embeddings": 2048,
+        "rms_norm_eps": 1e-5,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "hidden_act": "silu",
+    }
     generator = torch.Generator().manual_seed(seed)
     base = {name: torch.randn(shape, generator=generator) * 0.02 for name, shape in shapes.items()}
     for name, noise in (("base", 0.0), ("m1", 0.002), ("m2", 0.002), ("m3", 0.002)):
         folder = root / name
         folder.mkdir(parents=True, exist_ok=True)
-        tensors = {k: (v + torch.randn(v.shape, generator=generator) * noise) if noise else v for k, v in base.items()}
+        tensors = {
+            k: (v + torch.randn(v.shape, generator=generator) * noise) if noise else v
+            for k, v in base.items()
+        }
         save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
         (folder / "config.json").write_text(json.dumps(config))
     return sum(t.numel() * 4 for t in base.values())
 
 
 def _child(code: str, *args: str) -> dict[str, Any]:
-    result = subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code), *args], capture_output=True, text=True
+    )
     if result.returncode != 0:
-        raise RuntimeError(result.stderr.strip().splitlines()[-1] if result.stderr else "child failed")
+        raise RuntimeError(
+            result.stderr.strip().splitlines()[-1] if result.stderr else "child failed"
+        )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
@@ -119,7 +148,9 @@ def _read_floor(root: Path) -> float:
     return time.perf_counter() - start
 
 
-def bench_merge(size: str, work: Path, threads: int, mergekit: bool, rounds: int = 1) -> dict[str, Any]:
+def bench_merge(
+    size: str, work: Path, threads: int, mergekit: bool, rounds: int = 1
+) -> dict[str, Any]:
     """Our streaming TIES merge and, with ``mergekit``, mergekit's, alternating for ``rounds``.
 
     Each contender's figure is its best round (medians too); ratios compare the bests.
@@ -145,9 +176,12 @@ def bench_merge(size: str, work: Path, threads: int, mergekit: bool, rounds: int
     for name, measured in runs.items():
         if measured:
             seconds = [m["seconds"] for m in measured]
-            result[name] = {"seconds": min(seconds), "median_seconds": _median(seconds),
-                            "peak_rss": _median([m["peak_rss"] for m in measured]),
-                            "mb_per_s": 5 * model_bytes / 1e6 / min(seconds)}
+            result[name] = {
+                "seconds": min(seconds),
+                "median_seconds": _median(seconds),
+                "peak_rss": _median([m["peak_rss"] for m in measured]),
+                "mb_per_s": 5 * model_bytes / 1e6 / min(seconds),
+            }
     if "evomerge" in result:
         result["evomerge_to_read_floor"] = result["evomerge"]["seconds"] / floor
     if "evomerge" in result and "mergekit" in result:
@@ -188,14 +222,23 @@ def bench_materialize(rounds: int = 30) -> dict[str, Any]:
                 target.copy_(source)
 
     contenders: dict[str, Any] = {"copy": copy_floor}
-    contenders.update({name: (lambda r=recipe: merger.materialize(r)) for name, recipe in recipes.items()})
+    contenders.update(
+        {name: (lambda r=recipe: merger.materialize(r)) for name, recipe in recipes.items()}
+    )
     times = _interleaved(contenders, rounds)
     floor = min(times["copy"])
-    out: dict[str, Any] = {"copy_floor_ms": floor * 1e3, "copy_floor_median_ms": _median(times["copy"]) * 1e3,
-                           "model_mb": sum(p.numel() * 4 for p in params) / 1e6}
+    out: dict[str, Any] = {
+        "copy_floor_ms": floor * 1e3,
+        "copy_floor_median_ms": _median(times["copy"]) * 1e3,
+        "model_mb": sum(p.numel() * 4 for p in params) / 1e6,
+    }
     for name in recipes:
         best = min(times[name])
-        out[name] = {"ms": best * 1e3, "median_ms": _median(times[name]) * 1e3, "ratio_to_copy": best / floor}
+        out[name] = {
+            "ms": best * 1e3,
+            "median_ms": _median(times[name]) * 1e3,
+            "ratio_to_copy": best / floor,
+        }
     return out
 
 
@@ -222,7 +265,9 @@ def bench_evaluate(repeats: int = 3) -> dict[str, Any]:
 
     config = create_default_config()
     scorer = CandidateScorer(config, threads=1)
-    recipe = Merge("ties", [Source(m.name) for m in config.models], {"density": 0.5}, Source("base"))
+    recipe = Merge(
+        "ties", [Source(m.name) for m in config.models], {"density": 0.5}, Source("base")
+    )
     scorer.score(recipe)
     fitness = min(scorer.score(recipe).eval_seconds for _ in range(repeats))
     test = scorer.score(recipe, split="test").eval_seconds
@@ -241,7 +286,10 @@ def bench_gpu(repeats: int = 10) -> dict[str, Any]:
     shape = (14336, 4096)
     gen = torch.Generator(device="cuda").manual_seed(0)
     base = torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16)
-    models = [base + 0.01 * torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16) for _ in range(3)]
+    models = [
+        base + 0.01 * torch.randn(shape, device="cuda", generator=gen, dtype=torch.bfloat16)
+        for _ in range(3)
+    ]
 
     def cuda_time(fn: Any) -> float:
         fn()
@@ -267,7 +315,10 @@ def bench_gpu(repeats: int = 10) -> dict[str, Any]:
         def run(tech: Any = tech, inputs: Any = inputs, params: Any = params) -> Any:
             stack = torch.stack([t.float() for t in inputs])
             if tech.needs_base:
-                return (base.float() + apply_technique(tech, stack - base.float(), params, None, generator)).to(base.dtype)
+                return (
+                    base.float()
+                    + apply_technique(tech, stack - base.float(), params, None, generator)
+                ).to(base.dtype)
             return apply_technique(tech, stack, params, None, generator).to(base.dtype)
 
         ms = cuda_time(run)
@@ -276,15 +327,33 @@ def bench_gpu(repeats: int = 10) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m agent_forge.evomerge.benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--what", default="merge,materialize,evaluate",
-                        help="comma-separated: merge, materialize, evaluate, gpu (default: all but gpu)")
-    parser.add_argument("--size", choices=sorted(SIZES), default="100m", help="model size for the merge benchmark")
-    parser.add_argument("--mergekit", action="store_true", help="also time mergekit on the same files (needs mergekit)")
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch threads for the merges")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="merge benchmark: alternate the contenders this many times, keep each one's best")
+    parser = argparse.ArgumentParser(
+        prog="python -m agent_forge.evomerge.benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--what",
+        default="merge,materialize,evaluate",
+        help="comma-separated: merge, materialize, evaluate, gpu (default: all but gpu)",
+    )
+    parser.add_argument(
+        "--size", choices=sorted(SIZES), default="100m", help="model size for the merge benchmark"
+    )
+    parser.add_argument(
+        "--mergekit",
+        action="store_true",
+        help="also time mergekit on the same files (needs mergekit)",
+    )
+    parser.add_argument(
+        "--threads", type=int, default=os.cpu_count() or 1, help="torch threads for the merges"
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="merge benchmark: alternate the contenders this many times, keep each one's best",
+    )
     parser.add_argument("--workdir", help="where generated models go (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -292,7 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     results: dict[str, Any] = {}
     for what in args.what.split(","):
         if what == "merge":
-            results["merge"] = bench_merge(args.size, work, args.threads, args.mergekit, args.rounds)
+            results["merge"] = bench_merge(
+                args.size, work, args.threads, args.mergekit, args.rounds
+            )
         elif what == "materialize":
             results["materialize"] = bench_materialize()
         elif what == "evaluate":

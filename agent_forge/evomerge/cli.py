@@ -49,37 +49,80 @@ class _UsageError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="evomerge", description="Merge language models and evolve the merges.",
-                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = _Parser(
+        prog="evomerge",
+        description="Merge language models and evolve the merges.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     ops = parser.add_argument_group("operations (choose one)")
     ops.add_argument("--run", action="store_true", help="run the evolutionary tournament")
-    ops.add_argument("--evaluate", metavar="PATH", help="evaluate a model folder, hub id or .gguf on the test split")
-    ops.add_argument("--generate", metavar="PATH", help="generate text with a model (needs --prompt)")
-    ops.add_argument("--merge", metavar="RECIPE", help="merge once from a recipe (evomerge_recipe.json or mergekit YAML)")
-    ops.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted --run from its folder")
+    ops.add_argument(
+        "--evaluate",
+        metavar="PATH",
+        help="evaluate a model folder, hub id or .gguf on the test split",
+    )
+    ops.add_argument(
+        "--generate", metavar="PATH", help="generate text with a model (needs --prompt)"
+    )
+    ops.add_argument(
+        "--merge",
+        metavar="RECIPE",
+        help="merge once from a recipe (evomerge_recipe.json or mergekit YAML)",
+    )
+    ops.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue an interrupted --run from its folder"
+    )
     models = parser.add_argument_group("models")
     for i in (1, 2, 3):
-        models.add_argument(f"--model{i}", metavar="MODEL", help="Hugging Face id, local folder or .gguf file")
-    models.add_argument("--base", metavar="MODEL", help="base model the task vectors are taken against")
+        models.add_argument(
+            f"--model{i}", metavar="MODEL", help="Hugging Face id, local folder or .gguf file"
+        )
+    models.add_argument(
+        "--base", metavar="MODEL", help="base model the task vectors are taken against"
+    )
     run = parser.add_argument_group("run settings")
     run.add_argument("--config", metavar="PATH", help="JSON or YAML configuration file")
     run.add_argument("--output", metavar="DIR", help="run folder (--run) or model folder (--merge)")
     run.add_argument("--generations", type=int, metavar="N", help="generations per search stage")
     run.add_argument("--population", type=int, metavar="N", help="candidates per generation")
     run.add_argument("--strategy", choices=["tournament", "cmaes"])
-    run.add_argument("--method", metavar="NAME", help="a technique (ties, slerp, …), or mixed, ps, dfs, ps_dfs")
+    run.add_argument(
+        "--method", metavar="NAME", help="a technique (ties, slerp, …), or mixed, ps, dfs, ps_dfs"
+    )
     run.add_argument("--seed", type=int, metavar="N")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"])
-    run.add_argument("--workers", type=int, metavar="N", help="parallel scorers (with --backend ray)")
+    run.add_argument(
+        "--workers", type=int, metavar="N", help="parallel scorers (with --backend ray)"
+    )
     run.add_argument("--backend", choices=["serial", "ray"])
-    run.add_argument("--fitness-sample-size", type=int, metavar="N", help="score fitness on N examples per task")
+    run.add_argument(
+        "--fitness-sample-size", type=int, metavar="N", help="score fitness on N examples per task"
+    )
     out = parser.add_argument_group("generation and export")
     out.add_argument("--prompt", metavar="TEXT")
-    out.add_argument("--max-length", type=int, default=100, metavar="N", help="new tokens to generate (default 100)")
-    out.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
-    out.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (with --temperature)")
-    out.add_argument("--export-gguf", action="store_true", help="also write the merged model as GGUF")
-    out.add_argument("--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="GGUF tensor type")
+    out.add_argument(
+        "--max-length",
+        type=int,
+        default=100,
+        metavar="N",
+        help="new tokens to generate (default 100)",
+    )
+    out.add_argument(
+        "--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)"
+    )
+    out.add_argument(
+        "--top-k",
+        type=int,
+        default=0,
+        help="sample among the k most likely tokens (with --temperature)",
+    )
+    out.add_argument(
+        "--export-gguf", action="store_true", help="also write the merged model as GGUF"
+    )
+    out.add_argument(
+        "--outtype", choices=["f32", "f16", "bf16", "q8_0"], default="f16", help="GGUF tensor type"
+    )
     logs = parser.add_argument_group("logging")
     logs.add_argument("--verbose", "-v", action="store_true", help="debug logs and tracebacks")
     logs.add_argument("--quiet", "-q", action="store_true", help="only errors and the final result")
@@ -95,7 +138,9 @@ def setup_logging(args: argparse.Namespace) -> None:
     root.handlers.clear()
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(level)
-    console.setFormatter(logging.Formatter("%(levelname)s %(message)s" if args.verbose else "%(message)s"))
+    console.setFormatter(
+        logging.Formatter("%(levelname)s %(message)s" if args.verbose else "%(message)s")
+    )
     root.addHandler(console)
     if args.log_file:
         handler = logging.FileHandler(args.log_file)
@@ -116,11 +161,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = None
     try:
         args = parser.parse_args(argv)
-        operations = [op for op in ("run", "evaluate", "generate", "merge", "resume") if getattr(args, op)]
+        operations = [
+            op for op in ("run", "evaluate", "generate", "merge", "resume") if getattr(args, op)
+        ]
         if len(operations) != 1:
-            raise _UsageError("choose exactly one of --run, --evaluate, --generate, --merge, --resume (see --help)"
-                              if operations else "nothing to do: give --run, --evaluate, --generate, --merge or "
-                              "--resume (see --help)")
+            raise _UsageError(
+                "choose exactly one of --run, --evaluate, --generate, --merge, --resume (see --help)"
+                if operations
+                else "nothing to do: give --run, --evaluate, --generate, --merge or "
+                "--resume (see --help)"
+            )
         setup_logging(args)
         from . import commands
 
@@ -137,13 +187,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted before any checkpoint was written; run the command again", file=sys.stderr)
+        print(
+            "error: interrupted before any checkpoint was written; run the command again",
+            file=sys.stderr,
+        )
         return 2
     except Exception as exc:  # noqa: BLE001 - the last line of defence: one line, no traceback
         if args is not None and args.verbose:
             raise
-        print(f"error: internal failure: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-              "(run with --verbose for the traceback, and please report it)", file=sys.stderr)
+        print(
+            f"error: internal failure: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            "(run with --verbose for the traceback, and please report it)",
+            file=sys.stderr,
+        )
         return 1
 
 

@@ -33,7 +33,10 @@ def build_config(args: argparse.Namespace) -> Configuration:
         default = create_default_config()
         if not config.models:
             logger.info("the configuration names no models; using the embedded default models")
-            config.models, config.base_model = default.models, config.base_model or default.base_model
+            config.models, config.base_model = (
+                default.models,
+                config.base_model or default.base_model,
+            )
         if not config.evaluation_settings.tasks:
             logger.info("the configuration names no tasks; using the embedded default tasks")
             config.evaluation_settings.tasks = default.evaluation_settings.tasks
@@ -50,10 +53,14 @@ def build_config(args: argparse.Namespace) -> Configuration:
                     ref = ModelReference(_model_name(ref.path, taken), ref.path)
                 slots[i - 1] = ref
                 taken.add(ref.name)
-                logger.info("model%d not given: using %s (%s) from the configuration", i, ref.name, ref.path)
+                logger.info(
+                    "model%d not given: using %s (%s) from the configuration", i, ref.name, ref.path
+                )
         config.models = [ref for ref in slots if ref is not None]
     if args.base:
-        config.base_model = ModelReference(_model_name(args.base, {m.name for m in config.models}), args.base)
+        config.base_model = ModelReference(
+            _model_name(args.base, {m.name for m in config.models}), args.base
+        )
     overrides = {
         ("evolution_settings", "num_generations"): args.generations,
         ("evolution_settings", "population_size"): args.population,
@@ -108,10 +115,17 @@ class RunProgress:
                 TimeRemainingColumn,
             )
 
-            self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                                     TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
-                                     TextColumn("{task.fields[status]}"), console=Console(file=sys.stderr),
-                                     transient=False)
+            self.progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.completed}/{task.total}"),
+                TimeElapsedColumn(),
+                TextColumn("eta"),
+                TimeRemainingColumn(),
+                TextColumn("{task.fields[status]}"),
+                console=Console(file=sys.stderr),
+                transient=False,
+            )
             self.progress.start()
         return self
 
@@ -121,22 +135,35 @@ class RunProgress:
 
     def __call__(self, kind: str, **info: Any) -> None:
         if kind == "generation_done":
-            logger.debug("generation %d: best %.4f, mean %.4f", info["generation"], info["best"], info["mean"])
+            logger.debug(
+                "generation %d: best %.4f, mean %.4f",
+                info["generation"],
+                info["best"],
+                info["mean"],
+            )
         if self.progress is None:
             if kind == "generation_done":
-                logger.info("generation %d done: best fitness %.4f (generation best %.4f, mean %.4f)",
-                            info["generation"], info["best"], info["generation_best"], info["mean"])
+                logger.info(
+                    "generation %d done: best fitness %.4f (generation best %.4f, mean %.4f)",
+                    info["generation"],
+                    info["best"],
+                    info["generation_best"],
+                    info["mean"],
+                )
             elif kind == "finishing":
                 logger.info("%s …", info["step"])
             return
         if kind == "generation":
             if self.generations is None:
-                self.generations = self.progress.add_task("generations", total=info["total"], status="")
+                self.generations = self.progress.add_task(
+                    "generations", total=info["total"], status=""
+                )
             self.progress.update(self.generations, total=info["total"])
             if self.candidates is not None:
                 self.progress.remove_task(self.candidates)
-            self.candidates = self.progress.add_task(f"  generation {info['generation']}", total=info["candidates"],
-                                                     status="")
+            self.candidates = self.progress.add_task(
+                f"  generation {info['generation']}", total=info["candidates"], status=""
+            )
         elif kind == "candidate" and self.candidates is not None:
             self.progress.update(self.candidates, advance=1, status=f"best {info['best']:.4f}")
         elif kind == "generation_done" and self.generations is not None:
@@ -175,10 +202,28 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_resume(args: argparse.Namespace) -> int:
     config = None
-    if any(getattr(args, f) is not None for f in ("model1", "model2", "model3", "base", "generations", "population",
-                                                   "strategy", "method", "seed", "config", "fitness_sample_size")):
+    if any(
+        getattr(args, f) is not None
+        for f in (
+            "model1",
+            "model2",
+            "model3",
+            "base",
+            "generations",
+            "population",
+            "strategy",
+            "method",
+            "seed",
+            "config",
+            "fitness_sample_size",
+        )
+    ):
         config = build_config(args)
-        stored = Configuration.load(Path(args.resume) / "config.json") if (Path(args.resume) / "config.json").is_file() else None
+        stored = (
+            Configuration.load(Path(args.resume) / "config.json")
+            if (Path(args.resume) / "config.json").is_file()
+            else None
+        )
         if stored is not None:
             config.output_dir = stored.output_dir
     return _run(args, config, resume=args.resume)
@@ -244,8 +289,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from .utils import generate_text, load_model_for_inference
 
     model, tokenizer = load_model_for_inference(args.generate, _evaluation_config(args))
-    text = generate_text(model, tokenizer, args.prompt, max_length=args.max_length,
-                         temperature=args.temperature, top_k=args.top_k, seed=args.seed or 0)
+    text = generate_text(
+        model,
+        tokenizer,
+        args.prompt,
+        max_length=args.max_length,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed or 0,
+    )
     print(args.prompt + text)
     return 0
 
@@ -257,7 +309,11 @@ def cmd_merge(args: argparse.Namespace) -> int:
 
     if not args.output:
         raise ConfigurationError("--merge needs --output DIR (a new folder for the merged model)")
-    config = build_config(args) if (args.config or any(getattr(args, f"model{i}") for i in (1, 2, 3))) else None
+    config = (
+        build_config(args)
+        if (args.config or any(getattr(args, f"model{i}") for i in (1, 2, 3)))
+        else None
+    )
 
     def layer_count(path: str) -> int:
         return int(open_source("probe", path).config["num_hidden_layers"])
@@ -266,14 +322,24 @@ def cmd_merge(args: argparse.Namespace) -> int:
     sources = dict(document.sources)
     if not sources:
         if config is None:
-            raise ConfigurationError(f"{args.merge} names no model paths; give them with --config or --model1..3")
-        sources = {ref.name: ref.path for ref in [*config.models, *filter(None, [config.base_model])]}
+            raise ConfigurationError(
+                f"{args.merge} names no model paths; give them with --config or --model1..3"
+            )
+        sources = {
+            ref.name: ref.path for ref in [*config.models, *filter(None, [config.base_model])]
+        }
     recipe_dir = Path(args.merge).resolve().parent
     sources = {name: _relative_to(path, recipe_dir) for name, path in sources.items()}
     settings = config.merge_settings if config is not None else None
-    opened = {name: open_source(name, path, allow_pickle=bool(settings and settings.allow_pickle),
-                                trust_remote_code=bool(settings and settings.trust_remote_code))
-              for name, path in sources.items()}
+    opened = {
+        name: open_source(
+            name,
+            path,
+            allow_pickle=bool(settings and settings.allow_pickle),
+            trust_remote_code=bool(settings and settings.trust_remote_code),
+        )
+        for name, path in sources.items()
+    }
     check_compatible(list(opened.values()), layer_stacking=_has_layer_stack(document.recipe))
     merger = AdvancedModelMerger(config, sources=opened, base=document.base)
     if document.dtype:

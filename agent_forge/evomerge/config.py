@@ -71,12 +71,16 @@ class MergeSettings(_Strict):
     def _known_method(cls, value: str, info: Any) -> str:
         from .techniques import MERGE_TECHNIQUES, closest_names
 
-        allowed = list(MERGE_TECHNIQUES) + (list(SEARCH_METHODS) if info.field_name == "merge_method" else [])
+        allowed = list(MERGE_TECHNIQUES) + (
+            list(SEARCH_METHODS) if info.field_name == "merge_method" else []
+        )
         if value not in allowed:
             hint = closest_names(value, allowed)
             raise ValueError(f"unknown method {value!r}{hint}; allowed: {', '.join(allowed)}")
         if info.field_name == "ps_technique" and not MERGE_TECHNIQUES[value].needs_base:
-            raise ValueError(f"{value!r} needs no base model; a PS merge needs a task-vector technique")
+            raise ValueError(
+                f"{value!r} needs no base model; a PS merge needs a task-vector technique"
+            )
         return value
 
     @field_validator("max_shard_size")
@@ -155,7 +159,9 @@ class Configuration(_Strict):
     def from_dict(cls, data: dict[str, Any], *, origin: str = "configuration") -> Configuration:
         """Validate a plain mapping; raises ConfigurationError with one line per problem."""
         if not isinstance(data, dict):
-            raise ConfigurationError(f"{origin}: expected a mapping at the top level, got {type(data).__name__}")
+            raise ConfigurationError(
+                f"{origin}: expected a mapping at the top level, got {type(data).__name__}"
+            )
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
@@ -166,7 +172,9 @@ class Configuration(_Strict):
         """Load a JSON or YAML file (by extension; ``.yml``/``.yaml`` are YAML)."""
         path = Path(path)
         if not path.is_file():
-            raise ConfigurationError(f"configuration file {path} does not exist; pass an existing JSON or YAML file")
+            raise ConfigurationError(
+                f"configuration file {path} does not exist; pass an existing JSON or YAML file"
+            )
         text = path.read_text(encoding="utf-8")
         try:
             if path.suffix.lower() in (".yaml", ".yml"):
@@ -176,7 +184,9 @@ class Configuration(_Strict):
             else:
                 data = json.loads(text)
         except Exception as exc:  # noqa: BLE001 - parser errors vary by library
-            raise ConfigurationError(f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}") from None
+            raise ConfigurationError(
+                f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}"
+            ) from None
         return cls.from_dict(data if data is not None else {}, origin=str(path))
 
     def to_dict(self) -> dict[str, Any]:
@@ -205,7 +215,9 @@ def describe_validation_error(exc: ValidationError, origin: str = "configuration
         if err["type"] == "extra_forbidden":
             parent = _model_at(err["loc"][:-1])
             allowed = ", ".join(parent.model_fields) if parent else ""
-            lines.append(f"{origin}: unknown field '{field}'" + (f" (allowed: {allowed})" if allowed else ""))
+            lines.append(
+                f"{origin}: unknown field '{field}'" + (f" (allowed: {allowed})" if allowed else "")
+            )
             continue
         message = err["msg"].removeprefix("Value error, ")
         value = err.get("input")
@@ -234,7 +246,16 @@ def _model_at(loc: tuple[Any, ...]) -> type[BaseModel] | None:
     return model
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def parse_size(text: str | int) -> int:
@@ -243,7 +264,7 @@ def parse_size(text: str | int) -> int:
         return text
     value = text.strip().upper()
     number = value.rstrip("KMGIB")
-    unit = value[len(number):]
+    unit = value[len(number) :]
     try:
         size = int(float(number) * _SIZE_UNITS[unit])
     except (KeyError, ValueError):
@@ -262,8 +283,13 @@ def load_default_manifest() -> dict[str, Any]:
         )
     manifest = json.loads(DEFAULT_MANIFEST.read_text(encoding="utf-8"))
     return {
-        "base": {"name": manifest["base"]["name"], "path": str(DATA_DIR / manifest["base"]["path"])},
-        "models": [{"name": m["name"], "path": str(DATA_DIR / m["path"])} for m in manifest["models"]],
+        "base": {
+            "name": manifest["base"]["name"],
+            "path": str(DATA_DIR / manifest["base"]["path"]),
+        },
+        "models": [
+            {"name": m["name"], "path": str(DATA_DIR / m["path"])} for m in manifest["models"]
+        ],
         "tasks": [str(DATA_DIR / t) for t in manifest["tasks"]],
     }
 

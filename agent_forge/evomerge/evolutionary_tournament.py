@@ -68,9 +68,16 @@ class EvolutionaryMerger:
         progress: called with events (``stage``, ``generation``, ``candidate``, ``generation_done``).
     """
 
-    def __init__(self, config: Configuration, run_dir: str | Path, *, resume: bool = False,
-                 executor: Executor | None = None, progress: ProgressCallback | None = None,
-                 sources: Sequence[ModelSource] | None = None) -> None:
+    def __init__(
+        self,
+        config: Configuration,
+        run_dir: str | Path,
+        *,
+        resume: bool = False,
+        executor: Executor | None = None,
+        progress: ProgressCallback | None = None,
+        sources: Sequence[ModelSource] | None = None,
+    ) -> None:
         from .utils import validate_merge_config
 
         self.config = config
@@ -119,7 +126,9 @@ class EvolutionaryMerger:
         if isinstance(strategy, TournamentSearch):
             return strategy
         if not hasattr(self, "_helper_tournament"):
-            self._helper_tournament = TournamentSearch(self.space, "mixed", stage_seed(self.config.seed, 99))
+            self._helper_tournament = TournamentSearch(
+                self.space, "mixed", stage_seed(self.config.seed, 99)
+            )
         return self._helper_tournament
 
     def evolve(self) -> RecipeNode:
@@ -131,8 +140,12 @@ class EvolutionaryMerger:
         try:
             while self.stage_index < len(self.stages):
                 strategy = self._stage_strategy()
-                self.progress("stage", name=self.stages[self.stage_index], index=self.stage_index,
-                              count=len(self.stages))
+                self.progress(
+                    "stage",
+                    name=self.stages[self.stage_index],
+                    index=self.stage_index,
+                    count=len(self.stages),
+                )
                 while self.generation < settings.num_generations and not strategy.should_stop():
                     self._run_generation(strategy)
                 self._next_stage()
@@ -147,18 +160,24 @@ class EvolutionaryMerger:
         started = time.perf_counter()
         recipes = strategy.ask()
         parents = getattr(strategy, "parents", {})
-        self.progress("generation", generation=len(self.history), total=self._total_generations(),
-                      candidates=len(recipes))
+        self.progress(
+            "generation",
+            generation=len(self.history),
+            total=self._total_generations(),
+            candidates=len(recipes),
+        )
         fitness = self._score(recipes, parents)
         strategy.tell(list(zip(recipes, fitness)))
-        self.history.append({
-            "generation": len(self.history),
-            "stage": self.stages[self.stage_index],
-            "best": max(r["fitness"] for r in self.records.values()),
-            "generation_best": max(fitness),
-            "mean": sum(fitness) / len(fitness),
-            "seconds": time.perf_counter() - started,
-        })
+        self.history.append(
+            {
+                "generation": len(self.history),
+                "stage": self.stages[self.stage_index],
+                "best": max(r["fitness"] for r in self.records.values()),
+                "generation_best": max(fitness),
+                "mean": sum(fitness) / len(fitness),
+                "seconds": time.perf_counter() - started,
+            }
+        )
         self.generation += 1
         self._save_checkpoint(strategy)
         self.progress("generation_done", **self.history[-1])
@@ -172,11 +191,16 @@ class EvolutionaryMerger:
                 todo.append(recipe)
         batch = 1 if isinstance(self.executor, SerialExecutor) else max(1, len(todo))
         for start in range(0, len(todo), batch):
-            chunk = todo[start:start + batch]
+            chunk = todo[start : start + batch]
             for recipe, evaluation in zip(chunk, self._evaluate(chunk)):
                 self._record(recipe, evaluation, parents.get(recipe.hash, []))
-                self.progress("candidate", fitness=evaluation.fitness, best=self.best_fitness,
-                              label=label(recipe), new=True)
+                self.progress(
+                    "candidate",
+                    fitness=evaluation.fitness,
+                    best=self.best_fitness,
+                    label=label(recipe),
+                    new=True,
+                )
         return [self.records[r.hash]["fitness"] for r in recipes]
 
     def _evaluate(self, recipes: Sequence[RecipeNode]) -> list[Evaluation]:
@@ -187,7 +211,11 @@ class EvolutionaryMerger:
         except EvoMergeException as exc:
             if len(recipes) > 1:
                 return [self._evaluate([r])[0] for r in recipes]
-            logger.warning("candidate %s could not be scored (%s); it gets fitness -1", recipes[0].short_hash, exc)
+            logger.warning(
+                "candidate %s could not be scored (%s); it gets fitness -1",
+                recipes[0].short_hash,
+                exc,
+            )
             return [Evaluation(recipes[0].hash, -1.0, {}, 0.0, 0.0, raw={"error": str(exc)})]
 
     def _record(self, recipe: RecipeNode, evaluation: Evaluation, parents: list[str]) -> None:
@@ -218,8 +246,14 @@ class EvolutionaryMerger:
         if self._strategy is None:
             method = self.stages[min(self.stage_index, len(self.stages) - 1)]
             layers = [self.space.layers] * len(self.stage_inputs)
-            self._strategy = make_strategy(self.config.evolution_settings.strategy, method, self.space,
-                                           stage_seed(self.config.seed, self.stage_index), self.stage_inputs, layers)
+            self._strategy = make_strategy(
+                self.config.evolution_settings.strategy,
+                method,
+                self.space,
+                stage_seed(self.config.seed, self.stage_index),
+                self.stage_inputs,
+                layers,
+            )
             if self._strategy_state is not None:
                 self._strategy.load_state_dict(self._strategy_state)
                 self._strategy_state = None
@@ -229,7 +263,11 @@ class EvolutionaryMerger:
         self.stage_index += 1
         self.generation = 0
         self._strategy = None
-        if self.stage_index < len(self.stages) and self.stages[self.stage_index] == "dfs" and self.records:
+        if (
+            self.stage_index < len(self.stages)
+            and self.stages[self.stage_index] == "dfs"
+            and self.records
+        ):
             self.stage_inputs = [self.best_recipe, *self.space.sources]
         self._save_checkpoint(None)
 
@@ -243,7 +281,9 @@ class EvolutionaryMerger:
     def best_recipe(self) -> RecipeNode:
         if not self.records:
             raise ConfigurationError("no candidate has been evaluated yet")
-        best = max(self.records.values(), key=lambda r: r["fitness"])  # first of equals (insertion order)
+        best = max(
+            self.records.values(), key=lambda r: r["fitness"]
+        )  # first of equals (insertion order)
         return recipe_from_dict(best["recipe"])
 
     # -- checkpoints -------------------------------------------------------------------------------------
@@ -265,7 +305,11 @@ class EvolutionaryMerger:
         saved_config = self.run_dir / "config.json"
         if saved_config.is_file():
             check_same_config(Configuration.load(saved_config), self.config, self.run_dir)
-        for line in (self.run_dir / EVALUATIONS).read_text().splitlines() if (self.run_dir / EVALUATIONS).is_file() else []:
+        for line in (
+            (self.run_dir / EVALUATIONS).read_text().splitlines()
+            if (self.run_dir / EVALUATIONS).is_file()
+            else []
+        ):
             try:
                 record = json.loads(line)
             except json.JSONDecodeError:  # a line cut short by the interruption
@@ -314,7 +358,9 @@ def prepare_run_dir(config: Configuration, resume: str | Path | None) -> tuple[C
         run_dir = Path(resume)
         saved = run_dir / "config.json"
         if not saved.is_file():
-            raise ConfigurationError(f"{run_dir} is not a run folder (no config.json); pass the folder a --run created")
+            raise ConfigurationError(
+                f"{run_dir} is not a run folder (no config.json); pass the folder a --run created"
+            )
         stored = Configuration.load(saved)
         if config is not None:
             check_same_config(stored, config, run_dir)
@@ -326,7 +372,9 @@ def prepare_run_dir(config: Configuration, resume: str | Path | None) -> tuple[C
     for ref in [*resolved.models, *([resolved.base_model] if resolved.base_model else [])]:
         if Path(ref.path).expanduser().exists():
             ref.path = str(Path(ref.path).expanduser().resolve())
-    resolved.evaluation_settings.tasks = [str(Path(t).resolve()) for t in resolved.evaluation_settings.tasks]
+    resolved.evaluation_settings.tasks = [
+        str(Path(t).resolve()) for t in resolved.evaluation_settings.tasks
+    ]
     resolved.output_dir = str(run_dir.resolve())
     resolved.save(run_dir / "config.json")
     return resolved, run_dir
@@ -335,8 +383,12 @@ def prepare_run_dir(config: Configuration, resume: str | Path | None) -> tuple[C
 # -- the whole run -------------------------------------------------------------------------------------
 
 
-def run_evolutionary_tournament(config: Configuration | None = None, *, resume: str | Path | None = None,
-                                progress: ProgressCallback | None = None) -> str:
+def run_evolutionary_tournament(
+    config: Configuration | None = None,
+    *,
+    resume: str | Path | None = None,
+    progress: ProgressCallback | None = None,
+) -> str:
     """Evolve, write the best model, score parents / average / best on the test split, report.
 
     Args:
@@ -358,8 +410,9 @@ def run_evolutionary_tournament(config: Configuration | None = None, *, resume: 
     sources = validate_merge_config(config) if resume is None else None  # before any folder is made
     config, run_dir = prepare_run_dir(config, resume)  # type: ignore[arg-type]
     try:
-        evolution = EvolutionaryMerger(config, run_dir, resume=resume is not None, progress=progress,
-                                       sources=sources)
+        evolution = EvolutionaryMerger(
+            config, run_dir, resume=resume is not None, progress=progress, sources=sources
+        )
         best = evolution.evolve()
         evolved = time.perf_counter()
         from .final import finish_run

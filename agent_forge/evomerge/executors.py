@@ -39,7 +39,9 @@ class Executor(Protocol):
 class CandidateScorer:
     """One worker's state: resident sources, the evaluator, the tokenizer."""
 
-    def __init__(self, config: Configuration, split: str = "fitness", threads: int | None = None) -> None:
+    def __init__(
+        self, config: Configuration, split: str = "fitness", threads: int | None = None
+    ) -> None:
         from transformers import AutoTokenizer
 
         from .evaluation import TaskEvaluator, configure_torch_threads, load_tasks
@@ -52,18 +54,30 @@ class CandidateScorer:
         first = self.merger.sources[self.merger.model_names[0]]
         self.tokenizer = AutoTokenizer.from_pretrained(first.folder)
         settings = config.evaluation_settings
-        self.evaluator = TaskEvaluator(load_tasks(settings.tasks), batch_size=settings.batch_size,
-                                       fitness_sample_size=settings.fitness_sample_size, seed=config.seed)
+        self.evaluator = TaskEvaluator(
+            load_tasks(settings.tasks),
+            batch_size=settings.batch_size,
+            fitness_sample_size=settings.fitness_sample_size,
+            seed=config.seed,
+        )
         self.split = split
 
-    def score(self, recipe: RecipeNode, split: str | None = None, limit: int | None = None) -> Evaluation:
+    def score(
+        self, recipe: RecipeNode, split: str | None = None, limit: int | None = None
+    ) -> Evaluation:
         started = time.perf_counter()
         model = self.merger.materialize(recipe)
         merged = time.perf_counter()
         scores = self.evaluator.evaluate(model, self.tokenizer, split or self.split, limit=limit)
         done = time.perf_counter()
-        return Evaluation(recipe.hash, scores.aggregate, dict(scores.per_task), merged - started, done - merged,
-                          raw=scores.raw)
+        return Evaluation(
+            recipe.hash,
+            scores.aggregate,
+            dict(scores.per_task),
+            merged - started,
+            done - merged,
+            raw=scores.raw,
+        )
 
 
 class SerialExecutor:
@@ -91,17 +105,26 @@ class RayExecutor:
         except ImportError:
             from .exceptions import ConfigurationError
 
-            raise ConfigurationError("backend 'ray' needs Ray: pip install 'agent-forge-evomerge[ray]'") from None
+            raise ConfigurationError(
+                "backend 'ray' needs Ray: pip install 'agent-forge-evomerge[ray]'"
+            ) from None
         if not ray.is_initialized():
-            ray.init(num_cpus=None if _has_address() else workers, include_dashboard=False, log_to_driver=False,
-                     configure_logging=False)
+            ray.init(
+                num_cpus=None if _has_address() else workers,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
         payload = config.model_dump(mode="json")
         actor = ray.remote(num_cpus=1)(_RayScorer)
         self.ray = ray
         self.actors = [actor.remote(payload) for _ in range(workers)]
 
     def evaluate(self, recipes: Sequence[RecipeNode]) -> list[Evaluation]:
-        futures = [self.actors[i % len(self.actors)].score.remote(r.to_dict()) for i, r in enumerate(recipes)]
+        futures = [
+            self.actors[i % len(self.actors)].score.remote(r.to_dict())
+            for i, r in enumerate(recipes)
+        ]
         return [Evaluation(**result) for result in self.ray.get(futures)]
 
     def close(self) -> None:

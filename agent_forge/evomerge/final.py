@@ -30,9 +30,14 @@ def write_best(evolution: EvolutionaryMerger, best: RecipeNode) -> Path:
         written = json.loads((dest / RECIPE_FILE).read_text())
         if written.get("hash") == best.hash:
             return dest
-        raise ConfigurationError(f"{dest} holds another model than this run's best; move it away and resume")
+        raise ConfigurationError(
+            f"{dest} holds another model than this run's best; move it away and resume"
+        )
     merger = AdvancedModelMerger(evolution.config)
-    paths = {ref.name: ref.path for ref in [*evolution.config.models, *filter(None, [evolution.config.base_model])]}
+    paths = {
+        ref.name: ref.path
+        for ref in [*evolution.config.models, *filter(None, [evolution.config.base_model])]
+    }
     return merger.merge(best, dest, source_paths=paths)
 
 
@@ -40,7 +45,11 @@ def test_scores(evolution: EvolutionaryMerger, best: RecipeNode) -> dict[str, di
     """Per-task test scores (and their weighted ``mean``) of each parent, the base (when there is
     one), the plain average and the best."""
     executor = evolution.executor
-    scorer = executor.scorer if isinstance(executor, SerialExecutor) else CandidateScorer(evolution.config)
+    scorer = (
+        executor.scorer
+        if isinstance(executor, SerialExecutor)
+        else CandidateScorer(evolution.config)
+    )
     contenders: dict[str, RecipeNode] = {name: Source(name) for name in evolution.space.models}
     if evolution.space.base is not None:
         contenders["base"] = Source(evolution.space.base)
@@ -53,8 +62,13 @@ def test_scores(evolution: EvolutionaryMerger, best: RecipeNode) -> dict[str, di
     return table
 
 
-def finish_run(evolution: EvolutionaryMerger, best: RecipeNode, started: float, evolved: float,
-               progress: Callable[..., Any]) -> Path:
+def finish_run(
+    evolution: EvolutionaryMerger,
+    best: RecipeNode,
+    started: float,
+    evolved: float,
+    progress: Callable[..., Any],
+) -> Path:
     progress("finishing", step="writing the best model")
     best_dir = write_best(evolution, best)
     written = time.perf_counter()
@@ -74,7 +88,8 @@ def finish_run(evolution: EvolutionaryMerger, best: RecipeNode, started: float, 
         "timings": {
             "candidates": len(records),
             "evolution_seconds": evolved - started,
-            "mean_merge_seconds": sum(r["merge_seconds"] for r in evaluated) / max(1, len(evaluated)),
+            "mean_merge_seconds": sum(r["merge_seconds"] for r in evaluated)
+            / max(1, len(evaluated)),
             "mean_eval_seconds": sum(r["eval_seconds"] for r in evaluated) / max(1, len(evaluated)),
             "write_seconds": written - evolved,
             "test_seconds": tested - written,

@@ -73,8 +73,12 @@ class ParamsGenome:
                 if per_input[gene.input] is None:
                     per_input[gene.input] = [0.0] * (self.groups or 1)
                 per_input[gene.input][gene.group] = value
-        values = repair_params(self.technique, canonical_params(get_technique(self.technique), values, len(self.inputs),
-                                                                   joint_check=False))
+        values = repair_params(
+            self.technique,
+            canonical_params(
+                get_technique(self.technique), values, len(self.inputs), joint_check=False
+            ),
+        )
         return Merge(self.technique, tuple(self.inputs), values, self.base, self.seed)
 
     def initial(self) -> np.ndarray:
@@ -121,14 +125,18 @@ class LayerPathGenome:
     def decode(self, x: Sequence[float]) -> LayerStack:
         count = len(self.candidates)
         kept = [k for k in range(count) if x[k] > 0.5] or [int(np.argmax(np.asarray(x[:count])))]
-        slots = tuple(LayerSlot(*self.candidates[k], scale=round(self.scale(x[count + k]), 6)) for k in kept)
+        slots = tuple(
+            LayerSlot(*self.candidates[k], scale=round(self.scale(x[count + k]), 6)) for k in kept
+        )
         return LayerStack(tuple(self.inputs), slots, self.embed_from)
 
     def initial(self) -> np.ndarray:
         """The identity path of ``inputs[embed_from]`` (its layers once, in order), scales 1."""
         count = len(self.candidates)
-        bits = [0.75 if (k < sum(self.layer_counts) and i == self.embed_from) else 0.25
-                for k, (i, _) in enumerate(self.candidates)]
+        bits = [
+            0.75 if (k < sum(self.layer_counts) and i == self.embed_from) else 0.25
+            for k, (i, _) in enumerate(self.candidates)
+        ]
         low, high = self.scale_range
         unit_scale = math.log(1.0 / low) / math.log(high / low)
         return np.array(bits + [unit_scale] * count, dtype=float)

@@ -35,7 +35,14 @@ from .pool import SourcePool
 from .recipe import LayerStack, Merge, RecipeNode, Source
 from .techniques import Technique, TensorLocation, apply_technique, get_technique, resolve_value
 
-__all__ = ["BATCH_ELEMENTS", "RecipeGraph", "SourcePool", "is_layer_dependent", "source_layers", "tensor_seed"]
+__all__ = [
+    "BATCH_ELEMENTS",
+    "RecipeGraph",
+    "SourcePool",
+    "is_layer_dependent",
+    "source_layers",
+    "tensor_seed",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +60,9 @@ def source_layers(config: Mapping[str, Any]) -> int:
     for key in ("num_hidden_layers", "n_layer", "num_layers"):
         if isinstance(config.get(key), int):
             return int(config[key])
-    raise ConfigurationError("model config names no layer count (num_hidden_layers); cannot merge by layer")
+    raise ConfigurationError(
+        "model config names no layer count (num_hidden_layers); cannot merge by layer"
+    )
 
 
 class RecipeGraph:
@@ -89,13 +98,23 @@ class RecipeGraph:
         if isinstance(node, Source):
             cached = self._source_names.get(node.name)
             if cached is None:
-                cached = self._source_names[node.name] = order_names(self.pool.source(node.name).tensor_names)
+                cached = self._source_names[node.name] = order_names(
+                    self.pool.source(node.name).tensor_names
+                )
             return list(cached)
         if isinstance(node, Merge):
             return self.names(node.inputs[0])
         assert isinstance(node, LayerStack)
-        outer = [n for n in self.names(node.inputs[node.embed_from]) if parse_layer(n) is None and not _is_post(n)]
-        outer += [n for n in self.names(node.inputs[node.head_input]) if parse_layer(n) is None and _is_post(n)]
+        outer = [
+            n
+            for n in self.names(node.inputs[node.embed_from])
+            if parse_layer(n) is None and not _is_post(n)
+        ]
+        outer += [
+            n
+            for n in self.names(node.inputs[node.head_input])
+            if parse_layer(n) is None and _is_post(n)
+        ]
         layer_names = []
         for k, slot in enumerate(node.slots):
             available = self.layers(node.inputs[slot.input])
@@ -143,7 +162,9 @@ class RecipeGraph:
         finally:
             self._memo.clear()
 
-    def batches(self, node: RecipeNode, names: Sequence[str], limit: int = BATCH_ELEMENTS) -> list[list[str]]:
+    def batches(
+        self, node: RecipeNode, names: Sequence[str], limit: int = BATCH_ELEMENTS
+    ) -> list[list[str]]:
         """``names`` in order, grouped into runs that :meth:`compute_into` computes together.
 
         A segmented technique takes consecutive small tensors whose parameters resolve alike
@@ -173,7 +194,9 @@ class RecipeGraph:
         """
         self._memo.clear()
         try:
-            if isinstance(node, Merge) and (len(names) == 1 or get_technique(node.technique).segmented):
+            if isinstance(node, Merge) and (
+                len(names) == 1 or get_technique(node.technique).segmented
+            ):
                 self._merge_into(node, names, out, shared=True)
             else:
                 self._fill(node, names, out, self._sizes(node, names))
@@ -192,7 +215,9 @@ class RecipeGraph:
             self._subtree_cache.move_to_end(key)
             return cached
         if isinstance(node, Merge):
-            value = torch.empty(self.shape(node, name), dtype=torch.float32, device=self.pool.device)
+            value = torch.empty(
+                self.shape(node, name), dtype=torch.float32, device=self.pool.device
+            )
             self._merge_into(node, [name], value.view(-1), shared=False)
         else:
             assert isinstance(node, LayerStack)
@@ -215,8 +240,12 @@ class RecipeGraph:
 
     def _resolved(self, tech: Technique, node: Merge, name: str) -> tuple[Any, ...]:
         location = self._location(node, name)
-        return tuple(repr(resolve_value(node.params[p.name], location)) if not p.per_input else
-                     repr([resolve_value(v, location) for v in node.params[p.name]]) for p in tech.params)
+        return tuple(
+            repr(resolve_value(node.params[p.name], location))
+            if not p.per_input
+            else repr([resolve_value(v, location) for v in node.params[p.name]])
+            for p in tech.params
+        )
 
     def _merge_into(self, node: Merge, names: Sequence[str], out: Tensor, *, shared: bool) -> None:
         """``node``'s tensors ``names`` into flat ``out``: base, task vectors, technique, base added."""
@@ -225,17 +254,33 @@ class RecipeGraph:
         generators = [self._generator(node, name) for name in names] if tech.randomized else None
         base, stack, resident = self._operands(node, names, tech.needs_base, shared)  # (N,), (M, N)
         ranked = None
-        if tech.ranked and resident and tech.needs_base:  # the pool's task vectors: sorted copies too
+        if (
+            tech.ranked and resident and tech.needs_base
+        ):  # the pool's task vectors: sorted copies too
             ranked = self.pool.ranked([c.name for c in node.inputs], names)  # type: ignore[attr-defined]
         if tech.segmented:
             sizes = self._sizes(node, names)
-            apply_technique(tech, stack, node.params, location, generators, segments=sizes, out=out,
-                            ranked=ranked)
+            apply_technique(
+                tech,
+                stack,
+                node.params,
+                location,
+                generators,
+                segments=sizes,
+                out=out,
+                ranked=ranked,
+            )
         else:  # one tensor, in its own shape
             shape = self.shape(node, names[0])
             generator = generators[0] if generators else None
-            apply_technique(tech, stack.reshape(-1, *shape), node.params, location, generator,
-                            out=out.view(shape))
+            apply_technique(
+                tech,
+                stack.reshape(-1, *shape),
+                node.params,
+                location,
+                generator,
+                out=out.view(shape),
+            )
         if base is not None:
             add_(out, base)
 
@@ -244,8 +289,9 @@ class RecipeGraph:
         generator.manual_seed(tensor_seed(node.hash, name))
         return generator
 
-    def _operands(self, node: Merge, names: Sequence[str], needs_base: bool, shared: bool
-                  ) -> tuple[Tensor | None, Tensor, bool]:
+    def _operands(
+        self, node: Merge, names: Sequence[str], needs_base: bool, shared: bool
+    ) -> tuple[Tensor | None, Tensor, bool]:
         """The base values (None without a base), the ``(M, N)`` stack of the inputs' values —
         task vectors when there is a base — and whether the stack is the resident pool's. Both
         read only: views of the resident pool where it holds them, else read (in parallel) into
@@ -259,7 +305,9 @@ class RecipeGraph:
             base = self._buffer("base", sum(sizes), shared)
             jobs.append((node.base, base))
         if stack is None:
-            stack = self._buffer("stack", len(node.inputs) * sum(sizes), shared).view(len(node.inputs), -1)
+            stack = self._buffer("stack", len(node.inputs) * sum(sizes), shared).view(
+                len(node.inputs), -1
+            )
             jobs += zip(node.inputs, stack, strict=True)
         if all(isinstance(job, Source) for job, _ in jobs):  # plain reads: files in parallel
             parallel_map(lambda job: self._fill(job[0], names, job[1], sizes), jobs)
@@ -270,8 +318,9 @@ class RecipeGraph:
             subtract_rows_(stack, base)
         return base, stack, resident
 
-    def _resident_operands(self, node: Merge, names: Sequence[str], needs_base: bool
-                           ) -> tuple[Tensor | None, Tensor | None]:
+    def _resident_operands(
+        self, node: Merge, names: Sequence[str], needs_base: bool
+    ) -> tuple[Tensor | None, Tensor | None]:
         """Views of the resident pool's base values and θ (or task-vector) rows, where it has them."""
         if not self.pool.resident:
             return None, None
@@ -286,7 +335,9 @@ class RecipeGraph:
         sources = [c.name for c in node.inputs]  # type: ignore[attr-defined]
         return base, self.pool.stack(sources, names, deltas=needs_base)
 
-    def _fill(self, node: RecipeNode, names: Sequence[str], out: Tensor, sizes: Sequence[int]) -> Tensor:
+    def _fill(
+        self, node: RecipeNode, names: Sequence[str], out: Tensor, sizes: Sequence[int]
+    ) -> Tensor:
         """Write ``node``'s tensors ``names`` (``sizes`` elements each) one after another into flat ``out``."""
         if isinstance(node, Source):
             return self.pool.read_into(node.name, names, sizes, out)
@@ -294,7 +345,9 @@ class RecipeGraph:
         for name, size in zip(names, sizes, strict=True):
             value = self._compute(node, name)
             if value.numel() != size:
-                raise MergeError(f"tensor {name} is {list(value.shape)} in one input, {size} elements in another")
+                raise MergeError(
+                    f"tensor {name} is {list(value.shape)} in one input, {size} elements in another"
+                )
             out[start : start + size].copy_(value.reshape(-1))
             start += size
         return out
@@ -316,7 +369,9 @@ class RecipeGraph:
             return torch.empty(count, dtype=torch.float32, device=self.pool.device)
         buffer = self._buffers.get(key)
         if buffer is None or buffer.numel() < count:
-            buffer = self._buffers[key] = torch.empty(count, dtype=torch.float32, device=self.pool.device)
+            buffer = self._buffers[key] = torch.empty(
+                count, dtype=torch.float32, device=self.pool.device
+            )
         return buffer[:count]
 
     def _slot_lookup(self, node: LayerStack, name: str) -> tuple[RecipeNode, str, float]:

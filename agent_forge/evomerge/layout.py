@@ -15,7 +15,9 @@ from typing import Any
 
 from .techniques import TensorLocation
 
-_LAYER = re.compile(r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
+_LAYER = re.compile(
+    r"^(?P<prefix>(?:.*\.)?(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$"
+)
 
 #: Suffixes of the projections that write a layer's branch output into the residual stream.
 RESIDUAL_OUTPUTS = (
@@ -92,6 +94,7 @@ def tensor_locations(names: Sequence[str], layers: int) -> dict[str, TensorLocat
 
 def order_names(names: Sequence[str]) -> list[str]:
     """Hugging Face order: pre-layer tensors, layers by index, then the rest (norm, head)."""
+
     def key(name: str) -> tuple[int, int, str]:
         parsed = parse_layer(name)
         if parsed is not None:
@@ -101,14 +104,20 @@ def order_names(names: Sequence[str]) -> list[str]:
     return sorted(names, key=key)
 
 
-def remap_layer_config(config: dict[str, Any], path: Sequence[int], source_layers: int) -> dict[str, Any]:
+def remap_layer_config(
+    config: dict[str, Any], path: Sequence[int], source_layers: int
+) -> dict[str, Any]:
     """A config for a model whose layer k is source layer ``path[k]``.
 
     Sets the layer count and re-maps every per-layer list (e.g. ``layer_types``).
     """
     out = dict(config)
     for key, value in config.items():
-        if isinstance(value, list) and len(value) == source_layers and key not in ("architectures",):
+        if (
+            isinstance(value, list)
+            and len(value) == source_layers
+            and key not in ("architectures",)
+        ):
             out[key] = [value[i] for i in path]
     out["num_hidden_layers"] = len(path)
     if "n_layer" in out:

@@ -61,8 +61,12 @@ def open_sources(config: Configuration) -> tuple[dict[str, ModelSource], str | N
     if len(set(names)) != len(names):
         raise ConfigurationError(f"model and base names must differ; got {', '.join(names)}")
     sources = {
-        ref.name: open_source(ref.name, ref.path, allow_pickle=settings.allow_pickle,
-                              trust_remote_code=settings.trust_remote_code)
+        ref.name: open_source(
+            ref.name,
+            ref.path,
+            allow_pickle=settings.allow_pickle,
+            trust_remote_code=settings.trust_remote_code,
+        )
         for ref in refs
     }
     return sources, (config.base_model.name if config.base_model is not None else None)
@@ -98,7 +102,9 @@ class AdvancedModelMerger:
         self.settings = config.merge_settings if config is not None else MergeSettings()
         if sources is None:
             if config is None:
-                raise ConfigurationError("AdvancedModelMerger needs a configuration or opened sources")
+                raise ConfigurationError(
+                    "AdvancedModelMerger needs a configuration or opened sources"
+                )
             sources, base = open_sources(config)
             stacking = self.settings.merge_method in ("dfs", "ps_dfs", "mixed")
             check_compatible(list(sources.values()), layer_stacking=stacking)
@@ -142,11 +148,15 @@ class AdvancedModelMerger:
     def _base_node(self, technique: str) -> RecipeNode | None:
         if self.base is None:
             if get_technique(technique).needs_base:
-                raise ConfigurationError(f"{technique} needs a base model; set base_model (or --base)")
+                raise ConfigurationError(
+                    f"{technique} needs a base model; set base_model (or --base)"
+                )
             return None
         return Source(self.base)
 
-    def _ps_merge(self, params: Mapping[str, Any] | None = None, technique: str | None = None) -> Merge:
+    def _ps_merge(
+        self, params: Mapping[str, Any] | None = None, technique: str | None = None
+    ) -> Merge:
         """A parameter-space merge of the sources with per-layer-group parameters.
 
         Each model's ``weight``/``density`` may be a scalar, a list over layer groups, or a
@@ -170,8 +180,11 @@ class AdvancedModelMerger:
         inputs = list(inputs) if inputs is not None else self._source_nodes()
         if not slots:
             slots = [LayerSlot(0, k, 1.0) for k in range(self.graph.layers(inputs[0]))]
-        stack = LayerStack(tuple(inputs), tuple(s if isinstance(s, LayerSlot) else LayerSlot(*s) for s in slots),
-                           embed_from)
+        stack = LayerStack(
+            tuple(inputs),
+            tuple(s if isinstance(s, LayerSlot) else LayerSlot(*s) for s in slots),
+            embed_from,
+        )
         self.graph.names(stack)  # validates every slot's layer index
         return stack
 
@@ -199,7 +212,9 @@ class AdvancedModelMerger:
         """
         recipe = recipe if recipe is not None else self.default_recipe()
         if output_dir is None:
-            base_dir = (self.config.output_dir if self.config is not None else None) or "evomerge_output"
+            base_dir = (
+                self.config.output_dir if self.config is not None else None
+            ) or "evomerge_output"
             output_dir = Path(base_dir) / f"merge-{recipe.short_hash}"
         protected = [s.folder for s in self.sources.values()]
         dest = check_destination(output_dir, overwrite=overwrite, protected=protected)
@@ -221,36 +236,51 @@ class AdvancedModelMerger:
         for source in self.sources.values():
             source.close()
         self.graph.release()
-        logger.info("merged %s into %s in %.2f s", recipe.short_hash, dest, time.perf_counter() - started)
+        logger.info(
+            "merged %s into %s in %.2f s", recipe.short_hash, dest, time.perf_counter() - started
+        )
         return dest
 
     def _batches(self, recipe: RecipeNode, shard: Sequence[TensorPlan]) -> list[list[TensorPlan]]:
         plans = {item.name: item for item in shard}
         return [[plans[name] for name in run] for run in self.graph.batches(recipe, list(plans))]
 
-    def _compute_checked(self, recipe: RecipeNode, batch: Sequence[TensorPlan], out: torch.Tensor
-                         ) -> list[tuple[TensorPlan, torch.Tensor]]:
+    def _compute_checked(
+        self, recipe: RecipeNode, batch: Sequence[TensorPlan], out: torch.Tensor
+    ) -> list[tuple[TensorPlan, torch.Tensor]]:
         """The batch's values as views of flat ``out``, each checked against its plan."""
         try:
             shapes = [tuple(self.graph.shape(recipe, item.name)) for item in batch]
             flat = self.graph.compute_into(recipe, [item.name for item in batch], out)
         except EvoMergeException:
             raise
-        except (RuntimeError, ValueError) as exc:  # torch shape errors: a source that does not match the others
+        except (
+            RuntimeError,
+            ValueError,
+        ) as exc:  # torch shape errors: a source that does not match the others
             names = batch[0].name if len(batch) == 1 else f"{batch[0].name} … {batch[-1].name}"
-            raise MergeError(f"cannot merge tensor {names}: {str(exc).splitlines()[0]}; "
-                             "the sources' tensors differ in shape (check the models)") from None
+            raise MergeError(
+                f"cannot merge tensor {names}: {str(exc).splitlines()[0]}; "
+                "the sources' tensors differ in shape (check the models)"
+            ) from None
         values, start = [], 0
         for item, shape in zip(batch, shapes, strict=True):
             if shape != item.shape:
-                raise MergeError(f"tensor {item.name} came out {list(shape)}, expected {list(item.shape)}")
+                raise MergeError(
+                    f"tensor {item.name} came out {list(shape)}, expected {list(item.shape)}"
+                )
             size = math.prod(shape)
             values.append((item, flat[start : start + size].view(shape)))
             start += size
         return values
 
-    def _write_metadata(self, folder: Path, recipe: RecipeNode, dtype: torch.dtype,
-                        source_paths: Mapping[str, str] | None) -> None:
+    def _write_metadata(
+        self,
+        folder: Path,
+        recipe: RecipeNode,
+        dtype: torch.dtype,
+        source_paths: Mapping[str, str] | None,
+    ) -> None:
         config = self.graph.config(recipe)
         dtype_name = str(dtype).removeprefix("torch.")
         config["dtype"] = dtype_name
@@ -261,7 +291,10 @@ class AdvancedModelMerger:
         for file in [*template.tokenizer_files(), template.folder / "generation_config.json"]:
             if file.is_file():
                 shutil.copy2(file, folder / file.name)
-        paths = {name: (source_paths or {}).get(name, source.path) for name, source in self.sources.items()}
+        paths = {
+            name: (source_paths or {}).get(name, source.path)
+            for name, source in self.sources.items()
+        }
         document = recipe_document(recipe, paths, self.base, dtype_name)
         (folder / RECIPE_FILE).write_text(json.dumps(document, indent=2) + "\n")
         (folder / "README.md").write_text(model_card(recipe, paths, self.base))
@@ -283,8 +316,9 @@ class AdvancedModelMerger:
         layers = self.graph.layers(recipe)
         resident = self._resident_models.get(layers)
         if resident is None:
-            resident = self._resident_models[layers] = _ResidentModel.build(self._build_model(recipe),
-                                                                            self.graph.names(recipe))
+            resident = self._resident_models[layers] = _ResidentModel.build(
+                self._build_model(recipe), self.graph.names(recipe)
+            )
         names = self.graph.names(recipe)
         resident.check(names)
         with torch.no_grad():
@@ -293,8 +327,9 @@ class AdvancedModelMerger:
                 if target is not None and target.dtype == torch.float32:
                     self.graph.compute_into(recipe, run, target)
                     continue
-                values = self.graph.compute_into(recipe, run, torch.empty(self.graph.count(recipe, run),
-                                                                          device=self.device))
+                values = self.graph.compute_into(
+                    recipe, run, torch.empty(self.graph.count(recipe, run), device=self.device)
+                )
                 resident.scatter(run, values)
         return resident.model
 
@@ -312,7 +347,9 @@ class AdvancedModelMerger:
         return model.to(self.device).eval()
 
 
-def recipe_document(recipe: RecipeNode, sources: Mapping[str, str], base: str | None, dtype: str) -> dict[str, Any]:
+def recipe_document(
+    recipe: RecipeNode, sources: Mapping[str, str], base: str | None, dtype: str
+) -> dict[str, Any]:
     """The content of ``evomerge_recipe.json``: enough for ``--merge`` to rebuild the model."""
     used = recipe.source_names()
     return {
@@ -345,19 +382,40 @@ def model_card(recipe: RecipeNode, sources: Mapping[str, str], base: str | None)
     used = sorted(recipe.source_names())
     lines = ["---", "library_name: transformers", "tags:", "- merge", "- evomerge", "base_model:"]
     lines += [f"- {sources[name]}" for name in used if name in sources]
-    lines += ["---", "", f"# Merged model `{recipe.short_hash}`", "",
-              "Made with EvoMerge (`agent_forge.evomerge`) from these models:", ""]
-    lines += [f"- **{name}**: `{sources.get(name, '?')}`" + (" (base)" if name == base else "") for name in used]
-    lines += ["", "## Recipe", "", describe(recipe).rstrip(), "",
-              f"The full recipe is in `{RECIPE_FILE}`; rebuild the weights with",
-              "", "```", f"python -m agent_forge.evomerge.cli --merge {RECIPE_FILE} --output DIR", "```", ""]
+    lines += [
+        "---",
+        "",
+        f"# Merged model `{recipe.short_hash}`",
+        "",
+        "Made with EvoMerge (`agent_forge.evomerge`) from these models:",
+        "",
+    ]
+    lines += [
+        f"- **{name}**: `{sources.get(name, '?')}`" + (" (base)" if name == base else "")
+        for name in used
+    ]
+    lines += [
+        "",
+        "## Recipe",
+        "",
+        describe(recipe).rstrip(),
+        "",
+        f"The full recipe is in `{RECIPE_FILE}`; rebuild the weights with",
+        "",
+        "```",
+        f"python -m agent_forge.evomerge.cli --merge {RECIPE_FILE} --output DIR",
+        "```",
+        "",
+    ]
     return "\n".join(lines)
 
 
 class _ResidentModel:
     """A model whose parameters are views of one flat buffer, in the recipe's tensor order."""
 
-    def __init__(self, model: PreTrainedModel, flat: torch.Tensor | None, offsets: dict[str, tuple[int, int]]) -> None:
+    def __init__(
+        self, model: PreTrainedModel, flat: torch.Tensor | None, offsets: dict[str, tuple[int, int]]
+    ) -> None:
         self.model, self.flat, self.offsets = model, flat, offsets
         self.parameters = set(dict(model.named_parameters()))
         self._checked: tuple[str, ...] | None = None

@@ -13,13 +13,33 @@ import numpy as np
 from .config import EvolutionSettings, MergeSettings
 from .genomes import LayerPathGenome, ParamsGenome
 from .recipe import LayerSlot, LayerStack, Merge, RecipeNode, Source, collapse_linear
-from .techniques import MERGE_TECHNIQUES, Param, Technique, canonical_params, get_technique, repair_params
+from .techniques import (
+    MERGE_TECHNIQUES,
+    Param,
+    Technique,
+    canonical_params,
+    get_technique,
+    repair_params,
+)
 
 logger = logging.getLogger(__name__)
 
 #: The mixed population's techniques, in the order the first generation takes them.
-MIXED_ORDER = ("linear", "slerp", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs",
-               "ps", "dfs", "della", "model_stock", "breadcrumbs_ties", "della_linear")
+MIXED_ORDER = (
+    "linear",
+    "slerp",
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "ps",
+    "dfs",
+    "della",
+    "model_stock",
+    "breadcrumbs_ties",
+    "della_linear",
+)
 #: Techniques used to merge lower performers (their recipes become the new node's inputs).
 LOWER_MERGE_TECHNIQUES = ("linear", "task_arithmetic", "ties", "dare_ties")
 SCALE_RANGE = (0.5, 2.0)
@@ -62,15 +82,23 @@ def _jitter(genome_x: np.ndarray, rng: np.random.Generator, spread: float) -> np
     return np.clip(genome_x + rng.normal(0.0, spread, size=genome_x.shape), 0.0, 1.0)
 
 
-def technique_recipe(technique: str, space: SearchSpace, rng: np.random.Generator, *, exact_defaults: bool,
-                     inputs: Sequence[RecipeNode] | None = None) -> RecipeNode:
+def technique_recipe(
+    technique: str,
+    space: SearchSpace,
+    rng: np.random.Generator,
+    *,
+    exact_defaults: bool,
+    inputs: Sequence[RecipeNode] | None = None,
+) -> RecipeNode:
     """One recipe of ``technique`` over the sources, parameters drawn around the defaults."""
     inputs = list(inputs if inputs is not None else space.sources)
     tech = get_technique(technique)
     if tech.max_inputs is not None and len(inputs) > tech.max_inputs:
         order = rng.permutation(len(inputs))[: tech.max_inputs]
         inputs = [inputs[i] for i in sorted(order)]
-    genome = ParamsGenome(technique, inputs, space.base_node if tech.needs_base else None, seed=new_seed(rng))
+    genome = ParamsGenome(
+        technique, inputs, space.base_node if tech.needs_base else None, seed=new_seed(rng)
+    )
     x = genome.initial()
     if not exact_defaults:
         x = _jitter(x, rng, 0.25)
@@ -79,17 +107,31 @@ def technique_recipe(technique: str, space: SearchSpace, rng: np.random.Generato
 
 def ps_recipe(space: SearchSpace, rng: np.random.Generator, *, exact_defaults: bool) -> RecipeNode:
     """A parameter-space merge: ``ps_technique`` with a weight and density per model and layer group."""
-    genome = ParamsGenome(space.merge.ps_technique, space.sources, space.base_node, groups=space.groups,
-                          seed=new_seed(rng))
+    genome = ParamsGenome(
+        space.merge.ps_technique,
+        space.sources,
+        space.base_node,
+        groups=space.groups,
+        seed=new_seed(rng),
+    )
     x = genome.initial()
     return genome.decode(x if exact_defaults else _jitter(x, rng, 0.2))
 
 
-def dfs_recipe(space: SearchSpace, rng: np.random.Generator, inputs: Sequence[RecipeNode], layer_counts: Sequence[int],
-               *, identity_of: int = 0, flip: float = 0.0) -> RecipeNode:
+def dfs_recipe(
+    space: SearchSpace,
+    rng: np.random.Generator,
+    inputs: Sequence[RecipeNode],
+    layer_counts: Sequence[int],
+    *,
+    identity_of: int = 0,
+    flip: float = 0.0,
+) -> RecipeNode:
     """A layer path over ``inputs``: the identity path of ``inputs[identity_of]`` with each
     indicator bit flipped with probability ``flip`` (and scales jittered when flipping)."""
-    genome = LayerPathGenome(inputs, layer_counts, space.merge.dfs_repetitions, SCALE_RANGE, embed_from=identity_of)
+    genome = LayerPathGenome(
+        inputs, layer_counts, space.merge.dfs_repetitions, SCALE_RANGE, embed_from=identity_of
+    )
     x = genome.initial()
     if flip > 0:
         count = len(genome.candidates)
@@ -108,14 +150,22 @@ def _mixed_kinds(space: SearchSpace) -> list[str]:
             usable = True
         else:
             tech = MERGE_TECHNIQUES[kind]
-            usable = space.usable(kind, min(len(space.models), tech.max_inputs or len(space.models)))
+            usable = space.usable(
+                kind, min(len(space.models), tech.max_inputs or len(space.models))
+            )
         if usable:
             kinds.append(kind)
     return kinds
 
 
-def initial_population(method: str, space: SearchSpace, rng: np.random.Generator, size: int,
-                       dfs_inputs: Sequence[RecipeNode] = (), dfs_layers: Sequence[int] = ()) -> list[RecipeNode]:
+def initial_population(
+    method: str,
+    space: SearchSpace,
+    rng: np.random.Generator,
+    size: int,
+    dfs_inputs: Sequence[RecipeNode] = (),
+    dfs_layers: Sequence[int] = (),
+) -> list[RecipeNode]:
     """The first generation for a merge method (``mixed``, a technique, ``ps`` or ``dfs``).
 
     ``mixed`` covers the techniques in :data:`MIXED_ORDER` usable with the given models (with
@@ -136,8 +186,14 @@ def initial_population(method: str, space: SearchSpace, rng: np.random.Generator
                 recipe = ps_recipe(space, rng, exact_defaults=exact)
             elif kind == "dfs":
                 identity = 0 if method == "dfs" else int(rng.integers(len(dfs_inputs)))
-                recipe = dfs_recipe(space, rng, dfs_inputs, dfs_layers, identity_of=identity,
-                                    flip=0.0 if exact and method == "dfs" else 0.1)
+                recipe = dfs_recipe(
+                    space,
+                    rng,
+                    dfs_inputs,
+                    dfs_layers,
+                    identity_of=identity,
+                    flip=0.0 if exact and method == "dfs" else 0.1,
+                )
             else:
                 recipe = technique_recipe(kind, space, rng, exact_defaults=exact)
             if recipe.hash not in seen:
@@ -150,8 +206,9 @@ def initial_population(method: str, space: SearchSpace, rng: np.random.Generator
 # -- selection --------------------------------------------------------------------------------------
 
 
-def tournament_selection(scored: Sequence[tuple[RecipeNode, float]], tournament_size: int,
-                         rng: np.random.Generator) -> RecipeNode:
+def tournament_selection(
+    scored: Sequence[tuple[RecipeNode, float]], tournament_size: int, rng: np.random.Generator
+) -> RecipeNode:
     """The fittest of ``tournament_size`` candidates drawn without replacement (ties: first drawn)."""
     size = min(tournament_size, len(scored))
     picks = [int(i) for i in rng.choice(len(scored), size=size, replace=False)]
@@ -207,42 +264,69 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
     technique, params = node.technique, dict(node.params)
     if rng.random() < evo.technique_switch_rate:
         base_depth = recipe_layers(node.inputs[0], space) == space.layers
-        options = [t for t in MERGE_TECHNIQUES
-                   if t not in ("passthrough", technique) and space.usable(t, len(node.inputs))
-                   and (base_depth or not MERGE_TECHNIQUES[t].needs_base)]
+        options = [
+            t
+            for t in MERGE_TECHNIQUES
+            if t not in ("passthrough", technique)
+            and space.usable(t, len(node.inputs))
+            and (base_depth or not MERGE_TECHNIQUES[t].needs_base)
+        ]
         if options:
             technique = options[int(rng.integers(len(options)))]
-            params = {k: v for k, v in params.items() if any(p.name == k for p in get_technique(technique).params)}
+            params = {
+                k: v
+                for k, v in params.items()
+                if any(p.name == k for p in get_technique(technique).params)
+            }
     tech = get_technique(technique)
     if rng.random() < evo.layer_refine_rate:
         params = refine_by_layer(params, tech, space, rng)
-    leaves = [(p, path) for p in tech.params if p.is_numeric and p.search and p.name in params
-              for path in _leaf_paths(params[p.name])]
-    rate = min(evo.mutation_rate, 3.0 / max(1, len(leaves)))  # about three changes at most per child
+    leaves = [
+        (p, path)
+        for p in tech.params
+        if p.is_numeric and p.search and p.name in params
+        for path in _leaf_paths(params[p.name])
+    ]
+    rate = min(
+        evo.mutation_rate, 3.0 / max(1, len(leaves))
+    )  # about three changes at most per child
     chosen = [leaf for leaf in leaves if rng.random() < rate]
     if leaves and not chosen:
         chosen = [leaves[int(rng.integers(len(leaves)))]]
     for param, path in chosen:
-        params[param.name] = _perturb_at(params[param.name], path, param, evo.mutation_strength, rng)
+        params[param.name] = _perturb_at(
+            params[param.name], path, param, evo.mutation_strength, rng
+        )
     seed = node.seed
     if tech.randomized and (seed is None or rng.random() < 0.2):
         seed = new_seed(rng)
     base = node.base if tech.needs_base else None
     if tech.needs_base and base is None:
         base = space.base_node
-    params = repair_params(technique, canonical_params(tech, params, len(node.inputs), joint_check=False))
+    params = repair_params(
+        technique, canonical_params(tech, params, len(node.inputs), joint_check=False)
+    )
     return Merge(technique, node.inputs, params, base, seed)
 
 
-def refine_by_layer(params: dict, tech: Technique, space: SearchSpace, rng: np.random.Generator) -> dict:
+def refine_by_layer(
+    params: dict, tech: Technique, space: SearchSpace, rng: np.random.Generator
+) -> dict:
     """Give one per-model parameter one value per layer group (copies of its current value).
 
     The child computes the same tensors as its parent until a group's value is perturbed: this
     is how the search moves from per-model settings into the per-layer PS space of the Sakana
     paper without losing what it found.
     """
-    names = [p.name for p in tech.params if p.per_input and p.is_numeric and p.search and p.name in params
-             and any(isinstance(v, float) for v in params[p.name])]
+    names = [
+        p.name
+        for p in tech.params
+        if p.per_input
+        and p.is_numeric
+        and p.search
+        and p.name in params
+        and any(isinstance(v, float) for v in params[p.name])
+    ]
     if not names:
         return params
     name = names[int(rng.integers(len(names)))]
@@ -259,7 +343,9 @@ def _leaf_paths(value: object, prefix: tuple = ()) -> list[tuple]:
     return [prefix]
 
 
-def _perturb_at(value: object, path: tuple, param: Param, strength: float, rng: np.random.Generator) -> object:
+def _perturb_at(
+    value: object, path: tuple, param: Param, strength: float, rng: np.random.Generator
+) -> object:
     if not path:
         assert param.search is not None and isinstance(value, float)
         low, high = param.search
@@ -273,13 +359,17 @@ def _perturb_at(value: object, path: tuple, param: Param, strength: float, rng: 
     return copy
 
 
-def mutate_layer_stack(node: LayerStack, space: SearchSpace, rng: np.random.Generator) -> LayerStack:
+def mutate_layer_stack(
+    node: LayerStack, space: SearchSpace, rng: np.random.Generator
+) -> LayerStack:
     """Perturb slot scales (log-normal), and sometimes drop a slot or insert a random layer."""
     evo = space.evolution
     slots = list(node.slots)
     for k, slot in enumerate(slots):
         if rng.random() < evo.mutation_rate:
-            scale = float(np.clip(slot.scale * np.exp(rng.normal(0.0, evo.mutation_strength)), *SCALE_RANGE))
+            scale = float(
+                np.clip(slot.scale * np.exp(rng.normal(0.0, evo.mutation_strength)), *SCALE_RANGE)
+            )
             slots[k] = LayerSlot(slot.input, slot.layer, round(scale, 6))
     limit = space.merge.dfs_repetitions * space.layers * len(node.inputs)
     if len(slots) > 1 and rng.random() < evo.mutation_rate:
@@ -291,8 +381,18 @@ def mutate_layer_stack(node: LayerStack, space: SearchSpace, rng: np.random.Gene
     if tuple(slots) == node.slots:
         k = int(rng.integers(len(slots)))
         slot = slots[k]
-        slots[k] = LayerSlot(slot.input, slot.layer, round(float(np.clip(slot.scale * np.exp(
-            rng.normal(0.0, evo.mutation_strength)), *SCALE_RANGE)), 6))
+        slots[k] = LayerSlot(
+            slot.input,
+            slot.layer,
+            round(
+                float(
+                    np.clip(
+                        slot.scale * np.exp(rng.normal(0.0, evo.mutation_strength)), *SCALE_RANGE
+                    )
+                ),
+                6,
+            ),
+        )
     return LayerStack(node.inputs, tuple(slots), node.embed_from, node.head_from)
 
 
@@ -313,8 +413,9 @@ def recipe_layers(recipe: RecipeNode, space: SearchSpace) -> int:
     return recipe_layers(children[0], space) if children else space.layers
 
 
-def merge_lower(recipes: Sequence[RecipeNode], space: SearchSpace,
-                rng: np.random.Generator) -> tuple[RecipeNode, list[RecipeNode]] | None:
+def merge_lower(
+    recipes: Sequence[RecipeNode], space: SearchSpace, rng: np.random.Generator
+) -> tuple[RecipeNode, list[RecipeNode]] | None:
     """A new Merge node over 2–3 lower performers of equal depth, with the performers it merged
     (None when none can be made within ``max_depth``). Task-vector techniques apply only where
     the base has that depth; linear-of-linear nodes are collapsed."""
@@ -329,9 +430,15 @@ def merge_lower(recipes: Sequence[RecipeNode], space: SearchSpace,
     picks = sorted(rng.choice(len(group), size=count, replace=False))
     inputs = [group[i] for i in picks]
     same_depth = recipe_layers(inputs[0], space) == space.layers
-    options = [t for t in LOWER_MERGE_TECHNIQUES if t == "linear" or (same_depth and space.usable(t, count))]
+    options = [
+        t
+        for t in LOWER_MERGE_TECHNIQUES
+        if t == "linear" or (same_depth and space.usable(t, count))
+    ]
     technique = options[int(rng.integers(len(options)))]
-    merged = collapse_linear(technique_recipe(technique, space, rng, exact_defaults=False, inputs=inputs))
+    merged = collapse_linear(
+        technique_recipe(technique, space, rng, exact_defaults=False, inputs=inputs)
+    )
     if merged.depth() > space.merge.max_depth:
         return None
     return merged, inputs

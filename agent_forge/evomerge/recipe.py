@@ -144,11 +144,20 @@ class LayerSlot:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.input, int) or not isinstance(self.layer, int) or self.input < 0 or self.layer < 0:
-            raise ConfigurationError(f"layer slot {self!r}: input and layer must be non-negative integers")
+        if (
+            not isinstance(self.input, int)
+            or not isinstance(self.layer, int)
+            or self.input < 0
+            or self.layer < 0
+        ):
+            raise ConfigurationError(
+                f"layer slot {self!r}: input and layer must be non-negative integers"
+            )
         scale = float(self.scale)
         if not math.isfinite(scale) or abs(scale) > 1e3:
-            raise ConfigurationError(f"layer slot {self!r}: scale must be a finite number within ±1000")
+            raise ConfigurationError(
+                f"layer slot {self!r}: scale must be a finite number within ±1000"
+            )
         object.__setattr__(self, "scale", scale)
 
 
@@ -174,11 +183,15 @@ class LayerStack(RecipeNode):
             raise ConfigurationError("a layer stack needs at least one layer slot")
         for slot in slots:
             if slot.input >= len(inputs):
-                raise ConfigurationError(f"layer slot {slot} names input {slot.input}, but there are {len(inputs)}")
+                raise ConfigurationError(
+                    f"layer slot {slot} names input {slot.input}, but there are {len(inputs)}"
+                )
         for key in ("embed_from", "head_from"):
             index = getattr(self, key)
             if index is not None and not 0 <= index < len(inputs):
-                raise ConfigurationError(f"{key} {index} is not an input index (0..{len(inputs) - 1})")
+                raise ConfigurationError(
+                    f"{key} {index} is not an input index (0..{len(inputs) - 1})"
+                )
         if self.head_from == self.embed_from:
             object.__setattr__(self, "head_from", None)
         object.__setattr__(self, "inputs", inputs)
@@ -225,12 +238,19 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> RecipeNode:
         ConfigurationError: naming the node's position (e.g. ``recipe.inputs[1]``) and the problem.
     """
     if not isinstance(data, Mapping) or "type" not in data:
-        raise ConfigurationError(f"{where}: expected a mapping with a 'type' (source, merge or layer_stack)")
+        raise ConfigurationError(
+            f"{where}: expected a mapping with a 'type' (source, merge or layer_stack)"
+        )
     kind = data["type"]
-    allowed = {"source": {"type", "name"}, "merge": {"type", "technique", "inputs", "params", "base", "seed"},
-               "layer_stack": {"type", "inputs", "slots", "embed_from", "head_from"}}
+    allowed = {
+        "source": {"type", "name"},
+        "merge": {"type", "technique", "inputs", "params", "base", "seed"},
+        "layer_stack": {"type", "inputs", "slots", "embed_from", "head_from"},
+    }
     if kind not in allowed:
-        raise ConfigurationError(f"{where}: unknown node type {kind!r}; allowed: source, merge, layer_stack")
+        raise ConfigurationError(
+            f"{where}: unknown node type {kind!r}; allowed: source, merge, layer_stack"
+        )
     unknown = sorted(set(data) - allowed[kind])
     if unknown:
         raise ConfigurationError(f"{where}: unknown key {unknown[0]!r} for a {kind} node")
@@ -240,7 +260,9 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> RecipeNode:
         inputs = data.get("inputs")
         if not isinstance(inputs, Sequence) or isinstance(inputs, str):
             raise ConfigurationError("'inputs' must be a list of recipes")
-        parsed = tuple(recipe_from_dict(item, f"{where}.inputs[{i}]") for i, item in enumerate(inputs))
+        parsed = tuple(
+            recipe_from_dict(item, f"{where}.inputs[{i}]") for i, item in enumerate(inputs)
+        )
         if kind == "merge":
             base = data.get("base")
             return Merge(
@@ -252,10 +274,14 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> RecipeNode:
             )
         slots = tuple(_slot(s) for s in data.get("slots") or ())
         head = data.get("head_from")
-        return LayerStack(parsed, slots, int(data.get("embed_from", 0)), int(head) if head is not None else None)
+        return LayerStack(
+            parsed, slots, int(data.get("embed_from", 0)), int(head) if head is not None else None
+        )
     except ConfigurationError as exc:
         message = str(exc)
-        raise ConfigurationError(message if message.startswith(where) else f"{where}: {message}") from None
+        raise ConfigurationError(
+            message if message.startswith(where) else f"{where}: {message}"
+        ) from None
 
 
 def _slot(value: Any) -> LayerSlot:
@@ -263,7 +289,9 @@ def _slot(value: Any) -> LayerSlot:
         return LayerSlot(value.get("input", -1), value.get("layer", -1), value.get("scale", 1.0))
     if isinstance(value, Sequence) and len(value) in (2, 3):
         return LayerSlot(*value)
-    raise ConfigurationError(f"layer slot {value!r}: write [input, layer, scale] or {{input, layer, scale}}")
+    raise ConfigurationError(
+        f"layer slot {value!r}: write [input, layer, scale] or {{input, layer, scale}}"
+    )
 
 
 def recipe_from_json(text: str) -> RecipeNode:
@@ -291,8 +319,12 @@ def collapse_linear(recipe: RecipeNode) -> RecipeNode:
     if isinstance(recipe, Source):
         return recipe
     if isinstance(recipe, LayerStack):
-        return LayerStack(tuple(collapse_linear(i) for i in recipe.inputs), recipe.slots, recipe.embed_from,
-                          recipe.head_from)
+        return LayerStack(
+            tuple(collapse_linear(i) for i in recipe.inputs),
+            recipe.slots,
+            recipe.embed_from,
+            recipe.head_from,
+        )
     assert isinstance(recipe, Merge)
     inputs = tuple(collapse_linear(i) for i in recipe.inputs)
     base = collapse_linear(recipe.base) if recipe.base is not None else None
@@ -303,7 +335,9 @@ def collapse_linear(recipe: RecipeNode) -> RecipeNode:
         inner = child.params["weight"] if _scalar_linear(child) else None  # type: ignore[attr-defined]
         if inner is not None and not (child.params["normalize"] and sum(inner) == 0):  # type: ignore[attr-defined]
             scale = 1.0 / sum(inner) if child.params["normalize"] else 1.0
-            terms.extend((grandchild, weight * w * scale) for grandchild, w in zip(child.inputs, inner))
+            terms.extend(
+                (grandchild, weight * w * scale) for grandchild, w in zip(child.inputs, inner)
+            )
         else:
             terms.append((child, weight))
     merged: dict[str, tuple[RecipeNode, float]] = {}

@@ -47,7 +47,9 @@ def load_recipe_file(path: str | Path, *, layer_count: Any = None) -> RecipeDocu
     """
     path = Path(path)
     if not path.is_file():
-        raise ConfigurationError(f"recipe file {path} does not exist; pass an evomerge_recipe.json or a mergekit YAML")
+        raise ConfigurationError(
+            f"recipe file {path} does not exist; pass an evomerge_recipe.json or a mergekit YAML"
+        )
     text = path.read_text(encoding="utf-8")
     try:
         if path.suffix.lower() == ".json":
@@ -57,7 +59,9 @@ def load_recipe_file(path: str | Path, *, layer_count: Any = None) -> RecipeDocu
 
             data = yaml.safe_load(text)
     except Exception as exc:  # noqa: BLE001 - json and yaml raise different types
-        raise ConfigurationError(f"{path}: cannot parse the recipe: {str(exc).splitlines()[0]}") from None
+        raise ConfigurationError(
+            f"{path}: cannot parse the recipe: {str(exc).splitlines()[0]}"
+        ) from None
     if not isinstance(data, Mapping):
         raise ConfigurationError(f"{path}: a recipe file holds a mapping at the top level")
     if "merge_method" in data:
@@ -69,11 +73,15 @@ def load_recipe_file(path: str | Path, *, layer_count: Any = None) -> RecipeDocu
         recipe = recipe_from_dict(data["recipe"], f"{path}: recipe")
         missing = sorted(recipe.source_names() - set(sources))
         if missing:
-            raise ConfigurationError(f"{path}: the recipe names model {missing[0]!r} but 'sources' gives no path for it")
+            raise ConfigurationError(
+                f"{path}: the recipe names model {missing[0]!r} but 'sources' gives no path for it"
+            )
         dtype = data.get("dtype")
         if dtype is not None and dtype not in _DTYPES:
             raise ConfigurationError(f"{path}: dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
-        return RecipeDocument(recipe, {str(k): str(v) for k, v in sources.items()}, data.get("base"), dtype)
+        return RecipeDocument(
+            recipe, {str(k): str(v) for k, v in sources.items()}, data.get("base"), dtype
+        )
     if "type" in data:
         return RecipeDocument(recipe_from_dict(data, f"{path}: recipe"), {})
     raise ConfigurationError(
@@ -93,17 +101,41 @@ _MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
     "breadcrumbs": {"normalize": False, "density": 1.0, "gamma": 0.01, "lambda": 1.0},
     "breadcrumbs_ties": {"normalize": False, "density": 1.0, "gamma": 0.01, "lambda": 1.0},
     "della": {"normalize": True, "density": 1.0, "epsilon": 0.15, "rescale": "l1", "lambda": 1.0},
-    "della_linear": {"normalize": False, "density": 1.0, "epsilon": 0.15, "rescale": "l1", "lambda": 1.0},
+    "della_linear": {
+        "normalize": False,
+        "density": 1.0,
+        "epsilon": 0.15,
+        "rescale": "l1",
+        "lambda": 1.0,
+    },
     "model_stock": {"filter_wise": False},
     "slerp": {},
     "passthrough": {},
 }
 _PER_MODEL = ("weight", "density", "gamma", "epsilon")
 _SHARED = ("normalize", "lambda", "t", "rescale", "filter_wise", "int8_mask")
-_TOP_KEYS = {"merge_method", "base_model", "models", "parameters", "dtype", "out_dtype", "slices", "name",
-             "tokenizer_source", "tokenizer", "chat_template"}
-_FILTER_COMPONENTS = {"self_attn": "attention", "attn": "attention", "attention": "attention", "mlp": "mlp",
-                      "embed_tokens": "embeddings", "lm_head": "head", "norm": "norms"}
+_TOP_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "slices",
+    "name",
+    "tokenizer_source",
+    "tokenizer",
+    "chat_template",
+}
+_FILTER_COMPONENTS = {
+    "self_attn": "attention",
+    "attn": "attention",
+    "attention": "attention",
+    "mlp": "mlp",
+    "embed_tokens": "embeddings",
+    "lm_head": "head",
+    "norm": "norms",
+}
 
 
 class _Names:
@@ -123,7 +155,9 @@ class _Names:
         return self.by_path[path]
 
 
-def from_mergekit(data: Mapping[str, Any], *, origin: str = "mergekit YAML", layer_count: Any = None) -> RecipeDocument:
+def from_mergekit(
+    data: Mapping[str, Any], *, origin: str = "mergekit YAML", layer_count: Any = None
+) -> RecipeDocument:
     """Translate a mergekit configuration into a recipe (see the module docstring)."""
     unknown = sorted(set(data) - _TOP_KEYS)
     if unknown:
@@ -135,14 +169,18 @@ def from_mergekit(data: Mapping[str, Any], *, origin: str = "mergekit YAML", lay
         )
     for key in ("tokenizer_source", "tokenizer"):
         if data.get(key) not in (None, "base"):
-            raise ConfigurationError(f"{origin}: {key} {data[key]!r} is not supported (tokenizers are copied, not merged)")
+            raise ConfigurationError(
+                f"{origin}: {key} {data[key]!r} is not supported (tokenizers are copied, not merged)"
+            )
     names = _Names()
     dtype = data.get("out_dtype") or data.get("dtype")
     if dtype is not None and dtype not in _DTYPES:
         raise ConfigurationError(f"{origin}: dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
     if data.get("slices"):
         if method != "passthrough":
-            raise ConfigurationError(f"{origin}: 'slices' are supported with merge_method passthrough only")
+            raise ConfigurationError(
+                f"{origin}: 'slices' are supported with merge_method passthrough only"
+            )
         recipe = _slices_to_stack(data["slices"], names, origin)
         return RecipeDocument(recipe, {v: k for k, v in names.by_path.items()}, None, dtype)
     models = data.get("models") or []
@@ -156,8 +194,14 @@ def from_mergekit(data: Mapping[str, Any], *, origin: str = "mergekit YAML", lay
     return RecipeDocument(recipe, {v: k for k, v in names.by_path.items()}, base, dtype)
 
 
-def _merge_node(method: str, entries: list[tuple[str, Mapping[str, Any]]], base: str | None,
-                shared: Mapping[str, Any], depth: Any, origin: str) -> RecipeNode:
+def _merge_node(
+    method: str,
+    entries: list[tuple[str, Mapping[str, Any]]],
+    base: str | None,
+    shared: Mapping[str, Any],
+    depth: Any,
+    origin: str,
+) -> RecipeNode:
     from .techniques import get_technique
 
     tech = get_technique(method)
@@ -166,7 +210,9 @@ def _merge_node(method: str, entries: list[tuple[str, Mapping[str, Any]]], base:
             raise ConfigurationError(f"{origin}: slerp needs base_model (the t = 0 end)")
         others = [name for name, _ in entries if name != base]
         if len(others) != 1:
-            raise ConfigurationError(f"{origin}: slerp merges base_model with exactly one other model")
+            raise ConfigurationError(
+                f"{origin}: slerp merges base_model with exactly one other model"
+            )
         inputs = [base, others[0]]
         entries = []
     elif tech.needs_base:
@@ -186,9 +232,13 @@ def _merge_node(method: str, entries: list[tuple[str, Mapping[str, Any]]], base:
     per_model_keys = {k for _, p in entries for k in p} | {k for k in params if k in _PER_MODEL}
     for key in sorted(per_model_keys):
         if key not in _PER_MODEL:
-            raise ConfigurationError(f"{origin}: per-model parameter {key!r} is not supported for {method}")
+            raise ConfigurationError(
+                f"{origin}: per-model parameter {key!r} is not supported for {method}"
+            )
         fallback = params.get(key, 1.0 if key in ("weight", "density") else None)
-        params[key] = [_translate_value(key, p.get(key, fallback), depth, origin) for _, p in entries]
+        params[key] = [
+            _translate_value(key, p.get(key, fallback), depth, origin) for _, p in entries
+        ]
     params = {k: v for k, v in params.items() if any(p.name == k for p in tech.params)}
     node_base = Source(base) if tech.needs_base else None
     return Merge(method, [Source(n) for n in inputs], params, node_base, 0)
@@ -222,6 +272,7 @@ def _translate_value(key: str, value: Any, depth: Any, origin: str) -> Any:
 def _gradient(values: Sequence[float], layers: int, origin: str) -> list[float]:
     """mergekit's gradient: layer i of L takes the value interpolated at t = i / (L − 1); tensors
     before and after the layers take t = 0. Returned as one value per position (L + 2)."""
+
     def at(t: float) -> float:
         scaled = t * (len(values) - 1)
         low = int(scaled)
@@ -236,7 +287,9 @@ def _gradient(values: Sequence[float], layers: int, origin: str) -> list[float]:
 def _depth_of(layer_count: Any, model: str) -> Any:
     def depth() -> int:
         if layer_count is None:
-            raise ConfigurationError("this mergekit file uses per-layer gradients; the models' layer count is needed")
+            raise ConfigurationError(
+                "this mergekit file uses per-layer gradients; the models' layer count is needed"
+            )
         return int(layer_count(model))
 
     return depth
@@ -248,14 +301,20 @@ def _slices_to_stack(slices: Sequence[Mapping[str, Any]], names: _Names, origin:
     for i, entry in enumerate(slices):
         sources = entry.get("sources") or []
         if len(sources) != 1:
-            raise ConfigurationError(f"{origin}: slice {i} has {len(sources)} sources; passthrough takes one per slice")
+            raise ConfigurationError(
+                f"{origin}: slice {i} has {len(sources)} sources; passthrough takes one per slice"
+            )
         model = names(str(sources[0]["model"]))
         if model not in inputs:
             inputs.append(model)
         if sources[0].get("parameters") or entry.get("parameters"):
-            raise ConfigurationError(f"{origin}: slice {i}: passthrough parameters are not supported")
+            raise ConfigurationError(
+                f"{origin}: slice {i}: passthrough parameters are not supported"
+            )
         start, stop = sources[0]["layer_range"]
-        slots += [LayerSlot(inputs.index(model), layer, 1.0) for layer in range(int(start), int(stop))]
+        slots += [
+            LayerSlot(inputs.index(model), layer, 1.0) for layer in range(int(start), int(stop))
+        ]
     first = inputs.index(names(str(slices[0]["sources"][0]["model"])))
     last = inputs.index(names(str(slices[-1]["sources"][0]["model"])))
     return LayerStack(tuple(Source(n) for n in inputs), tuple(slots), first, last)

@@ -13,12 +13,19 @@ from .storage import atomic_write_text
 logger = logging.getLogger(__name__)
 
 
-def score_table(test: Mapping[str, Mapping[str, float]], task_names: Sequence[str]) -> list[list[str]]:
+def score_table(
+    test: Mapping[str, Mapping[str, float]], task_names: Sequence[str]
+) -> list[list[str]]:
     """Rows ``[model, task1, …, mean]`` with percentages, for markdown and the terminal."""
     rows = [["model", *task_names, "mean"]]
     for model, scores in test.items():
-        rows.append([model, *(f"{100 * scores.get(t, float('nan')):.1f}" for t in task_names),
-                     f"{100 * scores['mean']:.1f}"])
+        rows.append(
+            [
+                model,
+                *(f"{100 * scores.get(t, float('nan')):.1f}" for t in task_names),
+                f"{100 * scores['mean']:.1f}",
+            ]
+        )
     return rows
 
 
@@ -38,7 +45,12 @@ def plot_fitness(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
     generations = [h["generation"] for h in history]
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
     ax.plot(generations, [h["best"] for h in history], marker="o", label="best so far")
-    ax.plot(generations, [h["generation_best"] for h in history], linestyle=":", label="best of generation")
+    ax.plot(
+        generations,
+        [h["generation_best"] for h in history],
+        linestyle=":",
+        label="best of generation",
+    )
     ax.plot(generations, [h["mean"] for h in history], linestyle="--", label="generation mean")
     ax.set_xlabel("generation")
     ax.xaxis.get_major_locator().set_params(integer=True)
@@ -51,7 +63,9 @@ def plot_fitness(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
     return path
 
 
-def lineage(best_hash: str, records: Mapping[str, Mapping[str, Any]], limit: int = 60) -> list[tuple[str, str]]:
+def lineage(
+    best_hash: str, records: Mapping[str, Mapping[str, Any]], limit: int = 60
+) -> list[tuple[str, str]]:
     """Parent → child edges leading to ``best_hash`` (breadth first, at most ``limit`` nodes)."""
     edges, queue, seen = [], [best_hash], {best_hash}
     while queue and len(seen) < limit:
@@ -76,8 +90,11 @@ def plot_lineage(best_hash: str, records: Mapping[str, Mapping[str, Any]], path:
     by_generation: dict[int, list[str]] = {}
     for node in sorted(nodes, key=lambda h: (records[h]["generation"], h)):
         by_generation.setdefault(records[node]["generation"], []).append(node)
-    position = {node: (gen, i - (len(group) - 1) / 2) for gen, group in by_generation.items()
-                for i, node in enumerate(group)}
+    position = {
+        node: (gen, i - (len(group) - 1) / 2)
+        for gen, group in by_generation.items()
+        for i, node in enumerate(group)
+    }
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for parent, child in edges:
         (x0, y0), (x1, y1) = position[parent], position[child]
@@ -86,8 +103,14 @@ def plot_lineage(best_hash: str, records: Mapping[str, Mapping[str, Any]], path:
         record = records[node]
         color = "tab:red" if node == best_hash else "tab:blue"
         ax.scatter([x], [y], color=color, zorder=3)
-        ax.annotate(f"{record['label']}\n{record['fitness']:.3f}", (x, y), textcoords="offset points",
-                    xytext=(0, 7), ha="center", fontsize=7)
+        ax.annotate(
+            f"{record['label']}\n{record['fitness']:.3f}",
+            (x, y),
+            textcoords="offset points",
+            xytext=(0, 7),
+            ha="center",
+            fontsize=7,
+        )
     ax.set_xlabel("generation")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_yticks([])
@@ -98,8 +121,14 @@ def plot_lineage(best_hash: str, records: Mapping[str, Mapping[str, Any]], path:
     return path
 
 
-def write_report(run_dir: Path, summary: Mapping[str, Any], history: Sequence[Mapping[str, Any]],
-                 records: Mapping[str, Mapping[str, Any]], task_names: Sequence[str], best_description: str) -> Path:
+def write_report(
+    run_dir: Path,
+    summary: Mapping[str, Any],
+    history: Sequence[Mapping[str, Any]],
+    records: Mapping[str, Mapping[str, Any]],
+    task_names: Sequence[str],
+    best_description: str,
+) -> Path:
     """Write ``report.md`` and its plots into ``run_dir``; returns the report's path."""
     fitness_png = plot_fitness(history, run_dir / "fitness.png") if history else None
     lineage_png = plot_lineage(summary["best_recipe_hash"], records, run_dir / "lineage.png")
@@ -120,16 +149,26 @@ def write_report(run_dir: Path, summary: Mapping[str, Any], history: Sequence[Ma
     ]
     if fitness_png:
         lines += [f"![fitness per generation]({fitness_png.name})", ""]
-    lines += ["## Lineage of the best", "", f"![lineage]({lineage_png.name})", "",
-              "## Recipe of the best", "", best_description.rstrip(), "",
-              "## Timings", "",
-              f"- candidates evaluated: {timings['candidates']}",
-              f"- evolution: {timings['evolution_seconds']:.1f} s "
-              f"(materialise {timings['mean_merge_seconds'] * 1000:.1f} ms, "
-              f"evaluate {timings['mean_eval_seconds'] * 1000:.1f} ms per candidate)",
-              f"- writing the best model: {timings['write_seconds']:.1f} s",
-              f"- test-split evaluation: {timings['test_seconds']:.1f} s",
-              f"- total: {timings['total_seconds']:.1f} s", ""]
+    lines += [
+        "## Lineage of the best",
+        "",
+        f"![lineage]({lineage_png.name})",
+        "",
+        "## Recipe of the best",
+        "",
+        best_description.rstrip(),
+        "",
+        "## Timings",
+        "",
+        f"- candidates evaluated: {timings['candidates']}",
+        f"- evolution: {timings['evolution_seconds']:.1f} s "
+        f"(materialise {timings['mean_merge_seconds'] * 1000:.1f} ms, "
+        f"evaluate {timings['mean_eval_seconds'] * 1000:.1f} ms per candidate)",
+        f"- writing the best model: {timings['write_seconds']:.1f} s",
+        f"- test-split evaluation: {timings['test_seconds']:.1f} s",
+        f"- total: {timings['total_seconds']:.1f} s",
+        "",
+    ]
     path = run_dir / "report.md"
     atomic_write_text(path, "\n".join(lines))
     return path

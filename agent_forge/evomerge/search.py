@@ -80,8 +80,14 @@ class TournamentSearch:
         dfs_inputs, dfs_layers: the inputs (and their layer counts) of layer paths.
     """
 
-    def __init__(self, space: SearchSpace, method: str, seed: int,
-                 dfs_inputs: Sequence[RecipeNode] = (), dfs_layers: Sequence[int] = ()) -> None:
+    def __init__(
+        self,
+        space: SearchSpace,
+        method: str,
+        seed: int,
+        dfs_inputs: Sequence[RecipeNode] = (),
+        dfs_layers: Sequence[int] = (),
+    ) -> None:
         self.space = space
         self.method = method
         self.evolution = space.evolution
@@ -96,21 +102,29 @@ class TournamentSearch:
     def ask(self) -> list[RecipeNode]:
         if not self.scored:
             if not self.population:
-                self.population = initial_population(self.method, self.space, self.rng, self.evolution.population_size,
-                                                     self.dfs_inputs, self.dfs_layers)
+                self.population = initial_population(
+                    self.method,
+                    self.space,
+                    self.rng,
+                    self.evolution.population_size,
+                    self.dfs_inputs,
+                    self.dfs_layers,
+                )
             return list(self.population)
         self.population = self._next_generation()
         self.scored = []
         return list(self.population)
 
     def _next_generation(self) -> list[RecipeNode]:
-        ranked = sorted(self.scored, key=lambda item: -item[1])  # stable: ties keep population order
+        ranked = sorted(
+            self.scored, key=lambda item: -item[1]
+        )  # stable: ties keep population order
         size = self.evolution.population_size
         elites = [recipe for recipe, _ in ranked[: self.evolution.elite_size]]
         chosen = {r.hash for r in elites}
         nxt = list(elites)
         self.parents = {}
-        lower = [recipe for recipe, _ in ranked[len(ranked) // 2:]]
+        lower = [recipe for recipe, _ in ranked[len(ranked) // 2 :]]
         for _ in range(self.evolution.lower_merge_count):
             if len(nxt) >= size:
                 break
@@ -168,7 +182,9 @@ class CMAESSearch:
     which reproduces its internal state exactly without pickling it.
     """
 
-    def __init__(self, genome: ParamsGenome | LayerPathGenome, evolution: EvolutionSettings, seed: int) -> None:
+    def __init__(
+        self, genome: ParamsGenome | LayerPathGenome, evolution: EvolutionSettings, seed: int
+    ) -> None:
         self.genome = genome
         self.evolution = evolution
         self.seed = seed
@@ -182,10 +198,17 @@ class CMAESSearch:
 
         size = self.genome.size
         if size < 2:
-            raise ConfigurationError(f"CMA-ES needs at least 2 searched parameters; this genome has {size}")
+            raise ConfigurationError(
+                f"CMA-ES needs at least 2 searched parameters; this genome has {size}"
+            )
         bounds = np.array([[0.0, 1.0]] * size)
-        return CMA(mean=self.genome.initial(), sigma=self.evolution.cmaes_sigma, bounds=bounds, seed=self.seed,
-                   population_size=self.evolution.population_size)
+        return CMA(
+            mean=self.genome.initial(),
+            sigma=self.evolution.cmaes_sigma,
+            bounds=bounds,
+            seed=self.seed,
+            population_size=self.evolution.population_size,
+        )
 
     def ask(self) -> list[RecipeNode]:
         self.pending = [self.optimizer.ask() for _ in range(self.optimizer.population_size)]
@@ -193,7 +216,9 @@ class CMAESSearch:
 
     def tell(self, scored: Sequence[tuple[RecipeNode, float]]) -> None:
         if len(scored) != len(self.pending):
-            raise ConfigurationError("CMA-ES was told a different number of candidates than it asked for")
+            raise ConfigurationError(
+                "CMA-ES was told a different number of candidates than it asked for"
+            )
         fitness = [float(f) for _, f in scored]
         self.optimizer.tell([(x, -f) for x, f in zip(self.pending, fitness)])  # cmaes minimises
         self.history.append([(x.tolist(), f) for x, f in zip(self.pending, fitness)])
@@ -204,7 +229,12 @@ class CMAESSearch:
         return self.progress.patience_exhausted or bool(self.optimizer.should_stop())
 
     def state_dict(self) -> dict[str, Any]:
-        return {"kind": "cmaes", "seed": self.seed, "history": self.history, "progress": self.progress.state()}
+        return {
+            "kind": "cmaes",
+            "seed": self.seed,
+            "history": self.history,
+            "progress": self.progress.state(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.optimizer = self._fresh()
@@ -213,30 +243,49 @@ class CMAESSearch:
             xs = [self.optimizer.ask() for _ in range(self.optimizer.population_size)]
             recorded = [np.asarray(x) for x, _ in generation]
             if not all(np.array_equal(a, b) for a, b in zip(xs, recorded)):
-                raise ConfigurationError("the checkpoint's CMA-ES history does not replay; it was written by another version")
+                raise ConfigurationError(
+                    "the checkpoint's CMA-ES history does not replay; it was written by another version"
+                )
             self.optimizer.tell([(x, -f) for x, (_, f) in zip(xs, generation)])
             self.history.append([(x.tolist(), f) for x, (_, f) in zip(xs, generation)])
         self.progress.load(state["progress"])
 
 
-def make_strategy(strategy: str, method: str, space: SearchSpace, seed: int,
-                  dfs_inputs: Sequence[RecipeNode] = (), dfs_layers: Sequence[int] = ()) -> SearchStrategy:
+def make_strategy(
+    strategy: str,
+    method: str,
+    space: SearchSpace,
+    seed: int,
+    dfs_inputs: Sequence[RecipeNode] = (),
+    dfs_layers: Sequence[int] = (),
+) -> SearchStrategy:
     """The strategy for one search stage (``method`` is ``mixed``, a technique, ``ps`` or ``dfs``)."""
     if strategy == "tournament":
         return TournamentSearch(space, method, seed, dfs_inputs, dfs_layers)
     if method == "dfs":
         inputs = list(dfs_inputs) or list(space.sources)
         layers = list(dfs_layers) or [space.layers] * len(inputs)
-        genome: ParamsGenome | LayerPathGenome = LayerPathGenome(inputs, layers, space.merge.dfs_repetitions, SCALE_RANGE)
+        genome: ParamsGenome | LayerPathGenome = LayerPathGenome(
+            inputs, layers, space.merge.dfs_repetitions, SCALE_RANGE
+        )
     elif method in ("mixed", "ps"):
         technique = space.merge.ps_technique if space.base is not None else "linear"
         tech = MERGE_TECHNIQUES[technique]
-        genome = ParamsGenome(technique, space.sources, space.base_node if tech.needs_base else None,
-                              groups=space.groups, seed=seed)
+        genome = ParamsGenome(
+            technique,
+            space.sources,
+            space.base_node if tech.needs_base else None,
+            groups=space.groups,
+            seed=seed,
+        )
     else:
         tech = MERGE_TECHNIQUES[method]
         if tech.needs_base and space.base is None:
-            raise ConfigurationError(f"merge_settings.merge_method = {method!r} needs base_model; set it (or --base)")
+            raise ConfigurationError(
+                f"merge_settings.merge_method = {method!r} needs base_model; set it (or --base)"
+            )
         inputs = list(space.sources)[: tech.max_inputs or len(space.sources)]
-        genome = ParamsGenome(method, inputs, space.base_node if tech.needs_base else None, seed=seed)
+        genome = ParamsGenome(
+            method, inputs, space.base_node if tech.needs_base else None, seed=seed
+        )
     return CMAESSearch(genome, space.evolution, seed)

@@ -28,7 +28,14 @@ from .exceptions import IncompatibleModelsError, MergeError, ModelLoadError
 logger = logging.getLogger(__name__)
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.tiktoken"]
+_WEIGHT_PATTERNS = [
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.json",
+    "*.model",
+    "*.txt",
+    "*.tiktoken",
+]
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -69,7 +76,9 @@ def resolve_model_path(
         )
     looks_local = path.startswith((".", "/", "~")) or os.sep in path.rstrip("/").split("/", 1)[-1]
     if looks_local or not _HUB_ID.match(path) or path.count("/") > 1:
-        raise ModelLoadError(f"model path {path} does not exist; pass an existing folder, a .gguf file, or a Hugging Face id")
+        raise ModelLoadError(
+            f"model path {path} does not exist; pass an existing folder, a .gguf file, or a Hugging Face id"
+        )
     return _resolve_hub_id(path, allow_pickle=allow_pickle, cache_dir=cache_dir)
 
 
@@ -79,7 +88,11 @@ def _resolve_hub_id(repo_id: str, *, allow_pickle: bool, cache_dir: str | Path |
 
     patterns = _WEIGHT_PATTERNS + (["*.bin", "*.bin.index.json"] if allow_pickle else [])
     try:
-        return Path(snapshot_download(repo_id, cache_dir=cache_dir, local_files_only=True, allow_patterns=patterns))
+        return Path(
+            snapshot_download(
+                repo_id, cache_dir=cache_dir, local_files_only=True, allow_patterns=patterns
+            )
+        )
     except (LocalEntryNotFoundError, FileNotFoundError, OSError):
         pass
     offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
@@ -88,7 +101,9 @@ def _resolve_hub_id(repo_id: str, *, allow_pickle: bool, cache_dir: str | Path |
         "the Hugging Face cache here, or pass a local folder"
     )
     if offline:
-        raise ModelLoadError(f"model {repo_id} is not available offline (not in the Hugging Face cache); {how}")
+        raise ModelLoadError(
+            f"model {repo_id} is not available offline (not in the Hugging Face cache); {how}"
+        )
     try:
         logger.info("%s is not in the local Hugging Face cache; trying the hub", repo_id)
         return Path(
@@ -119,7 +134,9 @@ def find_weight_files(folder: Path, *, allow_pickle: bool = False) -> tuple[dict
                 for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
                     mapping[name] = file
         return mapping, "safetensors"
-    pickled = sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth"))
+    pickled = (
+        sorted(folder.glob("*.bin")) + sorted(folder.glob("*.pt")) + sorted(folder.glob("*.pth"))
+    )
     if pickled:
         if not allow_pickle:
             raise ModelLoadError(
@@ -127,7 +144,9 @@ def find_weight_files(folder: Path, *, allow_pickle: bool = False) -> tuple[dict
                 "loaded. Convert the model to safetensors, or opt in with merge_settings.allow_pickle = true"
             )
         return {name: file for file in pickled for name in _pickle_state(file)}, "pickle"
-    raise ModelLoadError(f"{folder} holds no model weights (*.safetensors); pass a Hugging Face model folder")
+    raise ModelLoadError(
+        f"{folder} holds no model weights (*.safetensors); pass a Hugging Face model folder"
+    )
 
 
 def open_safetensors(file: Path) -> Any:
@@ -228,8 +247,10 @@ class ModelSource:
         """
         info = self.info(name)
         if out.numel() != math.prod(info.shape) or not out.is_contiguous():
-            raise MergeError(f"tensor {name} of model {self.name} is {list(info.shape)}; cannot read it into "
-                             f"{list(out.shape)}")
+            raise MergeError(
+                f"tensor {name} of model {self.name} is {list(info.shape)}; cannot read it into "
+                f"{list(out.shape)}"
+            )
         if self.weight_format == "pickle":
             return out.copy_(self._pickled(name).reshape(out.shape))
         if getattr(torch, info.dtype) == out.dtype and out.device.type == "cpu":
@@ -246,8 +267,10 @@ class ModelSource:
         entry, file = self._entry(name), self.weight_files[name]
         view = out.view(-1).view(torch.uint8).numpy().data  # a memoryview of out's bytes
         if len(view) != entry.stop - entry.start:
-            raise ModelLoadError(f"tensor {name} of model {self.name} in {file} has {entry.stop - entry.start} "
-                                 f"bytes for shape {list(entry.info.shape)}; the file is damaged or incomplete")
+            raise ModelLoadError(
+                f"tensor {name} of model {self.name} in {file} has {entry.stop - entry.start} "
+                f"bytes for shape {list(entry.info.shape)}; the file is damaged or incomplete"
+            )
         with self._lock:  # one handle per file, shared by the threads that read this source
             handle = self._handles.get(file)
             if handle is None:
@@ -257,9 +280,11 @@ class ModelSource:
             while done < len(view):
                 got = handle.readinto(view[done : done + _READ_CHUNK])
                 if not got:
-                    raise ModelLoadError(f"cannot read tensor {name} of model {self.name} from {file}: the "
-                                         "file ends early; it is damaged or incomplete (re-download or re-save "
-                                         "the model)")
+                    raise ModelLoadError(
+                        f"cannot read tensor {name} of model {self.name} from {file}: the "
+                        "file ends early; it is damaged or incomplete (re-download or re-save "
+                        "the model)"
+                    )
                 done += got
         return out
 
@@ -279,7 +304,7 @@ def read_safetensors_header(file: Path) -> dict[str, _Entry]:
     Raises:
         ModelLoadError: the header is unreadable or points past the end of the file.
     """
-    damaged = (f"cannot read {file}: %s; the file is damaged or incomplete (re-download or re-save the model)")
+    damaged = f"cannot read {file}: %s; the file is damaged or incomplete (re-download or re-save the model)"
     try:
         size = file.stat().st_size
         with open(file, "rb") as handle:
@@ -301,8 +326,18 @@ def read_safetensors_header(file: Path) -> dict[str, _Entry]:
     return entries
 
 
-_ST_DTYPE_NAMES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64", "I64": "int64",
-                   "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+_ST_DTYPE_NAMES = {
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "F64": "float64",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+}
 
 
 def _st_dtype_name(code: str) -> str:
@@ -339,11 +374,22 @@ def open_source(
 # -- compatibility -------------------------------------------------------------------------------
 
 #: Config keys that must agree for a weight-by-weight merge (besides the tensors themselves).
-_ARCH_KEYS = ("model_type", "hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
-              "intermediate_size", "vocab_size", "tie_word_embeddings", "hidden_act")
+_ARCH_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+    "tie_word_embeddings",
+    "hidden_act",
+)
 
 
-def compatibility_problems(sources: Sequence[ModelSource], *, layer_stacking: bool = False) -> list[str]:
+def compatibility_problems(
+    sources: Sequence[ModelSource], *, layer_stacking: bool = False
+) -> list[str]:
     """Every reason the sources cannot be merged weight by weight (empty when they can).
 
     With ``layer_stacking`` the layer count may differ (DFS merges combine layers).
@@ -391,7 +437,9 @@ def dtype_differences(sources: Sequence[ModelSource]) -> list[str]:
     return notes
 
 
-_LAYER_RE = re.compile(r"^(?P<prefix>.*?\b(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$")
+_LAYER_RE = re.compile(
+    r"^(?P<prefix>.*?\b(?:layers|h|blocks|layer))\.(?P<index>\d+)\.(?P<rest>.+)$"
+)
 
 
 def _layer_free(name: str) -> str:
@@ -404,7 +452,9 @@ def _vocab_problems(a: ModelSource, b: ModelSource, pair: str) -> list[str]:
     if vocab_a is None or vocab_b is None or vocab_a == vocab_b:
         return []
     if len(vocab_a) != len(vocab_b):
-        return [f"{pair}: tokenizer vocabularies differ in size ({len(vocab_a)} vs {len(vocab_b)} tokens)"]
+        return [
+            f"{pair}: tokenizer vocabularies differ in size ({len(vocab_a)} vs {len(vocab_b)} tokens)"
+        ]
     differing = sorted(tok for tok in vocab_a if vocab_a.get(tok) != vocab_b.get(tok))
     example = differing[0] if differing else "?"
     return [

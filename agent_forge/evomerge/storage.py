@@ -73,7 +73,9 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return path
 
 
-def check_destination(dest: str | Path, *, overwrite: bool = False, protected: Sequence[Path] = ()) -> Path:
+def check_destination(
+    dest: str | Path, *, overwrite: bool = False, protected: Sequence[Path] = ()
+) -> Path:
     """Refuse a destination that is a non-empty folder (unless ``overwrite``) or lies in a source.
 
     Raises:
@@ -118,7 +120,9 @@ def atomic_directory(dest: str | Path, *, overwrite: bool = False) -> Iterator[P
         yield tmp
         if dest.exists():
             if not overwrite and any(dest.iterdir()):
-                raise ConfigurationError(f"output folder {dest} appeared while writing; nothing was overwritten")
+                raise ConfigurationError(
+                    f"output folder {dest} appeared while writing; nothing was overwritten"
+                )
             old = dest.with_name(f".{dest.name}.old-{os.getpid()}")
             os.replace(dest, old)
             os.replace(tmp, dest)
@@ -177,7 +181,9 @@ class StreamingSafetensorsWriter:
     (padded with spaces to 8-byte alignment), then the raw little-endian tensor bytes.
     """
 
-    def __init__(self, path: str | Path, plan: Sequence[TensorPlan], metadata: dict[str, str] | None = None):
+    def __init__(
+        self, path: str | Path, plan: Sequence[TensorPlan], metadata: dict[str, str] | None = None
+    ):
         self.path = Path(path)
         self._plan = list(plan)
         self._next = 0
@@ -185,7 +191,9 @@ class StreamingSafetensorsWriter:
         offset = 0
         for item in self._plan:
             if item.dtype not in _ST_DTYPES:
-                raise MergeError(f"cannot write tensor {item.name} of dtype {item.dtype} to safetensors")
+                raise MergeError(
+                    f"cannot write tensor {item.name} of dtype {item.dtype} to safetensors"
+                )
             header[item.name] = {
                 "dtype": _ST_DTYPES[item.dtype],
                 "shape": list(item.shape),
@@ -211,7 +219,9 @@ class StreamingSafetensorsWriter:
             self._handle.write(view[start : start + _WRITE_CHUNK])
         self._next += 1
 
-    def write_all(self, values: Sequence[tuple[TensorPlan, torch.Tensor]], dtype: torch.dtype) -> None:
+    def write_all(
+        self, values: Sequence[tuple[TensorPlan, torch.Tensor]], dtype: torch.dtype
+    ) -> None:
         """:meth:`write` each ``(plan, value)`` in order, cast to ``dtype``."""
         for item, value in values:
             self.write(item.name, value.to(dtype))
@@ -219,7 +229,9 @@ class StreamingSafetensorsWriter:
     def close(self) -> None:
         if self._next != len(self._plan):
             self._handle.close()
-            raise MergeError(f"{self.path.name}: wrote {self._next} of {len(self._plan)} planned tensors")
+            raise MergeError(
+                f"{self.path.name}: wrote {self._next} of {len(self._plan)} planned tensors"
+            )
         self._handle.flush()
         os.fsync(self._handle.fileno())
         self._handle.close()
@@ -258,7 +270,9 @@ class WriteBehind:
             pending.result()
         buffer = self._buffers[self._turn]
         if buffer is None or buffer.numel() < count:
-            buffer = self._buffers[self._turn] = torch.empty(count, dtype=torch.float32, device=self.device)
+            buffer = self._buffers[self._turn] = torch.empty(
+                count, dtype=torch.float32, device=self.device
+            )
         return buffer[:count]
 
     def submit(self, write: Callable[[], Any]) -> None:
@@ -294,7 +308,9 @@ def shard_file_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def write_shard_index(folder: Path, shards: Sequence[Sequence[TensorPlan]], names: Sequence[str]) -> None:
+def write_shard_index(
+    folder: Path, shards: Sequence[Sequence[TensorPlan]], names: Sequence[str]
+) -> None:
     if len(names) == 1:
         return
     weight_map = {item.name: file for shard, file in zip(shards, names) for item in shard}

@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .exceptions import ConfigurationError, MergeError
 from .combine import Sparsifier, combine_task_vectors
+from .exceptions import ConfigurationError, MergeError
 from .sparsify import (
     MagnitudeBand,
     dare_drop,
@@ -49,9 +49,21 @@ from .sparsify import (
     segment_starts,
 )
 
-__all__ = ["MERGE_TECHNIQUES", "Param", "Technique", "TensorLocation", "apply_technique", "canonical_params",
-           "combine_task_vectors", "della_keep_probabilities", "drop_outliers_and_small", "get_technique",
-           "keep_top_magnitude", "resolve_value", "technique"]
+__all__ = [
+    "MERGE_TECHNIQUES",
+    "Param",
+    "Technique",
+    "TensorLocation",
+    "apply_technique",
+    "canonical_params",
+    "combine_task_vectors",
+    "della_keep_probabilities",
+    "drop_outliers_and_small",
+    "get_technique",
+    "keep_top_magnitude",
+    "resolve_value",
+    "technique",
+]
 
 #: Sizes of consecutive tensors flattened into one stack row (None: the row is one tensor).
 Segments = Sequence[int] | None
@@ -86,17 +98,27 @@ class Param:
         where = f"{technique}: parameter '{self.name}'"
         if self.choices is not None:
             if value not in self.choices:
-                raise ConfigurationError(f"{where} = {value!r}; allowed: {', '.join(map(repr, self.choices))}")
+                raise ConfigurationError(
+                    f"{where} = {value!r}; allowed: {', '.join(map(repr, self.choices))}"
+                )
             return value
         if isinstance(self.default, bool):
             if not isinstance(value, bool):
                 raise ConfigurationError(f"{where} = {value!r}; allowed: true or false")
             return value
-        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, int | float)
+            or not math.isfinite(value)
+        ):
             raise ConfigurationError(f"{where} = {value!r}; must be a finite number")
         value = float(value)
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
-            raise ConfigurationError(f"{where} = {value!r} is out of range [{self.low}, {self.high}]")
+        if (self.low is not None and value < self.low) or (
+            self.high is not None and value > self.high
+        ):
+            raise ConfigurationError(
+                f"{where} = {value!r} is out of range [{self.low}, {self.high}]"
+            )
         return value
 
 
@@ -155,8 +177,18 @@ def technique(
             raise ValueError(f"technique {name!r} registered twice")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         MERGE_TECHNIQUES[name] = Technique(
-            name, fn, tuple(params), needs_base, randomized, min_inputs, max_inputs, paper, summary, check,
-            segmented, ranked,
+            name,
+            fn,
+            tuple(params),
+            needs_base,
+            randomized,
+            min_inputs,
+            max_inputs,
+            paper,
+            summary,
+            check,
+            segmented,
+            ranked,
         )
         return fn
 
@@ -241,19 +273,41 @@ def _as_list(value: Any) -> list[float]:
 # -- techniques without a base ----------------------------------------------------------------------
 
 
-@technique("linear", params=[WEIGHT, _normalize(True)], needs_base=False, min_inputs=1,
-           paper="arXiv:2203.05482 (model soups)", segmented=True)
-def linear(tensors: Tensor, *, weight: Sequence[float], normalize: bool, segments: Segments = None,
-           out: Tensor | None = None) -> Tensor:
+@technique(
+    "linear",
+    params=[WEIGHT, _normalize(True)],
+    needs_base=False,
+    min_inputs=1,
+    paper="arXiv:2203.05482 (model soups)",
+    segmented=True,
+)
+def linear(
+    tensors: Tensor,
+    *,
+    weight: Sequence[float],
+    normalize: bool,
+    segments: Segments = None,
+    out: Tensor | None = None,
+) -> Tensor:
     """Weighted average: Σ wᵢθᵢ, divided by Σ wᵢ when ``normalize``."""
     if normalize and abs(float(sum(weight))) < 1e-8:
-        raise MergeError("linear: the weights sum to zero, so they cannot be normalised; "
-                         "change the weights or set normalize: false")
-    return combine_task_vectors(tensors, weight, lam=1.0, normalize=normalize, sign_consensus=False, out=out)
+        raise MergeError(
+            "linear: the weights sum to zero, so they cannot be normalised; "
+            "change the weights or set normalize: false"
+        )
+    return combine_task_vectors(
+        tensors, weight, lam=1.0, normalize=normalize, sign_consensus=False, out=out
+    )
 
 
-@technique("slerp", params=[Param("t", 0.5, 0.0, 1.0, search=(0.0, 1.0))], needs_base=False,
-           min_inputs=2, max_inputs=2, paper="Shoemake 1985; used for model merging by mergekit")
+@technique(
+    "slerp",
+    params=[Param("t", 0.5, 0.0, 1.0, search=(0.0, 1.0))],
+    needs_base=False,
+    min_inputs=2,
+    max_inputs=2,
+    paper="Shoemake 1985; used for model merging by mergekit",
+)
 def slerp(tensors: Tensor, *, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
     """Spherical interpolation of two tensors, flattened; linear when nearly collinear or ~0."""
     first, second = tensors[0], tensors[1]
@@ -284,18 +338,47 @@ def passthrough(tensors: Tensor) -> Tensor:
 # -- task-vector techniques (need a base; receive δᵢ, return the merged δ) ----------------------------
 
 
-@technique("task_arithmetic", params=[WEIGHT, LAMBDA, _normalize(False)], needs_base=True,
-           paper="arXiv:2212.04089", segmented=True)
-def task_arithmetic(deltas: Tensor, *, weight: Sequence[float], lam: float, normalize: bool,
-                    segments: Segments = None, out: Tensor | None = None) -> Tensor:
+@technique(
+    "task_arithmetic",
+    params=[WEIGHT, LAMBDA, _normalize(False)],
+    needs_base=True,
+    paper="arXiv:2212.04089",
+    segmented=True,
+)
+def task_arithmetic(
+    deltas: Tensor,
+    *,
+    weight: Sequence[float],
+    lam: float,
+    normalize: bool,
+    segments: Segments = None,
+    out: Tensor | None = None,
+) -> Tensor:
     """Task arithmetic: λ·Σ wᵢδᵢ (÷ Σ wᵢ when ``normalize``)."""
-    return combine_task_vectors(deltas, weight, lam=lam, normalize=normalize, sign_consensus=False, out=out)
+    return combine_task_vectors(
+        deltas, weight, lam=lam, normalize=normalize, sign_consensus=False, out=out
+    )
 
 
-@technique("ties", params=[WEIGHT, DENSITY, LAMBDA, _normalize(True)], needs_base=True,
-           paper="arXiv:2306.01708", segmented=True, ranked=True)
-def ties(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], lam: float, normalize: bool,
-         segments: Segments = None, out: Tensor | None = None, ranked: Tensor | None = None) -> Tensor:
+@technique(
+    "ties",
+    params=[WEIGHT, DENSITY, LAMBDA, _normalize(True)],
+    needs_base=True,
+    paper="arXiv:2306.01708",
+    segmented=True,
+    ranked=True,
+)
+def ties(
+    deltas: Tensor,
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    lam: float,
+    normalize: bool,
+    segments: Segments = None,
+    out: Tensor | None = None,
+    ranked: Tensor | None = None,
+) -> Tensor:
     """TIES: trim each task vector, elect a sign per entry, average the agreeing entries.
 
     Each tensor of each δᵢ keeps exactly ``max(1, int(densityᵢ·numel))`` entries; ties at the
@@ -304,14 +387,24 @@ def ties(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], l
     """
     flat = deltas.reshape(deltas.shape[0], -1)  # (M, N)
     parts = segment_starts(flat.shape[1], segments)
-    trims = [_trim(row, [keep_count(d, size) for _, size in parts], parts, _row(ranked, i))
-             for i, (row, d) in enumerate(zip(flat, density, strict=True))]
-    return combine_task_vectors(deltas, weight, lam=lam, normalize=normalize, sign_consensus=True,
-                                sparsifiers=trims, out=out)
+    trims = [
+        _trim(row, [keep_count(d, size) for _, size in parts], parts, _row(ranked, i))
+        for i, (row, d) in enumerate(zip(flat, density, strict=True))
+    ]
+    return combine_task_vectors(
+        deltas,
+        weight,
+        lam=lam,
+        normalize=normalize,
+        sign_consensus=True,
+        sparsifiers=trims,
+        out=out,
+    )
 
 
-def _trim(row: Tensor, keeps: Sequence[int], parts: Sequence[tuple[int, int]],
-          ranked: Tensor | None) -> Sparsifier | None:
+def _trim(
+    row: Tensor, keeps: Sequence[int], parts: Sequence[tuple[int, int]], ranked: Tensor | None
+) -> Sparsifier | None:
     if all(keep >= size for keep, (_, size) in zip(keeps, parts, strict=True)):
         return None
     return magnitude_cut(row, keeps, parts, ranked).apply
@@ -321,36 +414,80 @@ def _row(matrix: Tensor | None, index: int) -> Tensor | None:
     return None if matrix is None else matrix[index]
 
 
-def _dare(deltas: Tensor, density: Sequence[float], rescale: str, generator: Generators,
-          segments: Segments) -> Tensor:
+def _dare(
+    deltas: Tensor,
+    density: Sequence[float],
+    rescale: str,
+    generator: Generators,
+    segments: Segments,
+) -> Tensor:
     flat = deltas.reshape(deltas.shape[0], -1)
     parts = segment_starts(flat.shape[1], segments)
     generators = list(generator) if isinstance(generator, Sequence) else [generator] * len(parts)
     return dare_drop(flat, density, rescale, generators, parts).view_as(deltas)
 
 
-@technique("dare_linear", params=[WEIGHT, DENSITY, LAMBDA, _normalize(False), RESCALE], needs_base=True,
-           randomized=True, paper="arXiv:2311.03099", segmented=True)
-def dare_linear(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], lam: float,
-                normalize: bool, rescale: str, generator: Generators = None, segments: Segments = None,
-                out: Tensor | None = None) -> Tensor:
+@technique(
+    "dare_linear",
+    params=[WEIGHT, DENSITY, LAMBDA, _normalize(False), RESCALE],
+    needs_base=True,
+    randomized=True,
+    paper="arXiv:2311.03099",
+    segmented=True,
+)
+def dare_linear(
+    deltas: Tensor,
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    lam: float,
+    normalize: bool,
+    rescale: str,
+    generator: Generators = None,
+    segments: Segments = None,
+    out: Tensor | None = None,
+) -> Tensor:
     """DARE: drop entries at random (keep ``density``), rescale the rest, then task arithmetic."""
     dropped = _dare(deltas, density, rescale, generator, segments)
-    return combine_task_vectors(dropped, weight, lam=lam, normalize=normalize, sign_consensus=False, out=out)
+    return combine_task_vectors(
+        dropped, weight, lam=lam, normalize=normalize, sign_consensus=False, out=out
+    )
 
 
-@technique("dare_ties", params=[WEIGHT, DENSITY, LAMBDA, _normalize(True), RESCALE], needs_base=True,
-           randomized=True, paper="arXiv:2311.03099", segmented=True)
-def dare_ties(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], lam: float,
-              normalize: bool, rescale: str, generator: Generators = None, segments: Segments = None,
-              out: Tensor | None = None) -> Tensor:
+@technique(
+    "dare_ties",
+    params=[WEIGHT, DENSITY, LAMBDA, _normalize(True), RESCALE],
+    needs_base=True,
+    randomized=True,
+    paper="arXiv:2311.03099",
+    segmented=True,
+)
+def dare_ties(
+    deltas: Tensor,
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    lam: float,
+    normalize: bool,
+    rescale: str,
+    generator: Generators = None,
+    segments: Segments = None,
+    out: Tensor | None = None,
+) -> Tensor:
     """DARE-TIES: DARE's random drop and rescale, then TIES sign election."""
     dropped = _dare(deltas, density, rescale, generator, segments)
-    return combine_task_vectors(dropped, weight, lam=lam, normalize=normalize, sign_consensus=True, out=out)
+    return combine_task_vectors(
+        dropped, weight, lam=lam, normalize=normalize, sign_consensus=True, out=out
+    )
 
 
-def _breadcrumbs(deltas: Tensor, density: Sequence[float], gamma: Sequence[float],
-                 segments: Segments, ranked: Tensor | None) -> list[Sparsifier | None]:
+def _breadcrumbs(
+    deltas: Tensor,
+    density: Sequence[float],
+    gamma: Sequence[float],
+    segments: Segments,
+    ranked: Tensor | None,
+) -> list[Sparsifier | None]:
     flat = deltas.reshape(deltas.shape[0], -1)
     parts = segment_starts(flat.shape[1], segments)
     bands: list[Sparsifier | None] = []
@@ -368,37 +505,88 @@ def _breadcrumbs(deltas: Tensor, density: Sequence[float], gamma: Sequence[float
 _CRUMB_DENSITY = Param("density", 0.9, 0.0, 1.0, per_input=True, search=(0.5, 1.0))
 
 
-@technique("breadcrumbs", params=[WEIGHT, _CRUMB_DENSITY, GAMMA, LAMBDA, _normalize(False)], needs_base=True,
-           paper="arXiv:2312.06795", segmented=True, ranked=True)
-def breadcrumbs(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], gamma: Sequence[float],
-                lam: float, normalize: bool, segments: Segments = None, out: Tensor | None = None,
-                ranked: Tensor | None = None) -> Tensor:
+@technique(
+    "breadcrumbs",
+    params=[WEIGHT, _CRUMB_DENSITY, GAMMA, LAMBDA, _normalize(False)],
+    needs_base=True,
+    paper="arXiv:2312.06795",
+    segmented=True,
+    ranked=True,
+)
+def breadcrumbs(
+    deltas: Tensor,
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    gamma: Sequence[float],
+    lam: float,
+    normalize: bool,
+    segments: Segments = None,
+    out: Tensor | None = None,
+    ranked: Tensor | None = None,
+) -> Tensor:
     """Model Breadcrumbs: drop outliers and small entries of each task vector, then task arithmetic."""
     bands = _breadcrumbs(deltas, density, gamma, segments, ranked)
-    return combine_task_vectors(deltas, weight, lam=lam, normalize=normalize, sign_consensus=False,
-                                sparsifiers=bands, out=out)
+    return combine_task_vectors(
+        deltas,
+        weight,
+        lam=lam,
+        normalize=normalize,
+        sign_consensus=False,
+        sparsifiers=bands,
+        out=out,
+    )
 
 
-@technique("breadcrumbs_ties", params=[WEIGHT, _CRUMB_DENSITY, GAMMA, LAMBDA, _normalize(True)], needs_base=True,
-           paper="arXiv:2312.06795", segmented=True, ranked=True)
-def breadcrumbs_ties(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float],
-                     gamma: Sequence[float], lam: float, normalize: bool, segments: Segments = None,
-                     out: Tensor | None = None, ranked: Tensor | None = None) -> Tensor:
+@technique(
+    "breadcrumbs_ties",
+    params=[WEIGHT, _CRUMB_DENSITY, GAMMA, LAMBDA, _normalize(True)],
+    needs_base=True,
+    paper="arXiv:2312.06795",
+    segmented=True,
+    ranked=True,
+)
+def breadcrumbs_ties(
+    deltas: Tensor,
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    gamma: Sequence[float],
+    lam: float,
+    normalize: bool,
+    segments: Segments = None,
+    out: Tensor | None = None,
+    ranked: Tensor | None = None,
+) -> Tensor:
     """Model Breadcrumbs with TIES sign election."""
     bands = _breadcrumbs(deltas, density, gamma, segments, ranked)
-    return combine_task_vectors(deltas, weight, lam=lam, normalize=normalize, sign_consensus=True,
-                                sparsifiers=bands, out=out)
+    return combine_task_vectors(
+        deltas,
+        weight,
+        lam=lam,
+        normalize=normalize,
+        sign_consensus=True,
+        sparsifiers=bands,
+        out=out,
+    )
 
 
-def _della(deltas: Tensor, density: Sequence[float], epsilon: Sequence[float], rescale: str,
-           generator: torch.Generator | None) -> Tensor:
+def _della(
+    deltas: Tensor,
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    rescale: str,
+    generator: torch.Generator | None,
+) -> Tensor:
     parts = []
     for delta, keep, eps in zip(deltas, density, epsilon):
         if keep >= 1.0:
             parts.append(delta)
             continue
         probs = della_keep_probabilities(delta, keep, eps)
-        draws = torch.rand(delta.shape, generator=generator, device=delta.device, dtype=torch.float32)
+        draws = torch.rand(
+            delta.shape, generator=generator, device=delta.device, dtype=torch.float32
+        )
         kept = delta * (draws < probs)
         parts.append(rescale_kept(delta, kept, rescale, probs))
     return _stack(parts)
@@ -407,27 +595,61 @@ def _della(deltas: Tensor, density: Sequence[float], epsilon: Sequence[float], r
 _DELLA_PARAMS = [WEIGHT, DENSITY, EPSILON, LAMBDA]
 
 
-@technique("della", params=[*_DELLA_PARAMS, _normalize(True), RESCALE], needs_base=True, randomized=True,
-           paper="arXiv:2406.11617", check=_check_della)
-def della(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float], epsilon: Sequence[float],
-          lam: float, normalize: bool, rescale: str, generator: torch.Generator | None = None) -> Tensor:
+@technique(
+    "della",
+    params=[*_DELLA_PARAMS, _normalize(True), RESCALE],
+    needs_base=True,
+    randomized=True,
+    paper="arXiv:2406.11617",
+    check=_check_della,
+)
+def della(
+    deltas: Tensor,
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    lam: float,
+    normalize: bool,
+    rescale: str,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """DELLA: magnitude-ranked random drop (rescaled by 1/pᵢ), then TIES sign election."""
     kept = _della(deltas, density, epsilon, rescale, generator)
     return combine_task_vectors(kept, weight, lam=lam, normalize=normalize, sign_consensus=True)
 
 
-@technique("della_linear", params=[*_DELLA_PARAMS, _normalize(False), RESCALE], needs_base=True,
-           randomized=True, paper="arXiv:2406.11617", check=_check_della)
-def della_linear(deltas: Tensor, *, weight: Sequence[float], density: Sequence[float],
-                 epsilon: Sequence[float], lam: float, normalize: bool, rescale: str,
-                 generator: torch.Generator | None = None) -> Tensor:
+@technique(
+    "della_linear",
+    params=[*_DELLA_PARAMS, _normalize(False), RESCALE],
+    needs_base=True,
+    randomized=True,
+    paper="arXiv:2406.11617",
+    check=_check_della,
+)
+def della_linear(
+    deltas: Tensor,
+    *,
+    weight: Sequence[float],
+    density: Sequence[float],
+    epsilon: Sequence[float],
+    lam: float,
+    normalize: bool,
+    rescale: str,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """DELLA without sign election: magnitude-ranked random drop, then task arithmetic."""
     kept = _della(deltas, density, epsilon, rescale, generator)
     return combine_task_vectors(kept, weight, lam=lam, normalize=normalize, sign_consensus=False)
 
 
-@technique("model_stock", params=[Param("filter_wise", False)], needs_base=True, min_inputs=2,
-           paper="arXiv:2403.19522")
+@technique(
+    "model_stock",
+    params=[Param("filter_wise", False)],
+    needs_base=True,
+    min_inputs=2,
+    paper="arXiv:2403.19522",
+)
 def model_stock(deltas: Tensor, *, filter_wise: bool) -> Tensor:
     """Model Stock: move from the base towards the mean by t = N·cos / (1 + (N−1)·cos).
 
@@ -509,8 +731,9 @@ def check_value(param: Param, value: Any, technique_name: str) -> Any:
     return param.check(value, technique_name)
 
 
-def canonical_params(tech: Technique, params: Mapping[str, Any], n_inputs: int, *, joint_check: bool = True
-                     ) -> dict[str, Any]:
+def canonical_params(
+    tech: Technique, params: Mapping[str, Any], n_inputs: int, *, joint_check: bool = True
+) -> dict[str, Any]:
     """Validate ``params`` for ``n_inputs`` inputs, fill defaults, expand per-input scalars.
 
     Per-input parameters become a list of one (possibly layer-dependent) value per input;
@@ -520,8 +743,12 @@ def canonical_params(tech: Technique, params: Mapping[str, Any], n_inputs: int, 
         ConfigurationError: unknown parameter, wrong count, or a value out of range.
     """
     if n_inputs < tech.min_inputs or (tech.max_inputs is not None and n_inputs > tech.max_inputs):
-        wanted = (f"exactly {tech.min_inputs}" if tech.min_inputs == tech.max_inputs
-                  else f"at least {tech.min_inputs}" + (f" and at most {tech.max_inputs}" if tech.max_inputs else ""))
+        wanted = (
+            f"exactly {tech.min_inputs}"
+            if tech.min_inputs == tech.max_inputs
+            else f"at least {tech.min_inputs}"
+            + (f" and at most {tech.max_inputs}" if tech.max_inputs else "")
+        )
         raise ConfigurationError(f"{tech.name} takes {wanted} input models, got {n_inputs}")
     for name in params:
         tech.param(name)  # raises for unknown names
@@ -566,8 +793,11 @@ def apply_technique(
     for param in tech.params:
         value = params[param.name]
         key = "lam" if param.name == "lambda" else param.name
-        kwargs[key] = ([resolve_value(v, location) for v in value] if param.per_input
-                       else resolve_value(value, location))
+        kwargs[key] = (
+            [resolve_value(v, location) for v in value]
+            if param.per_input
+            else resolve_value(value, location)
+        )
     if tech.randomized:
         kwargs["generator"] = generator
     if tech.ranked:
@@ -575,7 +805,9 @@ def apply_technique(
     if tech.segmented:
         return tech.fn(stack, segments=segments, out=out, **kwargs)
     if segments is not None and len(segments) > 1:
-        raise ValueError(f"{tech.name} works on one tensor at a time, not on {len(segments)} segments")
+        raise ValueError(
+            f"{tech.name} works on one tensor at a time, not on {len(segments)} segments"
+        )
     result = tech.fn(stack, **kwargs)
     if out is None:
         return result

@@ -53,12 +53,16 @@ def load_models(
             weights without ``allow_pickle``, custom code without ``trust_remote_code``.
     """
     return [
-        open_source(ref.name, ref.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code)
+        open_source(
+            ref.name, ref.path, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code
+        )
         for ref in references
     ]
 
 
-def validate_merge_config(config: Configuration, sources: Sequence[ModelSource] | None = None) -> list[ModelSource]:
+def validate_merge_config(
+    config: Configuration, sources: Sequence[ModelSource] | None = None
+) -> list[ModelSource]:
     """Check a configuration before any merge; returns the opened sources (models, then base).
 
     Checks the merge settings against the technique registry (known method, parameters in
@@ -74,22 +78,32 @@ def validate_merge_config(config: Configuration, sources: Sequence[ModelSource] 
 
     settings = config.merge_settings
     if len(config.models) < 2:
-        raise ConfigurationError(f"models: {len(config.models)} given; a merge needs at least 2 models")
+        raise ConfigurationError(
+            f"models: {len(config.models)} given; a merge needs at least 2 models"
+        )
     method = settings.merge_method
     if method in MERGE_TECHNIQUES:
         tech = get_technique(method)
         if tech.needs_base and config.base_model is None:
-            raise ConfigurationError(f"merge_settings.merge_method = {method!r} needs base_model; set it (or --base)")
+            raise ConfigurationError(
+                f"merge_settings.merge_method = {method!r} needs base_model; set it (or --base)"
+            )
         inputs = [Source(m.name) for m in config.models]
         if tech.max_inputs is not None:
             inputs = inputs[: tech.max_inputs]
         params = {k: v for k, v in settings.parameters.items() if k != "seed"}
         Merge(method, inputs, params, Source(config.base_model.name) if tech.needs_base else None)  # type: ignore[union-attr]
     elif method in ("ps", "ps_dfs") and config.base_model is None:
-        raise ConfigurationError(f"merge_settings.merge_method = {method!r} merges task vectors; set base_model (or --base)")
+        raise ConfigurationError(
+            f"merge_settings.merge_method = {method!r} merges task vectors; set base_model (or --base)"
+        )
     refs = list(config.models) + ([config.base_model] if config.base_model else [])
-    opened = list(sources) if sources is not None else load_models(
-        refs, allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code
+    opened = (
+        list(sources)
+        if sources is not None
+        else load_models(
+            refs, allow_pickle=settings.allow_pickle, trust_remote_code=settings.trust_remote_code
+        )
     )
     check_compatible(opened, layer_stacking=method in ("dfs", "ps_dfs", "mixed"))
     return opened
@@ -125,7 +139,9 @@ def save_model(
     return dest
 
 
-def generate_text(model: Any, tokenizer: Any, prompt: str, max_length: int = 100, **kwargs: Any) -> str:
+def generate_text(
+    model: Any, tokenizer: Any, prompt: str, max_length: int = 100, **kwargs: Any
+) -> str:
     """Greedy continuation of ``prompt`` (see :func:`agent_forge.evomerge.evaluation.generate_text`)."""
     from .evaluation import generate_text as _generate
 
@@ -153,22 +169,36 @@ def evaluate_model(
     settings = config.evaluation_settings
     if not settings.tasks:
         raise ConfigurationError("evaluation_settings.tasks is empty; name at least one task file")
-    evaluator = TaskEvaluator(load_tasks(settings.tasks), batch_size=settings.batch_size,
-                              fitness_sample_size=settings.fitness_sample_size, seed=config.seed)
+    evaluator = TaskEvaluator(
+        load_tasks(settings.tasks),
+        batch_size=settings.batch_size,
+        fitness_sample_size=settings.fitness_sample_size,
+        seed=config.seed,
+    )
     return evaluator.evaluate(model, tokenizer, split, limit=limit)
 
 
-def load_model_for_inference(path: str, config: Configuration | None = None, device: str = "auto") -> tuple[Any, Any]:
+def load_model_for_inference(
+    path: str, config: Configuration | None = None, device: str = "auto"
+) -> tuple[Any, Any]:
     """Load a model (folder, hub id or GGUF) and its tokenizer for evaluation or generation."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     settings = config.merge_settings if config is not None else None
-    source = open_source("model", path, allow_pickle=bool(settings and settings.allow_pickle),
-                         trust_remote_code=bool(settings and settings.trust_remote_code))
+    source = open_source(
+        "model",
+        path,
+        allow_pickle=bool(settings and settings.allow_pickle),
+        trust_remote_code=bool(settings and settings.trust_remote_code),
+    )
     target, dtype = setup_gpu_if_available(device if config is None else config.device)
     trust = bool(settings and settings.trust_remote_code)
-    model = AutoModelForCausalLM.from_pretrained(source.folder, dtype=dtype, trust_remote_code=trust,
-                                                 use_safetensors=source.weight_format == "safetensors")
+    model = AutoModelForCausalLM.from_pretrained(
+        source.folder,
+        dtype=dtype,
+        trust_remote_code=trust,
+        use_safetensors=source.weight_format == "safetensors",
+    )
     tokenizer = AutoTokenizer.from_pretrained(source.folder, trust_remote_code=trust)
     return model.to(target).eval(), tokenizer
 
@@ -185,9 +215,14 @@ def setup_gpu_if_available(device: str = "auto") -> tuple[torch.device, torch.dt
     if device in _device_choice:
         return _device_choice[device]
     if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigurationError("device = 'cuda' but no CUDA GPU is available; use --device cpu or auto")
+        raise ConfigurationError(
+            "device = 'cuda' but no CUDA GPU is available; use --device cpu or auto"
+        )
     if device in ("cuda", "auto") and torch.cuda.is_available():
-        choice = (torch.device("cuda"), torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+        choice = (
+            torch.device("cuda"),
+            torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16,
+        )
         logger.info("using GPU %s with %s", torch.cuda.get_device_name(0), choice[1])
     else:
         choice = (torch.device("cpu"), torch.float32)
