@@ -1,1 +1,2 @@
-"""agent_forge: tools for building language-model agents. EvoMerge lives in `agent_forge.evomerge`."""
+"""agent_forge: tools for building language-model agents. EvoMerge lives in
+`agent_forge.evomerge`."""

@@ -73,7 +73,8 @@ def save_tiny_llama(
     noise: float = 0.0,
     dtype=torch.float32,
 ) -> Path:
-    """Save a tiny Llama: fresh weights from ``seed``, or ``from_model`` plus seeded noise (a "fine-tune").
+    """Save a tiny Llama: fresh weights from ``seed``, or ``from_model`` plus seeded noise (a
+    "fine-tune").
 
     The noise has a part shared by every fine-tune (as real fine-tunes of one base move in
     partly the same direction) and a part of its own.

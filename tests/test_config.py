@@ -1,4 +1,5 @@
-"""Configuration: the spec's usage, JSON/YAML round trips, and a clear message for every bad field."""
+"""Configuration: the spec's usage, JSON/YAML round trips, and a clear message for every bad
+field."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The evolution on the embedded default models: cache, early stop, elitism, run folder, exact resume."""
+"""The evolution on the embedded default models: cache, early stop, elitism, run folder, exact
+resume."""
 
 from __future__ import annotations
 

@@ -80,7 +80,9 @@ def test_linear_task_arithmetic_and_ties_match_the_formula_tensor_by_tensor(
     )
     merged = load_file(out / "model.safetensors")
     for name in sd["base"]:
-        expected = sum(w * sd[m][name] for w, m in zip(weights, ["m1", "m2", "m3"])) / sum(weights)
+        expected = sum(
+            w * sd[m][name] for w, m in zip(weights, ["m1", "m2", "m3"], strict=True)
+        ) / sum(weights)
         assert torch.allclose(merged[name], expected, atol=1e-6), name
 
     out = merger.merge(
@@ -200,7 +202,8 @@ def test_same_recipe_gives_identical_bytes_twice_and_in_another_process(
         "from agent_forge.evomerge.sources import open_source\n"
         "from agent_forge.evomerge.merger import AdvancedModelMerger\n"
         "doc = load_recipe_file(sys.argv[1])\n"
-        "m = AdvancedModelMerger(sources={n: open_source(n, p) for n, p in doc.sources.items()}, base=doc.base)\n"
+        "sources = {n: open_source(n, p) for n, p in doc.sources.items()}\n"
+        "m = AdvancedModelMerger(sources=sources, base=doc.base)\n"
         "out = m.merge(doc.recipe, Path(sys.argv[2]))\n"
         "print(hashlib.sha256((out / 'model.safetensors').read_bytes()).hexdigest())\n"
     )
@@ -268,16 +271,17 @@ def test_bf16_sources_merge_in_float32_and_keep_bf16(tiny_family, tiny_tokenizer
     assert torch.equal(merged[name], expected)
 
 
-# -- DFS ----------------------------------------------------------------------------------------------
+# -- DFS -------------------------------------------------------------------------------------------
 
 
 def manual_forward(models, path, stream_scales, input_ids):
-    """Run source layers in ``path`` order, scaling the hidden stream by ``stream_scales[k]`` before slot k."""
+    """Run source layers in ``path`` order, scaling the hidden stream by ``stream_scales[k]`` before
+    slot k."""
     embed_model = models[0]
     hidden = embed_model.model.embed_tokens(input_ids)
     positions = torch.arange(input_ids.shape[1]).unsqueeze(0)
     rotary = embed_model.model.rotary_emb(hidden, positions)
-    for (model_index, layer), w in zip(path, stream_scales):
+    for (model_index, layer), w in zip(path, stream_scales, strict=True):
         hidden = hidden * w
         layer_module = models[model_index].model.layers[layer]
         out = layer_module(
@@ -288,14 +292,17 @@ def manual_forward(models, path, stream_scales, input_ids):
 
 
 def test_dfs_layer_path_with_scales_equals_scaling_the_stream(merger, tiny_family, tmp_path):
-    """Branch scales s_k = 1/Π_{j≤k} w_j equal scaling the stream by w_k before slot k (DESIGN.md)."""
+    """Branch scales s_k = 1/Π_{j≤k} w_j equal scaling the stream by w_k before slot k
+    (DESIGN.md)."""
     from transformers import AutoModelForCausalLM
 
     models = [AutoModelForCausalLM.from_pretrained(tiny_family[n]).eval() for n in ("m1", "m2")]
     path = [(0, 0), (1, 1), (1, 0), (0, 1), (1, 1)]
     stream = [1.0, 0.8, 1.5, 0.6, 1.25]
     products = torch.tensor(stream).cumprod(0)
-    slots = [LayerSlot(i, layer, float(1 / p)) for (i, layer), p in zip(path, products)]
+    slots = [
+        LayerSlot(i, layer, float(1 / p)) for (i, layer), p in zip(path, products, strict=True)
+    ]
     stack = merger._dfs_merge(slots, inputs=[Source("m1"), Source("m2")])
     merged = AutoModelForCausalLM.from_pretrained(merger.merge(stack, tmp_path / "dfs")).eval()
     assert merged.config.num_hidden_layers == 5
@@ -351,7 +358,7 @@ def test_ps_dfs_stacks_a_ps_merge_with_the_sources(merger, tmp_path):
     assert model.config.num_hidden_layers == 3
 
 
-# -- bad input ------------------------------------------------------------------------------------------
+# -- bad input -------------------------------------------------------------------------------------
 
 
 def test_layer_slot_beyond_the_source_is_a_clear_error(merger):
@@ -433,7 +440,7 @@ def test_unknown_technique_in_recipe_file_is_a_clear_error(tmp_path):
         load_recipe_file(path)
 
 
-# -- the same bytes however the work is cut up ------------------------------------------------------------
+# -- the same bytes however the work is cut up -----------------------------------------------------
 
 
 @pytest.mark.parametrize("technique", ["ties", "dare_ties", "breadcrumbs_ties", "della"])

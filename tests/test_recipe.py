@@ -63,7 +63,8 @@ def test_round_trip_through_json_keeps_floats_exact():
 
 
 def test_hash_is_stable_across_versions_of_this_code():
-    """The hash is sha256 of the canonical JSON: pin one value so an accidental format change shows."""
+    """The hash is sha256 of the canonical JSON: pin one value so an accidental format change
+    shows."""
     recipe = Merge("linear", [A, B], {"weight": [1.0, 2.0]})
     assert recipe.canonical_json == (
         '{"inputs":[{"name":"a","type":"source"},{"name":"b","type":"source"}],'

@@ -37,7 +37,7 @@ def sphere(recipe: RecipeNode) -> float:
         return -10.0
     weights = recipe.params["weight"]
     return (
-        -sum((w - t) ** 2 for w, t in zip(weights, TARGET_WEIGHTS))
+        -sum((w - t) ** 2 for w, t in zip(weights, TARGET_WEIGHTS, strict=True))
         - (recipe.params["lambda"] - TARGET_LAMBDA) ** 2
     )
 
@@ -98,7 +98,7 @@ def test_tournament_selection_picks_by_fitness():
     recipes = [
         Merge("linear", [Source("a"), Source("b")], {"weight": [1.0, float(i)]}) for i in range(6)
     ]
-    scored = [(r, float(f)) for r, f in zip(recipes, [0.1, 0.9, 0.3, 0.5, 0.2, 0.4])]
+    scored = [(r, float(f)) for r, f in zip(recipes, [0.1, 0.9, 0.3, 0.5, 0.2, 0.4], strict=True)]
     rng = np.random.default_rng(0)
     # a tournament over the whole population always returns the fittest
     assert all(tournament_selection(scored, 6, rng) is recipes[1] for _ in range(20))

@@ -119,7 +119,7 @@ def test_remote_code_is_refused_unless_trusted(tiny_family, tmp_path):
     assert open_source("c", str(folder), trust_remote_code=True).config["auto_map"]
 
 
-# -- compatibility ------------------------------------------------------------------------------------
+# -- compatibility ---------------------------------------------------------------------------------
 
 
 def test_compatible_family_has_no_problems(tiny_sources):

@@ -1,4 +1,5 @@
-"""Each technique against values computed by hand from its published formula, plus its edge cases."""
+"""Each technique against values computed by hand from its published formula, plus its edge
+cases."""
 
 from __future__ import annotations
 
@@ -43,7 +44,7 @@ def close(actual: torch.Tensor, expected, tol: float = 1e-6) -> bool:
     return torch.allclose(actual, torch.as_tensor(expected, dtype=actual.dtype), atol=tol, rtol=0)
 
 
-# -- registry ----------------------------------------------------------------------------------------
+# -- registry --------------------------------------------------------------------------------------
 
 
 def test_registry_lists_every_technique_with_its_traits():
@@ -97,7 +98,7 @@ def test_missing_base_is_an_error():
         Merge("ties", [Source("a"), Source("b")], {})
 
 
-# -- linear -------------------------------------------------------------------------------------------
+# -- linear ----------------------------------------------------------------------------------------
 
 
 def test_linear_weighted_average_by_hand():
@@ -113,7 +114,7 @@ def test_linear_zero_weight_sum_with_normalize_is_an_error():
         run("linear", [T1, T2], weight=[1.0, -1.0])
 
 
-# -- slerp --------------------------------------------------------------------------------------------
+# -- slerp -----------------------------------------------------------------------------------------
 
 
 def test_slerp_orthogonal_vectors_use_original_magnitudes():
@@ -138,7 +139,7 @@ def test_slerp_collinear_and_antiparallel_fall_back_to_linear():
     assert close(run("slerp", [[0.0, 0.0, 0.0], a], t=0.5), [0.5, 1.0, 1.5])  # a zero norm
 
 
-# -- task arithmetic and TIES ---------------------------------------------------------------------------
+# -- task arithmetic and TIES ----------------------------------------------------------------------
 
 D1 = [[3.0, -1.0, 0.5], [-2.0, 0.1, 4.0]]
 D2 = [[-1.5, -2.0, 0.2], [1.0, 3.0, -0.5]]
@@ -197,7 +198,7 @@ def test_trim_keeps_int_density_times_numel(density):
     assert delta.abs()[kept == 0].max() <= kept.abs()[kept != 0].min()
 
 
-# -- DARE ----------------------------------------------------------------------------------------------
+# -- DARE ------------------------------------------------------------------------------------------
 
 
 def dare(seed: int, name: str = "dare_linear", **params) -> torch.Tensor:
@@ -251,8 +252,10 @@ def test_dare_reproducible_across_processes(tiny_family, tmp_path):
         "from agent_forge.evomerge.merger import AdvancedModelMerger\n"
         "from agent_forge.evomerge.recipe import Merge, Source\n"
         "fam = {n: sys.argv[i + 2] for i, n in enumerate(['base', 'm1', 'm2'])}\n"
-        "merger = AdvancedModelMerger(sources={n: open_source(n, p) for n, p in fam.items()}, base='base')\n"
-        "recipe = Merge('dare_ties', [Source('m1'), Source('m2')], {'density': 0.4}, Source('base'), seed=11)\n"
+        "sources = {n: open_source(n, p) for n, p in fam.items()}\n"
+        "merger = AdvancedModelMerger(sources=sources, base='base')\n"
+        "recipe = Merge('dare_ties', [Source('m1'), Source('m2')], {'density': 0.4}, "
+        "Source('base'), seed=11)\n"
         "out = merger.merge(recipe, Path(sys.argv[1]))\n"
         "print(hashlib.sha256((out / 'model.safetensors').read_bytes()).hexdigest())\n"
     )
@@ -269,7 +272,7 @@ def test_dare_reproducible_across_processes(tiny_family, tmp_path):
     assert digests[0] == digests[1] and len(digests[0]) == 64
 
 
-# -- breadcrumbs ----------------------------------------------------------------------------------------
+# -- breadcrumbs -----------------------------------------------------------------------------------
 
 
 def test_breadcrumbs_drops_outliers_and_small_entries_by_hand():
@@ -293,7 +296,7 @@ def test_breadcrumbs_reduces_outlier_drop_to_keep_density():
     assert close(drop_outliers_and_small(delta, 0.95, 0.3), [1, 2, 3, 4, 5, 6, 7, 8, 9, 0])
 
 
-# -- DELLA ----------------------------------------------------------------------------------------------
+# -- DELLA -----------------------------------------------------------------------------------------
 
 
 def test_della_keep_probabilities_rise_with_magnitude_rank():
@@ -342,7 +345,7 @@ def test_della_parameters_outside_unit_interval_are_errors(density, epsilon):
         )
 
 
-# -- model stock ------------------------------------------------------------------------------------------
+# -- model stock -----------------------------------------------------------------------------------
 
 
 def test_model_stock_interpolation_ratio_by_hand():
@@ -369,7 +372,7 @@ def test_passthrough_returns_its_input():
     assert torch.equal(run("passthrough", [T1]), torch.tensor(T1))
 
 
-# -- layer-dependent parameter values ------------------------------------------------------------------
+# -- layer-dependent parameter values --------------------------------------------------------------
 
 
 def test_layer_dependent_values_resolve_by_group_and_component():
@@ -381,11 +384,12 @@ def test_layer_dependent_values_resolve_by_group_and_component():
     assert resolve_value(0.4, loc) == 0.4
 
 
-# -- exact trims, batches of tensors and the blockwise core --------------------------------------------
+# -- exact trims, batches of tensors and the blockwise core ----------------------------------------
 
 
 def reference_trim(x: torch.Tensor, keep: int) -> torch.Tensor:
-    """The ``keep`` largest |x| by a stable sort: among equal magnitudes the lowest flat index first."""
+    """The ``keep`` largest |x| by a stable sort: among equal magnitudes the lowest flat index
+    first."""
     flat = x.reshape(-1)
     order = torch.sort(flat.abs(), descending=True, stable=True).indices[:keep]
     out = torch.zeros_like(flat)
@@ -515,7 +519,7 @@ def test_a_batch_of_tensors_gives_the_bits_of_each_tensor_alone(name, blocked, r
         out=torch.empty(sum(sizes)),
     )
     pieces, start = [], 0
-    for size, generator in zip(sizes, generators()):
+    for size, generator in zip(sizes, generators(), strict=True):
         part = stack[:, start : start + size].contiguous()
         pieces.append(
             apply_technique(tech, part, params, None, generator if tech.randomized else None)

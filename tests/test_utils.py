@@ -1,4 +1,5 @@
-"""The spec's helpers: atomic save, clean-up of only what the run made, device choice, validation."""
+"""The spec's helpers: atomic save, clean-up of only what the run made, device choice,
+validation."""
 
 from __future__ import annotations
 

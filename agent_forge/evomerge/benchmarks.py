@@ -48,7 +48,9 @@ root, out = sys.argv[1], sys.argv[2]
 start = time.perf_counter()
 sources = {{n: open_source(n, f"{{root}}/{{n}}") for n in ("base", "m1", "m2", "m3")}}
 merger = AdvancedModelMerger(sources=sources, base="base")
-recipe = Merge("ties", [Source("m1"), Source("m2"), Source("m3")], {{"density": 0.5}}, Source("base"))
+recipe = Merge(
+    "ties", [Source("m1"), Source("m2"), Source("m3")], {{"density": 0.5}}, Source("base")
+)
 merger.merge(recipe, out)
 print(json.dumps({{"seconds": time.perf_counter() - start,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
@@ -63,16 +65,19 @@ from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
 root, out = sys.argv[1], sys.argv[2]
 config = {{"merge_method": "ties", "base_model": f"{{root}}/base", "dtype": "float32",
-          "models": [{{"model": f"{{root}}/m{{i}}", "parameters": {{"weight": 1.0, "density": 0.5}}}} for i in (1, 2, 3)]}}
+          "models": [{{"model": f"{{root}}/m{{i}}",
+                      "parameters": {{"weight": 1.0, "density": 0.5}}}} for i in (1, 2, 3)]}}
 start = time.perf_counter()
-run_merge(MergeConfiguration.model_validate(config), out, MergeOptions(copy_tokenizer=False, quiet=True))
+run_merge(MergeConfiguration.model_validate(config), out,
+          MergeOptions(copy_tokenizer=False, quiet=True))
 print(json.dumps({{"seconds": time.perf_counter() - start,
                   "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
 """
 
 
 def make_models(root: Path, size: str, seed: int = 0) -> int:
-    """Write a base and three fine-tune-like variants (base + small noise) as HF folders; returns bytes/model."""
+    """Write a base and three fine-tune-like variants (base + small noise) as HF folders; returns
+    bytes/model."""
     import torch
     from safetensors.torch import save_file
 
@@ -218,7 +223,7 @@ def bench_materialize(rounds: int = 30) -> dict[str, Any]:
 
     def copy_floor() -> None:
         with torch.no_grad():
-            for target, source in zip(params, copies):
+            for target, source in zip(params, copies, strict=True):
                 target.copy_(source)
 
     contenders: dict[str, Any] = {"copy": copy_floor}
@@ -276,7 +281,8 @@ def bench_evaluate(repeats: int = 3) -> dict[str, Any]:
 
 
 def bench_gpu(repeats: int = 10) -> dict[str, Any]:
-    """Each technique on one 7B-sized matrix (14336 × 4096, bf16 inputs), three models plus a base."""
+    """Each technique on one 7B-sized matrix (14336 × 4096, bf16 inputs), three models plus a
+    base."""
     import torch
 
     from .techniques import MERGE_TECHNIQUES, apply_technique, canonical_params
@@ -312,7 +318,9 @@ def bench_gpu(repeats: int = 10) -> dict[str, Any]:
         params = canonical_params(tech, {}, len(inputs))
         generator = torch.Generator(device="cuda").manual_seed(1)
 
-        def run(tech: Any = tech, inputs: Any = inputs, params: Any = params) -> Any:
+        def run(
+            tech: Any = tech, inputs: Any = inputs, params: Any = params, generator: Any = generator
+        ) -> Any:
             stack = torch.stack([t.float() for t in inputs])
             if tech.needs_base:
                 return (

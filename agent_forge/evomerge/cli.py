@@ -24,7 +24,8 @@ examples:
   run the evolutionary tournament with the embedded default models (offline, CPU):
     python -m agent_forge.evomerge.cli --run
   run it with models from Hugging Face (or local folders, or .gguf files, mixed freely):
-    python -m agent_forge.evomerge.cli --run --model1 bert-base-uncased --model2 roberta-base --model3 distilbert-base-uncased
+    python -m agent_forge.evomerge.cli --run --model1 bert-base-uncased --model2 roberta-base \
+--model3 distilbert-base-uncased
   fewer than three models: the remaining slots come from the configuration's defaults:
     python -m agent_forge.evomerge.cli --run --model1 bert-base-uncased --model2 roberta-base
   evaluate a merged model on the configured tasks (test split):
@@ -166,7 +167,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         ]
         if len(operations) != 1:
             raise _UsageError(
-                "choose exactly one of --run, --evaluate, --generate, --merge, --resume (see --help)"
+                "choose exactly one of --run, --evaluate, --generate, --merge, --resume "
+                "(see --help)"
                 if operations
                 else "nothing to do: give --run, --evaluate, --generate, --merge or "
                 "--resume (see --help)"
@@ -196,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args is not None and args.verbose:
             raise
         print(
-            f"error: internal failure: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+            f"error: internal failure: {type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''} "
             "(run with --verbose for the traceback, and please report it)",
             file=sys.stderr,
         )

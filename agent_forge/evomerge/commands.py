@@ -23,7 +23,7 @@ def _console(args: argparse.Namespace) -> Any:
     return Console(file=sys.stdout, highlight=False, soft_wrap=True)
 
 
-# -- configuration from flags ---------------------------------------------------------------------------
+# -- configuration from flags ----------------------------------------------------------------------
 
 
 def build_config(args: argparse.Namespace) -> Configuration:
@@ -92,7 +92,7 @@ def _model_name(path: str, taken: set[str]) -> str:
     return name
 
 
-# -- progress -------------------------------------------------------------------------------------------
+# -- progress --------------------------------------------------------------------------------------
 
 
 class RunProgress:
@@ -190,7 +190,7 @@ def print_summary(summary: dict[str, Any], task_names: list[str], console: Any) 
     console.print(f"best model: {summary['best_model']}")
 
 
-# -- operations -------------------------------------------------------------------------------------------
+# -- operations ------------------------------------------------------------------------------------
 
 
 def cmd_run(args: argparse.Namespace) -> int:

@@ -65,7 +65,8 @@ class EvolutionaryMerger:
         run_dir: the run folder (created; must be new or empty unless ``resume``).
         resume: continue the run in ``run_dir`` from its checkpoint.
         executor: where candidates are scored (default from ``config.backend``).
-        progress: called with events (``stage``, ``generation``, ``candidate``, ``generation_done``).
+        progress: called with events (``stage``, ``generation``, ``candidate``,
+            ``generation_done``).
     """
 
     def __init__(
@@ -104,7 +105,7 @@ class EvolutionaryMerger:
         self.executor = executor
         self.evaluator_calls = 0
 
-    # -- the spec's operations ----------------------------------------------------------------------
+    # -- the spec's operations ---------------------------------------------------------------------
 
     def create_merged_models(self) -> list[RecipeNode]:
         """The initial population: ``population_size`` recipes of different techniques (for
@@ -112,13 +113,15 @@ class EvolutionaryMerger:
         return TournamentSearch(self.space, self.stages[0], stage_seed(self.config.seed, 0)).ask()
 
     def tournament_selection(self, scored: Sequence[tuple[RecipeNode, float]]) -> RecipeNode:
-        """The winner of one tournament of ``tournament_size`` among ``scored`` (recipe, fitness)."""
+        """The winner of one tournament of ``tournament_size`` among ``scored`` (recipe,
+        fitness)."""
         strategy = self._tournament()
         strategy.scored = list(scored)
         return strategy.tournament_selection()
 
     def mutate_model(self, recipe: RecipeNode) -> RecipeNode:
-        """A mutated copy of ``recipe`` (parameters perturbed within range; sometimes a new technique)."""
+        """A mutated copy of ``recipe`` (parameters perturbed within range; sometimes a new
+        technique)."""
         return self._tournament().mutate_model(recipe)
 
     def _tournament(self) -> TournamentSearch:
@@ -167,7 +170,7 @@ class EvolutionaryMerger:
             candidates=len(recipes),
         )
         fitness = self._score(recipes, parents)
-        strategy.tell(list(zip(recipes, fitness)))
+        strategy.tell(list(zip(recipes, fitness, strict=True)))
         self.history.append(
             {
                 "generation": len(self.history),
@@ -192,7 +195,7 @@ class EvolutionaryMerger:
         batch = 1 if isinstance(self.executor, SerialExecutor) else max(1, len(todo))
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
-            for recipe, evaluation in zip(chunk, self._evaluate(chunk)):
+            for recipe, evaluation in zip(chunk, self._evaluate(chunk), strict=True):
                 self._record(recipe, evaluation, parents.get(recipe.hash, []))
                 self.progress(
                     "candidate",
@@ -237,7 +240,7 @@ class EvolutionaryMerger:
         with open(self.run_dir / EVALUATIONS, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(record) + "\n")
 
-    # -- stages ----------------------------------------------------------------------------------------
+    # -- stages ------------------------------------------------------------------------------------
 
     def _total_generations(self) -> int:
         return self.config.evolution_settings.num_generations * len(self.stages)
@@ -271,7 +274,7 @@ class EvolutionaryMerger:
             self.stage_inputs = [self.best_recipe, *self.space.sources]
         self._save_checkpoint(None)
 
-    # -- best ----------------------------------------------------------------------------------------
+    # -- best --------------------------------------------------------------------------------------
 
     @property
     def best_fitness(self) -> float:
@@ -286,7 +289,7 @@ class EvolutionaryMerger:
         )  # first of equals (insertion order)
         return recipe_from_dict(best["recipe"])
 
-    # -- checkpoints -------------------------------------------------------------------------------------
+    # -- checkpoints -------------------------------------------------------------------------------
 
     def _save_checkpoint(self, strategy: SearchStrategy | None) -> None:
         state = {
@@ -380,7 +383,7 @@ def prepare_run_dir(config: Configuration, resume: str | Path | None) -> tuple[C
     return resolved, run_dir
 
 
-# -- the whole run -------------------------------------------------------------------------------------
+# -- the whole run ---------------------------------------------------------------------------------
 
 
 def run_evolutionary_tournament(

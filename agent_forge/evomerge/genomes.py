@@ -23,7 +23,8 @@ from .techniques import Param, canonical_params, get_technique, repair_params
 
 @dataclass(frozen=True)
 class Gene:
-    """One coordinate: parameter ``param`` of input ``input`` (None: shared) in layer group ``group``."""
+    """One coordinate: parameter ``param`` of input ``input`` (None: shared) in layer group
+    ``group``."""
 
     param: str
     input: int | None
@@ -61,7 +62,7 @@ class ParamsGenome:
 
     def decode(self, x: Sequence[float]) -> Merge:
         values: dict[str, Any] = dict(self.fixed)
-        for gene, u in zip(self.genes, x):
+        for gene, u in zip(self.genes, x, strict=True):
             value = gene.low + float(np.clip(u, 0.0, 1.0)) * (gene.high - gene.low)
             if gene.input is None:
                 values[gene.param] = value
@@ -98,7 +99,8 @@ def _unit(value: float, gene: Gene) -> float:
 
 @dataclass
 class LayerPathGenome:
-    """Indicator array over ``repetitions`` passes of every input's layers, plus a scale per slot."""
+    """Indicator array over ``repetitions`` passes of every input's layers, plus a scale per
+    slot."""
 
     inputs: Sequence[RecipeNode]
     layer_counts: Sequence[int]

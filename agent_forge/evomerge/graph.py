@@ -51,7 +51,8 @@ BATCH_ELEMENTS = 1 << 22
 
 
 def tensor_seed(node_hash: str, tensor_name: str) -> int:
-    """A stable 63-bit seed for one node and one tensor (the node hash already holds the recipe seed)."""
+    """A stable 63-bit seed for one node and one tensor (the node hash already holds the recipe
+    seed)."""
     digest = hashlib.blake2b(f"{node_hash}\0{tensor_name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
 
@@ -66,7 +67,8 @@ def source_layers(config: Mapping[str, Any]) -> int:
 
 
 class RecipeGraph:
-    """Answers, for a recipe: its layer count, tensor names and shapes, config, and tensor values."""
+    """Answers, for a recipe: its layer count, tensor names and shapes, config, and tensor
+    values."""
 
     def __init__(self, pool: SourcePool, *, subtree_cache_bytes: int = 0) -> None:
         self.pool = pool
@@ -120,7 +122,8 @@ class RecipeGraph:
             available = self.layers(node.inputs[slot.input])
             if slot.layer >= available:
                 raise ConfigurationError(
-                    f"layer slot {k} takes layer {slot.layer} of input {slot.input}, which has {available} layers"
+                    f"layer slot {k} takes layer {slot.layer} of input {slot.input}, "
+                    f"which has {available} layers"
                 )
             for name in self._layer_tensors(node.inputs[slot.input], slot.layer):
                 layer_names.append(name.with_index(k))
@@ -155,7 +158,8 @@ class RecipeGraph:
     # -- values ---------------------------------------------------------------------------------
 
     def compute(self, node: RecipeNode, name: str) -> Tensor:
-        """The float32 value of tensor ``name`` of ``node`` (a new tensor; identical subtrees computed once)."""
+        """The float32 value of tensor ``name`` of ``node`` (a new tensor; identical subtrees
+        computed once)."""
         self._memo.clear()
         try:
             return self._compute(node, name, root=True)
@@ -187,7 +191,8 @@ class RecipeGraph:
         return runs
 
     def compute_into(self, node: RecipeNode, names: Sequence[str], out: Tensor) -> Tensor:
-        """The float32 values of tensors ``names`` of ``node``, flattened one after another into ``out``.
+        """The float32 values of tensors ``names`` of ``node``, flattened one after another into
+        ``out``.
 
         Gives the same bits as :meth:`compute` tensor by tensor. Reuses the graph's buffers, so
         a graph computes one batch at a time.
@@ -248,7 +253,8 @@ class RecipeGraph:
         )
 
     def _merge_into(self, node: Merge, names: Sequence[str], out: Tensor, *, shared: bool) -> None:
-        """``node``'s tensors ``names`` into flat ``out``: base, task vectors, technique, base added."""
+        """``node``'s tensors ``names`` into flat ``out``: base, task vectors, technique, base
+        added."""
         tech = get_technique(node.technique)
         location = self._location(node, names[0]) if is_layer_dependent(tech, node.params) else None
         generators = [self._generator(node, name) for name in names] if tech.randomized else None
@@ -321,7 +327,8 @@ class RecipeGraph:
     def _resident_operands(
         self, node: Merge, names: Sequence[str], needs_base: bool
     ) -> tuple[Tensor | None, Tensor | None]:
-        """Views of the resident pool's base values and θ (or task-vector) rows, where it has them."""
+        """Views of the resident pool's base values and θ (or task-vector) rows, where it has
+        them."""
         if not self.pool.resident:
             return None, None
         base = None
@@ -338,7 +345,8 @@ class RecipeGraph:
     def _fill(
         self, node: RecipeNode, names: Sequence[str], out: Tensor, sizes: Sequence[int]
     ) -> Tensor:
-        """Write ``node``'s tensors ``names`` (``sizes`` elements each) one after another into flat ``out``."""
+        """Write ``node``'s tensors ``names`` (``sizes`` elements each) one after another into flat
+        ``out``."""
         if isinstance(node, Source):
             return self.pool.read_into(node.name, names, sizes, out)
         start = 0

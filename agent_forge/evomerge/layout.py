@@ -52,7 +52,8 @@ def parse_layer(name: str) -> LayerName | None:
 
 
 def is_residual_output(rest: str) -> bool:
-    """Whether a layer tensor (name after the layer index) is a residual-branch output projection."""
+    """Whether a layer tensor (name after the layer index) is a residual-branch output
+    projection."""
     module = rest.rsplit(".", 1)[0]
     if module.startswith("block_sparse_moe.experts."):
         return module.endswith(".w2")

@@ -129,8 +129,8 @@ class AdvancedModelMerger:
         method, params = self.settings.merge_method, dict(self.settings.parameters)
         if method == "mixed":
             raise ConfigurationError(
-                "merge_method 'mixed' names a search, not one merge; choose a technique (e.g. ties) "
-                "or ps / dfs / ps_dfs for a one-shot merge"
+                "merge_method 'mixed' names a search, not one merge; choose a technique "
+                "(e.g. ties) or ps / dfs / ps_dfs for a one-shot merge"
             )
         if method == "ps":
             return self._ps_merge(params)
@@ -369,7 +369,10 @@ def describe(recipe: RecipeNode, indent: str = "") -> str:
         return f"{indent}- {recipe.name}\n"
     if isinstance(recipe, LayerStack):
         path = ", ".join(f"{s.input}:{s.layer}×{s.scale:.3g}" for s in recipe.slots)
-        text = f"{indent}- layer stack of {len(recipe.slots)} layers [{path}] (embeddings from input {recipe.embed_from})\n"
+        text = (
+            f"{indent}- layer stack of {len(recipe.slots)} layers [{path}] "
+            f"(embeddings from input {recipe.embed_from})\n"
+        )
         return text + "".join(describe(i, indent + "  ") for i in recipe.inputs)
     assert isinstance(recipe, Merge)
     params = json.dumps(recipe.params, separators=(", ", ": "))

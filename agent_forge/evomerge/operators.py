@@ -106,7 +106,8 @@ def technique_recipe(
 
 
 def ps_recipe(space: SearchSpace, rng: np.random.Generator, *, exact_defaults: bool) -> RecipeNode:
-    """A parameter-space merge: ``ps_technique`` with a weight and density per model and layer group."""
+    """A parameter-space merge: ``ps_technique`` with a weight and density per model and layer
+    group."""
     genome = ParamsGenome(
         space.merge.ps_technique,
         space.sources,
@@ -203,13 +204,14 @@ def initial_population(
     return population
 
 
-# -- selection --------------------------------------------------------------------------------------
+# -- selection -------------------------------------------------------------------------------------
 
 
 def tournament_selection(
     scored: Sequence[tuple[RecipeNode, float]], tournament_size: int, rng: np.random.Generator
 ) -> RecipeNode:
-    """The fittest of ``tournament_size`` candidates drawn without replacement (ties: first drawn)."""
+    """The fittest of ``tournament_size`` candidates drawn without replacement (ties: first
+    drawn)."""
     size = min(tournament_size, len(scored))
     picks = [int(i) for i in rng.choice(len(scored), size=size, replace=False)]
     best = picks[0]
@@ -219,7 +221,7 @@ def tournament_selection(
     return scored[best][0]
 
 
-# -- mutation -----------------------------------------------------------------------------------------
+# -- mutation --------------------------------------------------------------------------------------
 
 
 def mutable_nodes(recipe: RecipeNode) -> list[RecipeNode]:
@@ -403,7 +405,7 @@ def _layers_of(node: LayerStack, index: int, space: SearchSpace) -> int:
     return space.layers
 
 
-# -- merging the lower performers ------------------------------------------------------------------------
+# -- merging the lower performers ------------------------------------------------------------------
 
 
 def recipe_layers(recipe: RecipeNode, space: SearchSpace) -> int:

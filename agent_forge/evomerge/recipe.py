@@ -1,4 +1,5 @@
-"""Recipes: the one description of a candidate — a small tree that says how every tensor is computed.
+"""Recipes: the one description of a candidate — a small tree that says how every tensor is
+computed.
 
 - :class:`Source` — a leaf: one of the input models (or the base model), by name.
 - :class:`Merge` — a technique of the registry applied tensor by tensor to its inputs (each a
@@ -106,7 +107,8 @@ class Merge(RecipeNode):
             raise ConfigurationError(f"{self.technique}: every input must be a recipe node")
         if tech.needs_base and self.base is None:
             raise ConfigurationError(
-                f"{self.technique} needs a base model (task vectors are taken against it); set base_model"
+                f"{self.technique} needs a base model (task vectors are taken against it); "
+                "set base_model"
             )
         object.__setattr__(self, "inputs", inputs)
         object.__setattr__(self, "params", canonical_params(tech, dict(self.params), len(inputs)))
@@ -132,12 +134,16 @@ class Merge(RecipeNode):
         return out
 
     def __repr__(self) -> str:
-        return f"Merge({self.technique!r}, {list(self.inputs)!r}, base={self.base!r}, #{self.short_hash})"
+        return (
+            f"Merge({self.technique!r}, {list(self.inputs)!r}, base={self.base!r}, "
+            f"#{self.short_hash})"
+        )
 
 
 @dataclass(frozen=True)
 class LayerSlot:
-    """One layer of a DFS path: layer ``layer`` of input ``input``, residual branches × ``scale``."""
+    """One layer of a DFS path: layer ``layer`` of input ``input``, residual branches ×
+    ``scale``."""
 
     input: int
     layer: int
@@ -216,7 +222,10 @@ class LayerStack(RecipeNode):
         return out
 
     def __repr__(self) -> str:
-        return f"LayerStack({len(self.slots)} layers over {len(self.inputs)} inputs, #{self.short_hash})"
+        return (
+            f"LayerStack({len(self.slots)} layers over {len(self.inputs)} inputs, "
+            f"#{self.short_hash})"
+        )
 
 
 Recipe = RecipeNode
@@ -331,12 +340,13 @@ def collapse_linear(recipe: RecipeNode) -> RecipeNode:
     if not _scalar_linear(recipe):
         return Merge(recipe.technique, inputs, recipe.params, base, recipe.seed)
     terms: list[tuple[RecipeNode, float]] = []
-    for child, weight in zip(inputs, recipe.params["weight"]):
+    for child, weight in zip(inputs, recipe.params["weight"], strict=True):
         inner = child.params["weight"] if _scalar_linear(child) else None  # type: ignore[attr-defined]
         if inner is not None and not (child.params["normalize"] and sum(inner) == 0):  # type: ignore[attr-defined]
             scale = 1.0 / sum(inner) if child.params["normalize"] else 1.0
             terms.extend(
-                (grandchild, weight * w * scale) for grandchild, w in zip(child.inputs, inner)
+                (grandchild, weight * w * scale)
+                for grandchild, w in zip(child.inputs, inner, strict=True)
             )
         else:
             terms.append((child, weight))

@@ -85,11 +85,12 @@ def load_recipe_file(path: str | Path, *, layer_count: Any = None) -> RecipeDocu
     if "type" in data:
         return RecipeDocument(recipe_from_dict(data, f"{path}: recipe"), {})
     raise ConfigurationError(
-        f"{path}: not a recipe (expected EvoMerge's 'recipe' and 'sources', or mergekit's 'merge_method')"
+        f"{path}: not a recipe (expected EvoMerge's 'recipe' and 'sources', "
+        "or mergekit's 'merge_method')"
     )
 
 
-# -- mergekit -----------------------------------------------------------------------------------------
+# -- mergekit --------------------------------------------------------------------------------------
 
 #: Defaults mergekit 0.1.x documents for each method, where they differ from EvoMerge's.
 _MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -165,12 +166,14 @@ def from_mergekit(
     method = data["merge_method"]
     if method not in _MERGEKIT_DEFAULTS:
         raise ConfigurationError(
-            f"{origin}: mergekit merge_method {method!r} is not supported; supported: {', '.join(_MERGEKIT_DEFAULTS)}"
+            f"{origin}: mergekit merge_method {method!r} is not supported; "
+            f"supported: {', '.join(_MERGEKIT_DEFAULTS)}"
         )
     for key in ("tokenizer_source", "tokenizer"):
         if data.get(key) not in (None, "base"):
             raise ConfigurationError(
-                f"{origin}: {key} {data[key]!r} is not supported (tokenizers are copied, not merged)"
+                f"{origin}: {key} {data[key]!r} is not supported "
+                "(tokenizers are copied, not merged)"
             )
     names = _Names()
     dtype = data.get("out_dtype") or data.get("dtype")
@@ -262,7 +265,8 @@ def _translate_value(key: str, value: Any, depth: Any, origin: str) -> Any:
             component = "default" if target in (None, "*") else _FILTER_COMPONENTS.get(str(target))
             if component is None:
                 raise ConfigurationError(
-                    f"{origin}: filter {target!r} is not supported; use one of {', '.join(_FILTER_COMPONENTS)}"
+                    f"{origin}: filter {target!r} is not supported; "
+                    f"use one of {', '.join(_FILTER_COMPONENTS)}"
                 )
             out.setdefault(component, _translate_value(key, cond.get("value"), depth, origin))
         return out

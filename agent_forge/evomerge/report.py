@@ -136,7 +136,8 @@ def write_report(
     lines = [
         "# EvoMerge run report",
         "",
-        f"Best candidate `{summary['best_recipe_hash'][:12]}` — fitness {summary['best_fitness']:.4f} "
+        f"Best candidate `{summary['best_recipe_hash'][:12]}` — "
+        f"fitness {summary['best_fitness']:.4f} "
         f"on the fitness split, {summary['test']['best']['mean']:.4f} on the test split "
         f"(gap {summary['fitness_test_gap']:+.4f}).",
         "",

@@ -220,8 +220,9 @@ class CMAESSearch:
                 "CMA-ES was told a different number of candidates than it asked for"
             )
         fitness = [float(f) for _, f in scored]
-        self.optimizer.tell([(x, -f) for x, f in zip(self.pending, fitness)])  # cmaes minimises
-        self.history.append([(x.tolist(), f) for x, f in zip(self.pending, fitness)])
+        # cmaes minimises
+        self.optimizer.tell([(x, -f) for x, f in zip(self.pending, fitness, strict=True)])
+        self.history.append([(x.tolist(), f) for x, f in zip(self.pending, fitness, strict=True)])
         self.pending = []
         self.progress.update(fitness)
 
@@ -242,12 +243,13 @@ class CMAESSearch:
         for generation in state["history"]:
             xs = [self.optimizer.ask() for _ in range(self.optimizer.population_size)]
             recorded = [np.asarray(x) for x, _ in generation]
-            if not all(np.array_equal(a, b) for a, b in zip(xs, recorded)):
+            if not all(np.array_equal(a, b) for a, b in zip(xs, recorded, strict=True)):
                 raise ConfigurationError(
-                    "the checkpoint's CMA-ES history does not replay; it was written by another version"
+                    "the checkpoint's CMA-ES history does not replay; "
+                    "it was written by another version"
                 )
-            self.optimizer.tell([(x, -f) for x, (_, f) in zip(xs, generation)])
-            self.history.append([(x.tolist(), f) for x, (_, f) in zip(xs, generation)])
+            self.optimizer.tell([(x, -f) for x, (_, f) in zip(xs, generation, strict=True)])
+            self.history.append([(x.tolist(), f) for x, (_, f) in zip(xs, generation, strict=True)])
         self.progress.load(state["progress"])
 
 
@@ -259,7 +261,8 @@ def make_strategy(
     dfs_inputs: Sequence[RecipeNode] = (),
     dfs_layers: Sequence[int] = (),
 ) -> SearchStrategy:
-    """The strategy for one search stage (``method`` is ``mixed``, a technique, ``ps`` or ``dfs``)."""
+    """The strategy for one search stage (``method`` is ``mixed``, a technique, ``ps`` or
+    ``dfs``)."""
     if strategy == "tournament":
         return TournamentSearch(space, method, seed, dfs_inputs, dfs_layers)
     if method == "dfs":

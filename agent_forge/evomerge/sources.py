@@ -77,7 +77,8 @@ def resolve_model_path(
     looks_local = path.startswith((".", "/", "~")) or os.sep in path.rstrip("/").split("/", 1)[-1]
     if looks_local or not _HUB_ID.match(path) or path.count("/") > 1:
         raise ModelLoadError(
-            f"model path {path} does not exist; pass an existing folder, a .gguf file, or a Hugging Face id"
+            f"model path {path} does not exist; "
+            "pass an existing folder, a .gguf file, or a Hugging Face id"
         )
     return _resolve_hub_id(path, allow_pickle=allow_pickle, cache_dir=cache_dir)
 
@@ -112,7 +113,8 @@ def _resolve_hub_id(repo_id: str, *, allow_pickle: bool, cache_dir: str | Path |
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as exc:
         reason = str(exc).splitlines()[0][:160]
         raise ModelLoadError(
-            f"model {repo_id} is not available offline (not cached, and the hub is unreachable: {reason}); {how}"
+            f"model {repo_id} is not available offline "
+            f"(not cached, and the hub is unreachable: {reason}); {how}"
         ) from None
 
 
@@ -141,7 +143,8 @@ def find_weight_files(folder: Path, *, allow_pickle: bool = False) -> tuple[dict
         if not allow_pickle:
             raise ModelLoadError(
                 f"{folder} has only pickled weights ({pickled[0].name}); pickle can run code when "
-                "loaded. Convert the model to safetensors, or opt in with merge_settings.allow_pickle = true"
+                "loaded. Convert the model to safetensors, "
+                "or opt in with merge_settings.allow_pickle = true"
             )
         return {name: file for file in pickled for name in _pickle_state(file)}, "pickle"
     raise ModelLoadError(
@@ -304,7 +307,10 @@ def read_safetensors_header(file: Path) -> dict[str, _Entry]:
     Raises:
         ModelLoadError: the header is unreadable or points past the end of the file.
     """
-    damaged = f"cannot read {file}: %s; the file is damaged or incomplete (re-download or re-save the model)"
+    damaged = (
+        f"cannot read {file}: %s; "
+        "the file is damaged or incomplete (re-download or re-save the model)"
+    )
     try:
         size = file.stat().st_size
         with open(file, "rb") as handle:
@@ -363,7 +369,8 @@ def open_source(
         raise ModelLoadError(f"{config_file} is not valid JSON: {exc}") from None
     if config.get("auto_map") and not trust_remote_code:
         raise ModelLoadError(
-            f"model {name} ({path}) needs custom code from its repository (auto_map in config.json); "
+            f"model {name} ({path}) needs custom code from its repository "
+            "(auto_map in config.json); "
             "review it, then opt in with merge_settings.trust_remote_code = true"
         )
     weight_files, weight_format = find_weight_files(folder, allow_pickle=allow_pickle)
@@ -453,7 +460,8 @@ def _vocab_problems(a: ModelSource, b: ModelSource, pair: str) -> list[str]:
         return []
     if len(vocab_a) != len(vocab_b):
         return [
-            f"{pair}: tokenizer vocabularies differ in size ({len(vocab_a)} vs {len(vocab_b)} tokens)"
+            f"{pair}: tokenizer vocabularies differ in size "
+            f"({len(vocab_a)} vs {len(vocab_b)} tokens)"
         ]
     differing = sorted(tok for tok in vocab_a if vocab_a.get(tok) != vocab_b.get(tok))
     example = differing[0] if differing else "?"

@@ -86,13 +86,15 @@ def check_destination(
         source = Path(source).resolve()
         if dest == source or source in dest.parents:
             raise ConfigurationError(
-                f"output folder {dest} is inside source model folder {source}; choose another --output"
+                f"output folder {dest} is inside source model folder {source}; "
+                "choose another --output"
             )
     if dest.exists() and not dest.is_dir():
         raise ConfigurationError(f"output path {dest} exists and is a file; choose a folder path")
     if dest.is_dir() and any(dest.iterdir()) and not overwrite:
         raise ConfigurationError(
-            f"output folder {dest} already exists and is not empty; choose another path or allow overwriting"
+            f"output folder {dest} already exists and is not empty; "
+            "choose another path or allow overwriting"
         )
     parent = dest.parent
     while not parent.exists():
@@ -289,7 +291,8 @@ class WriteBehind:
 
 
 def plan_shards(plan: Sequence[TensorPlan], max_shard_bytes: int) -> list[list[TensorPlan]]:
-    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (one tensor may exceed it)."""
+    """Split tensors, in order, into shards of at most ``max_shard_bytes`` (one tensor may exceed
+    it)."""
     shards: list[list[TensorPlan]] = [[]]
     size = 0
     for item in plan:
@@ -313,7 +316,9 @@ def write_shard_index(
 ) -> None:
     if len(names) == 1:
         return
-    weight_map = {item.name: file for shard, file in zip(shards, names) for item in shard}
+    weight_map = {
+        item.name: file for shard, file in zip(shards, names, strict=True) for item in shard
+    }
     total = sum(item.nbytes for shard in shards for item in shard)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

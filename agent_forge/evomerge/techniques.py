@@ -1,4 +1,5 @@
-"""Merge techniques: small pure functions over the tensors of one parameter name, and their registry.
+"""Merge techniques: small pure functions over the tensors of one parameter name, and their
+registry.
 
 Every technique works on one stack of same-shaped tensors at a time, in float32 (angles in
 float64). Techniques that need a base model receive *task vectors* ``δᵢ = θᵢ − θ_base``
@@ -94,7 +95,8 @@ class Param:
         return self.choices is None and not isinstance(self.default, bool)
 
     def check(self, value: Any, technique: str) -> Any:
-        """Return the value in canonical type, or raise ConfigurationError naming what is allowed."""
+        """Return the value in canonical type, or raise ConfigurationError naming what is
+        allowed."""
         where = f"{technique}: parameter '{self.name}'"
         if self.choices is not None:
             if value not in self.choices:
@@ -142,7 +144,8 @@ class Technique:
             if param.name == name:
                 return param
         raise ConfigurationError(
-            f"{self.name}: unknown parameter '{name}'{closest_names(name, [p.name for p in self.params])}; "
+            f"{self.name}: unknown parameter '{name}'"
+            f"{closest_names(name, [p.name for p in self.params])}; "
             f"allowed: {', '.join(p.name for p in self.params) or '(none)'}"
         )
 
@@ -231,10 +234,13 @@ def _normalize(default: bool) -> Param:
 
 
 def _check_della(params: dict[str, Any], name: str) -> None:
-    for density, epsilon in zip(_as_list(params["density"]), _as_list(params["epsilon"])):
+    for density, epsilon in zip(
+        _as_list(params["density"]), _as_list(params["epsilon"]), strict=False
+    ):
         if density < 1.0 and not (0.0 < density - epsilon and density + epsilon < 1.0):
             raise ConfigurationError(
-                f"{name}: density ± epsilon must lie inside (0, 1); got density {density}, epsilon {epsilon}"
+                f"{name}: density ± epsilon must lie inside (0, 1); "
+                f"got density {density}, epsilon {epsilon}"
             )
 
 
@@ -243,7 +249,7 @@ def _repair_della(params: dict[str, Any]) -> dict[str, Any]:
 
     def fit(density: Any, epsilon: Any) -> Any:
         if isinstance(density, list) and isinstance(epsilon, list) and len(density) == len(epsilon):
-            return [fit(d, e) for d, e in zip(density, epsilon)]
+            return [fit(d, e) for d, e in zip(density, epsilon, strict=True)]
         if isinstance(density, list):
             return min(fit(d, epsilon) for d in density)
         if isinstance(density, float) and isinstance(epsilon, float) and density < 1.0:
@@ -252,7 +258,9 @@ def _repair_della(params: dict[str, Any]) -> dict[str, Any]:
 
     out = dict(params)
     if isinstance(params.get("density"), list) and isinstance(params.get("epsilon"), list):
-        out["epsilon"] = [fit(d, e) for d, e in zip(params["density"], params["epsilon"])]
+        out["epsilon"] = [
+            fit(d, e) for d, e in zip(params["density"], params["epsilon"], strict=True)
+        ]
     return out
 
 
@@ -270,7 +278,7 @@ def _as_list(value: Any) -> list[float]:
     return [value]
 
 
-# -- techniques without a base ----------------------------------------------------------------------
+# -- techniques without a base ---------------------------------------------------------------------
 
 
 @technique(
@@ -335,7 +343,7 @@ def passthrough(tensors: Tensor) -> Tensor:
     return tensors[0]
 
 
-# -- task-vector techniques (need a base; receive δᵢ, return the merged δ) ----------------------------
+# -- task-vector techniques (need a base; receive δᵢ, return the merged δ) -------------------------
 
 
 @technique(
@@ -525,7 +533,7 @@ def breadcrumbs(
     out: Tensor | None = None,
     ranked: Tensor | None = None,
 ) -> Tensor:
-    """Model Breadcrumbs: drop outliers and small entries of each task vector, then task arithmetic."""
+    """Model Breadcrumbs: drop outliers and small entries per task vector, then task arithmetic."""
     bands = _breadcrumbs(deltas, density, gamma, segments, ranked)
     return combine_task_vectors(
         deltas,
@@ -579,7 +587,7 @@ def _della(
     generator: torch.Generator | None,
 ) -> Tensor:
     parts = []
-    for delta, keep, eps in zip(deltas, density, epsilon):
+    for delta, keep, eps in zip(deltas, density, epsilon, strict=True):
         if keep >= 1.0:
             parts.append(delta)
             continue
@@ -673,7 +681,7 @@ def model_stock(deltas: Tensor, *, filter_wise: bool) -> Tensor:
     return t.reshape(-1, *([1] * (mean.dim() - 1))) * mean
 
 
-# -- parameter values that vary by layer ------------------------------------------------------------
+# -- parameter values that vary by layer -----------------------------------------------------------
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head")
 
@@ -759,8 +767,8 @@ def canonical_params(
             if isinstance(value, list | tuple):
                 if len(value) != n_inputs:
                     raise ConfigurationError(
-                        f"{tech.name}: parameter '{param.name}' has {len(value)} values for {n_inputs} "
-                        "input models; give one per input (or one value for all)"
+                        f"{tech.name}: parameter '{param.name}' has {len(value)} values "
+                        f"for {n_inputs} input models; give one per input (or one value for all)"
                     )
                 out[param.name] = [check_value(param, v, tech.name) for v in value]
             else:
@@ -783,7 +791,8 @@ def apply_technique(
     out: Tensor | None = None,
     ranked: Tensor | None = None,
 ) -> Tensor:
-    """Run ``tech`` on a stack ``(M, *shape)`` (task vectors if it needs a base) with canonical params.
+    """Run ``tech`` on a stack ``(M, *shape)`` (task vectors if it needs a base) with canonical
+    params.
 
     ``segments`` (segmented techniques only) splits the flattened rows into consecutive
     tensors; ``out`` receives the result when given; ``ranked`` (used by magnitude trims) holds

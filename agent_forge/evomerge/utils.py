@@ -95,7 +95,8 @@ def validate_merge_config(
         Merge(method, inputs, params, Source(config.base_model.name) if tech.needs_base else None)  # type: ignore[union-attr]
     elif method in ("ps", "ps_dfs") and config.base_model is None:
         raise ConfigurationError(
-            f"merge_settings.merge_method = {method!r} merges task vectors; set base_model (or --base)"
+            f"merge_settings.merge_method = {method!r} merges task vectors; "
+            "set base_model (or --base)"
         )
     refs = list(config.models) + ([config.base_model] if config.base_model else [])
     opened = (
@@ -142,7 +143,8 @@ def save_model(
 def generate_text(
     model: Any, tokenizer: Any, prompt: str, max_length: int = 100, **kwargs: Any
 ) -> str:
-    """Greedy continuation of ``prompt`` (see :func:`agent_forge.evomerge.evaluation.generate_text`)."""
+    """Greedy continuation of ``prompt`` (see
+    :func:`agent_forge.evomerge.evaluation.generate_text`)."""
     from .evaluation import generate_text as _generate
 
     return _generate(model, tokenizer, prompt, max_length=max_length, **kwargs)
