@@ -23,13 +23,14 @@ MODEL_NAMES = [
 
 
 def cli(
-    *args: str, env: dict[str, str] | None = None, timeout: int = 300
+    *args: str, env: dict[str, str] | None = None, timeout: int = 300, cwd: Path | None = None
 ) -> subprocess.CompletedProcess:
     full_env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
     return subprocess.run(
         [sys.executable, "-m", "agent_forge.evomerge.cli", *args],
         capture_output=True,
         text=True,
+        cwd=cwd,
         env=full_env,
         timeout=timeout,
     )
@@ -186,9 +187,19 @@ def test_spec_example_with_hub_models_fails_offline_with_a_clear_message(tmp_pat
         "--model3",
         "distilbert-base-uncased",
         env={"HF_HOME": str(tmp_path / "hf")},
+        cwd=tmp_path,
     )
     assert_clean_error(result, "bert-base-uncased is not available offline")
-    assert not Path("evomerge_runs").exists() or not any(Path("evomerge_runs").iterdir())
+    assert not (tmp_path / "evomerge_runs").exists()  # no run folder is left behind
+
+
+def test_log_file_gets_debug_lines_and_quiet_silences_progress(default_run, tmp_path):
+    log = tmp_path / "evomerge.log"
+    result = cli("--evaluate", str(default_run / "best"), "--quiet", "--log-file", str(log))
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.strip() == ""
+    text = log.read_text()
+    assert "DEBUG" in text and "agent_forge.evomerge" in text
 
 
 @pytest.mark.parametrize(

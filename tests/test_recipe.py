@@ -151,3 +151,22 @@ def test_collapse_leaves_non_linear_nodes_and_recurses_into_them():
     ties = Merge("ties", [inner, C], {}, BASE)
     collapsed = collapse_linear(ties)
     assert collapsed.technique == "ties" and collapsed.inputs[0].depth() == 1
+
+
+def test_inner_subtrees_are_cached_between_candidates_and_give_the_same_bits(tiny_sources):
+    """A nested candidate's inner merge is computed once and reused by the next candidate
+    that contains it (the cached leaf of a deep tree), with identical values."""
+    m1, m2, m3, base = Source("m1"), Source("m2"), Source("m3"), Source("base")
+    inner = Merge("ties", [m1, m2], {"density": 0.5}, base)
+    first = Merge("linear", [inner, m3], {"weight": [0.7, 0.3]})
+    second = Merge("task_arithmetic", [inner, m1], {"lambda": 0.5}, base)
+    cached = RecipeGraph(SourcePool(tiny_sources, "base"), subtree_cache_bytes=10**8)
+    plain = RecipeGraph(SourcePool(tiny_sources, "base"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(cached.compute(first, name), plain.compute(first, name))
+    assert (inner.hash, name) in cached._subtree_cache  # the inner node was kept
+    kept = cached._subtree_cache[(inner.hash, name)]
+    assert torch.equal(kept, plain.compute(inner, name))
+    assert torch.equal(cached.compute(second, name), plain.compute(second, name))
+    assert cached._subtree_cache[(inner.hash, name)] is kept  # reused, not recomputed
+    assert (first.hash, name) not in cached._subtree_cache  # roots are not cached

@@ -345,6 +345,21 @@ def test_della_parameters_outside_unit_interval_are_errors(density, epsilon):
         )
 
 
+def test_della_check_pairs_per_layer_densities_with_their_epsilons():
+    # a per-layer density of 0.9 meets the default epsilon 0.15 at some layer: refused
+    with pytest.raises(ConfigurationError, match="got density 0.9, epsilon 0.15"):
+        Merge(
+            "della", [Source("a"), Source("b")], {"density": [[0.3, 0.5, 0.9], 0.5]}, Source("base")
+        )
+    # matching lists pair position by position: 0.9 with 0.05 and 0.3 with 0.2 are both fine
+    Merge(
+        "della",
+        [Source("a"), Source("b")],
+        {"density": [[0.3, 0.9], 0.5], "epsilon": [[0.2, 0.05], 0.1]},
+        Source("base"),
+    )
+
+
 # -- model stock -----------------------------------------------------------------------------------
 
 

@@ -177,15 +177,18 @@ class RunProgress:
 def print_summary(summary: dict[str, Any], task_names: list[str], console: Any) -> None:
     from rich.table import Table
 
-    from .report import score_table
+    from .report import UNWEIGHTED_NOTE, score_table
 
-    rows = score_table(summary["test"], task_names)
+    weights = summary.get("task_weights", {})
+    rows = score_table(summary["test"], task_names, weights)
     table = Table(title="test split (%)")
     for header in rows[0]:
         table.add_column(header, justify="left" if header == "model" else "right")
     for row in rows[1:]:
         table.add_row(*row, style="bold" if row[0] == "best" else None)
     console.print(table)
+    if 0 in weights.values():
+        console.print(UNWEIGHTED_NOTE)
     console.print(f"fitness–test gap of the best: {summary['fitness_test_gap']:+.4f}")
     console.print(f"best model: {summary['best_model']}")
 

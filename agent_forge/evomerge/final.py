@@ -62,6 +62,14 @@ def test_scores(evolution: EvolutionaryMerger, best: RecipeNode) -> dict[str, di
     return table
 
 
+def task_weights(evolution: EvolutionaryMerger) -> dict[str, float]:
+    from .evaluation import load_tasks
+
+    return {
+        task.name: task.weight for task in load_tasks(evolution.config.evaluation_settings.tasks)
+    }
+
+
 def finish_run(
     evolution: EvolutionaryMerger,
     best: RecipeNode,
@@ -84,6 +92,7 @@ def finish_run(
         "best_fitness": best_record["fitness"],
         "test": test,
         "fitness_test_gap": best_record["fitness"] - test["best"]["mean"],
+        "task_weights": task_weights(evolution),
         "generations": len(evolution.history),
         "timings": {
             "candidates": len(records),

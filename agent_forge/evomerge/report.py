@@ -13,11 +13,21 @@ from .storage import atomic_write_text
 logger = logging.getLogger(__name__)
 
 
+UNWEIGHTED_NOTE = "* reported only: weight 0, not part of the mean"
+
+
 def score_table(
-    test: Mapping[str, Mapping[str, float]], task_names: Sequence[str]
+    test: Mapping[str, Mapping[str, float]],
+    task_names: Sequence[str],
+    weights: Mapping[str, float] | None = None,
 ) -> list[list[str]]:
-    """Rows ``[model, task1, …, mean]`` with percentages, for markdown and the terminal."""
-    rows = [["model", *task_names, "mean"]]
+    """Rows ``[model, task1, …, mean]`` with percentages, for markdown and the terminal.
+
+    Tasks of weight 0 (reported, not in the fitness) are marked ``*`` in the header.
+    """
+    weights = weights or {}
+    header = [f"{t}*" if weights.get(t, 1.0) == 0 else t for t in task_names]
+    rows = [["model", *header, "mean"]]
     for model, scores in test.items():
         rows.append(
             [
@@ -143,8 +153,9 @@ def write_report(
         "",
         "## Test split, per skill (%)",
         "",
-        markdown_table(score_table(summary["test"], task_names)),
+        markdown_table(score_table(summary["test"], task_names, summary.get("task_weights"))),
         "",
+        *([UNWEIGHTED_NOTE, ""] if 0 in summary.get("task_weights", {}).values() else []),
         "## Fitness per generation",
         "",
     ]

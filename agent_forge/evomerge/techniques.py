@@ -233,15 +233,22 @@ def _normalize(default: bool) -> Param:
     return Param("normalize", default)
 
 
+def _della_pairs(density: Any, epsilon: Any) -> list[tuple[float, float]]:
+    """The (density, epsilon) pairs one input's values can meet at some tensor: matching
+    positions when both are lists of one length, else every combination (conservative)."""
+    if isinstance(density, list) and isinstance(epsilon, list) and len(density) == len(epsilon):
+        return [pair for d, e in zip(density, epsilon, strict=True) for pair in _della_pairs(d, e)]
+    return [(d, e) for d in _as_list(density) for e in _as_list(epsilon)]
+
+
 def _check_della(params: dict[str, Any], name: str) -> None:
-    for density, epsilon in zip(
-        _as_list(params["density"]), _as_list(params["epsilon"]), strict=False
-    ):
-        if density < 1.0 and not (0.0 < density - epsilon and density + epsilon < 1.0):
-            raise ConfigurationError(
-                f"{name}: density ± epsilon must lie inside (0, 1); "
-                f"got density {density}, epsilon {epsilon}"
-            )
+    for density, epsilon in zip(params["density"], params["epsilon"], strict=True):  # per input
+        for d, e in _della_pairs(density, epsilon):
+            if d < 1.0 and not (0.0 < d - e and d + e < 1.0):
+                raise ConfigurationError(
+                    f"{name}: density ± epsilon must lie inside (0, 1); "
+                    f"got density {d}, epsilon {e}"
+                )
 
 
 def _repair_della(params: dict[str, Any]) -> dict[str, Any]:
