@@ -170,23 +170,11 @@ class Configuration(_Strict):
     @classmethod
     def load(cls, path: str | Path) -> Configuration:
         """Load a JSON or YAML file (by extension; ``.yml``/``.yaml`` are YAML)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigurationError(
-                f"configuration file {path} does not exist; pass an existing JSON or YAML file"
-            )
-        text = path.read_text(encoding="utf-8")
-        try:
-            if path.suffix.lower() in (".yaml", ".yml"):
-                import yaml
+        from .storage import read_json_or_yaml
 
-                data = yaml.safe_load(text)
-            else:
-                data = json.loads(text)
-        except Exception as exc:  # noqa: BLE001 - parser errors vary by library
-            raise ConfigurationError(
-                f"{path}: not valid {path.suffix.lstrip('.') or 'JSON'}: {exc}"
-            ) from None
+        data = read_json_or_yaml(
+            path, what="configuration file", missing="pass an existing JSON or YAML file"
+        )
         return cls.from_dict(data if data is not None else {}, origin=str(path))
 
     def to_dict(self) -> dict[str, Any]:

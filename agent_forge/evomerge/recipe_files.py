@@ -13,7 +13,6 @@ translated: parameters it leaves out take the defaults mergekit documents for th
 
 from __future__ import annotations
 
-import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 from .exceptions import ConfigurationError
 from .recipe import LayerSlot, LayerStack, Merge, RecipeNode, Source, recipe_from_dict
+from .storage import read_json_or_yaml
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -46,22 +46,12 @@ def load_recipe_file(path: str | Path, *, layer_count: Any = None) -> RecipeDocu
         ConfigurationError: unreadable file, unknown format, or an unsupported mergekit feature.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigurationError(
-            f"recipe file {path} does not exist; pass an evomerge_recipe.json or a mergekit YAML"
-        )
-    text = path.read_text(encoding="utf-8")
-    try:
-        if path.suffix.lower() == ".json":
-            data = json.loads(text)
-        else:
-            import yaml
-
-            data = yaml.safe_load(text)
-    except Exception as exc:  # noqa: BLE001 - json and yaml raise different types
-        raise ConfigurationError(
-            f"{path}: cannot parse the recipe: {str(exc).splitlines()[0]}"
-        ) from None
+    data = read_json_or_yaml(
+        path,
+        what="recipe file",
+        missing="pass an evomerge_recipe.json or a mergekit YAML",
+        default_format="yaml",
+    )
     if not isinstance(data, Mapping):
         raise ConfigurationError(f"{path}: a recipe file holds a mapping at the top level")
     if "merge_method" in data:

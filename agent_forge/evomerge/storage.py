@@ -51,6 +51,32 @@ def forget_created(path: str | Path) -> None:
         _created_paths.discard(Path(path).resolve())
 
 
+def read_json_or_yaml(
+    path: str | Path, *, what: str, missing: str, default_format: str = "json"
+) -> Any:
+    """Parse a JSON or YAML file: ``.json`` is JSON, ``.yaml``/``.yml`` YAML, others as
+    ``default_format``.
+
+    Raises:
+        ConfigurationError: ``{what} {path} does not exist; {missing}`` when there is no such
+            file, or the parser's first line when it is not valid.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigurationError(f"{what} {path} does not exist; {missing}")
+    suffix = path.suffix.lower().lstrip(".")
+    kind = "yaml" if suffix in ("yaml", "yml") else "json" if suffix == "json" else default_format
+    text = path.read_text(encoding="utf-8")
+    try:
+        if kind == "yaml":
+            import yaml
+
+            return yaml.safe_load(text)
+        return json.loads(text)
+    except Exception as exc:  # noqa: BLE001 - json and yaml raise different error types
+        raise ConfigurationError(f"{path}: not valid {kind}: {str(exc).splitlines()[0]}") from None
+
+
 def atomic_write_text(path: str | Path, text: str) -> Path:
     """Write ``text`` to ``path`` through a temporary file in the same folder and a rename."""
     return atomic_write_bytes(path, text.encode("utf-8"))
