@@ -11,7 +11,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import Configuration, ModelReference, create_default_config, load_default_manifest
+from .config import (
+    Configuration,
+    ModelReference,
+    create_default_config,
+    load_default_manifest,
+    unique_model_name,
+)
 from .exceptions import ConfigurationError
 
 logger = logging.getLogger("agent_forge.evomerge.cli")
@@ -45,12 +51,12 @@ def build_config(args: argparse.Namespace) -> Configuration:
         slots = list(config.models) + [None] * (3 - len(config.models))
         taken = set()
         for i, path in sorted(given.items()):
-            slots[i - 1] = ModelReference(_model_name(path, taken), path)
+            slots[i - 1] = ModelReference(unique_model_name(path, taken), path)
             taken.add(slots[i - 1].name)
         for i, ref in enumerate(slots, start=1):
             if i not in given and ref is not None:
                 if ref.name in taken:
-                    ref = ModelReference(_model_name(ref.path, taken), ref.path)
+                    ref = ModelReference(unique_model_name(ref.path, taken), ref.path)
                 slots[i - 1] = ref
                 taken.add(ref.name)
                 logger.info(
@@ -59,7 +65,7 @@ def build_config(args: argparse.Namespace) -> Configuration:
         config.models = [ref for ref in slots if ref is not None]
     if args.base:
         config.base_model = ModelReference(
-            _model_name(args.base, {m.name for m in config.models}), args.base
+            unique_model_name(args.base, {m.name for m in config.models}), args.base
         )
     overrides = {
         ("evolution_settings", "num_generations"): args.generations,
@@ -81,15 +87,6 @@ def build_config(args: argparse.Namespace) -> Configuration:
         evo["tournament_size"] = min(evo["tournament_size"], args.population)
         evo["elite_size"] = min(evo["elite_size"], max(0, args.population - 1))
     return Configuration.from_dict(data, origin="command line")
-
-
-def _model_name(path: str, taken: set[str]) -> str:
-    stem = Path(path.rstrip("/")).name.removesuffix(".gguf") or "model"
-    name, n = stem, 1
-    while name in taken:
-        n += 1
-        name = f"{stem}_{n}"
-    return name
 
 
 # -- progress --------------------------------------------------------------------------------------

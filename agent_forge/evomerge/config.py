@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, Literal
 
@@ -44,6 +45,17 @@ class ModelReference(_Strict):
         if path is not None:
             data["path"] = path
         super().__init__(**data)
+
+
+def unique_model_name(path: str, taken: Collection[str]) -> str:
+    """A short model name from a path or hub id (``m1`` for ``org/m1`` or ``m1.gguf``),
+    suffixed ``_2``, ``_3``, … until it is not among ``taken``."""
+    stem = Path(path.rstrip("/")).name.removesuffix(".gguf") or "model"
+    name, n = stem, 1
+    while name in taken:
+        n += 1
+        name = f"{stem}_{n}"
+    return name
 
 
 class MergeSettings(_Strict):

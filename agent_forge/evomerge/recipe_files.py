@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .config import unique_model_name
 from .exceptions import ConfigurationError
 from .recipe import LayerSlot, LayerStack, Merge, RecipeNode, Source, recipe_from_dict
 from .storage import read_json_or_yaml
@@ -137,12 +138,7 @@ class _Names:
 
     def __call__(self, path: str) -> str:
         if path not in self.by_path:
-            stem = Path(path.rstrip("/")).name.removesuffix(".gguf") or "model"
-            name, n = stem, 1
-            while name in self.by_path.values():
-                n += 1
-                name = f"{stem}_{n}"
-            self.by_path[path] = name
+            self.by_path[path] = unique_model_name(path, self.by_path.values())
         return self.by_path[path]
 
 
