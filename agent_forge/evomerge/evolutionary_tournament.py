@@ -100,6 +100,7 @@ class EvolutionaryMerger:
         self.stage_inputs: list[RecipeNode] = []
         self._strategy_state: dict[str, Any] | None = None
         self._strategy: SearchStrategy | None = None
+        self._helper_tournament: TournamentSearch | None = None  # spec methods under CMA-ES
         if resume:
             self._load_checkpoint()
         self.executor = executor
@@ -128,7 +129,7 @@ class EvolutionaryMerger:
         strategy = self._stage_strategy()
         if isinstance(strategy, TournamentSearch):
             return strategy
-        if not hasattr(self, "_helper_tournament"):
+        if self._helper_tournament is None:
             self._helper_tournament = TournamentSearch(
                 self.space, "mixed", stage_seed(self.config.seed, 99)
             )
