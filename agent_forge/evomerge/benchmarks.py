@@ -208,7 +208,13 @@ def bench_materialize(rounds: int = 30) -> dict[str, Any]:
     from .recipe import Merge, Source
 
     config = create_default_config()
-    merger = AdvancedModelMerger(config, resident=True)
+    merger = AdvancedModelMerger(_with_fused(config, "on"), resident=True)
+    kernels = merger.graph.fused
+
+    def materialize(recipe: Any, fused: bool) -> None:
+        merger.graph.fused = kernels if fused else None
+        merger.materialize(recipe)
+
     names = [m.name for m in config.models]
     inputs, base = [Source(n) for n in names], Source("base")
     recipes = {
@@ -217,7 +223,7 @@ def bench_materialize(rounds: int = 30) -> dict[str, Any]:
         "ties": Merge("ties", inputs, {"density": 0.5}, base),
         "dare_ties": Merge("dare_ties", inputs, {"density": 0.5}, base, seed=1),
     }
-    model = merger.materialize(recipes["linear"])
+    model = merger.materialize(recipes["linear"])  # linear is never fused
     params = list(model.parameters())
     copies = [p.detach().clone() for p in params]
 
@@ -226,9 +232,22 @@ def bench_materialize(rounds: int = 30) -> dict[str, Any]:
             for target, source in zip(params, copies, strict=True):
                 target.copy_(source)
 
+    compile_seconds = {}
+    for name, recipe in recipes.items():  # the one-off compile of each fused variant
+        if name != "linear":
+            start = time.perf_counter()
+            materialize(recipe, fused=True)
+            compile_seconds[name] = time.perf_counter() - start
     contenders: dict[str, Any] = {"copy": copy_floor}
     contenders.update(
-        {name: (lambda r=recipe: merger.materialize(r)) for name, recipe in recipes.items()}
+        {name: (lambda r=recipe: materialize(r, False)) for name, recipe in recipes.items()}
+    )
+    contenders.update(
+        {
+            f"{name} (fused)": (lambda r=recipe: materialize(r, True))
+            for name, recipe in recipes.items()
+            if name != "linear"
+        }
     )
     times = _interleaved(contenders, rounds)
     floor = min(times["copy"])
@@ -236,8 +255,10 @@ def bench_materialize(rounds: int = 30) -> dict[str, Any]:
         "copy_floor_ms": floor * 1e3,
         "copy_floor_median_ms": _median(times["copy"]) * 1e3,
         "model_mb": sum(p.numel() * 4 for p in params) / 1e6,
+        "fused_compile_s": compile_seconds,
+        "fused_still_on": bool(kernels and kernels.enabled),
     }
-    for name in recipes:
+    for name in [n for n in contenders if n != "copy"]:
         best = min(times[name])
         out[name] = {
             "ms": best * 1e3,
@@ -245,6 +266,11 @@ def bench_materialize(rounds: int = 30) -> dict[str, Any]:
             "ratio_to_copy": best / floor,
         }
     return out
+
+
+def _with_fused(config: Any, setting: str) -> Any:
+    merge = config.merge_settings.model_copy(update={"fused_kernels": setting})
+    return config.model_copy(update={"merge_settings": merge})
 
 
 def _interleaved(contenders: dict[str, Any], rounds: int) -> dict[str, list[float]]:
@@ -331,7 +357,57 @@ def bench_gpu(repeats: int = 10) -> dict[str, Any]:
 
         ms = cuda_time(run)
         out[name] = {"ms": ms, "ratio_to_copy": ms / copy_ms}
+    deltas = torch.stack([m.float() - base.float() for m in models])
+    result = torch.empty(shape, device="cuda", dtype=torch.float32)
+    fp32_copy_ms = cuda_time(lambda: result.copy_(deltas[0]))
+    out["copy_fp32_ms"] = fp32_copy_ms
+    for name, run in fused_contenders(base.float(), deltas, result).items():
+        ms = cuda_time(run)
+        out[f"{name} (fused)"] = {"ms": ms, "ratio_to_fp32_copy": ms / fp32_copy_ms}
     return out
+
+
+def fused_contenders(base: Any, deltas: Any, out: Any) -> dict[str, Any]:
+    """Task arithmetic, TIES and DARE-TIES as the fused kernel runs them (:mod:`.fused`) on
+    ``deltas`` ``(M, *shape)`` against ``base``, into ``out`` (float32, any device)."""
+    import torch
+
+    from .fused import merge_kernel, plan_for, trim_keys
+
+    kernel = torch.compile(merge_kernel)
+    flat = deltas.reshape(deltas.shape[0], -1)
+    size = flat.shape[1]
+    keys = torch.empty_like(flat)
+    for row in range(flat.shape[0]):
+        trim_keys(flat[row], [(0, size)], keys[row])
+    draws = torch.rand(flat.shape, device=flat.device, generator=torch.Generator(flat.device))
+    count = flat.shape[0]
+    plans = {
+        "task_arithmetic": plan_for(
+            "task_arithmetic", {"weight": [1.0] * count, "lam": 1.0, "normalize": False}, [size]
+        ),
+        "ties": plan_for(
+            "ties",
+            {"weight": [1.0] * count, "density": [0.5] * count, "lam": 1.0, "normalize": True},
+            [size],
+        ),
+        "dare_ties": plan_for(
+            "dare_ties",
+            {
+                "weight": [1.0] * count,
+                "density": [0.5] * count,
+                "lam": 1.0,
+                "normalize": True,
+                "rescale": "paper",
+            },
+            [size],
+        ),
+    }
+
+    def runner(plan: Any) -> Any:
+        return lambda: kernel(flat, base.reshape(-1), keys, draws, out.view(-1), *plan.arguments())
+
+    return {name: runner(plan) for name, plan in plans.items() if plan is not None}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -75,6 +75,7 @@ class MergeSettings(_Strict):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     max_shard_size: str = "2GB"
     max_depth: int = Field(default=3, ge=1, le=16)
+    fused_kernels: Literal["auto", "on", "off"] = "auto"
     allow_pickle: bool = False
     trust_remote_code: bool = False
 

@@ -6,12 +6,14 @@ evaluation. :class:`RecipeGraph` walks a recipe for a run of consecutive tensor 
 time (:meth:`RecipeGraph.batches`); both the streaming writer and the in-memory materialiser
 call the same :meth:`RecipeGraph.compute_into`, which is why they agree bit for bit. Streaming,
 the inputs are read from disk straight into a reused ``(M, N)`` buffer and turned into task
-vectors in place; resident, the stack is a view of the pool's task-vector matrix.
+vectors in place; resident, the stack is a view of the pool's task-vector matrix, and task
+arithmetic, TIES and DARE may run as one compiled pass (:mod:`.fused`) that gives the same bits.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 from collections import OrderedDict
@@ -23,6 +25,7 @@ from torch import Tensor
 
 from .blockwise import add_, parallel_map, subtract_rows_
 from .exceptions import ConfigurationError, MergeError
+from .fused import FusedKernels, plan_for
 from .layout import (
     component_of,
     is_residual_output,
@@ -33,11 +36,19 @@ from .layout import (
 )
 from .pool import SourcePool
 from .recipe import LayerStack, Merge, RecipeNode, Source
-from .techniques import Technique, TensorLocation, apply_technique, get_technique, resolve_value
+from .techniques import (
+    Technique,
+    TensorLocation,
+    apply_technique,
+    get_technique,
+    resolve_value,
+    resolved_params,
+)
 
 __all__ = [
     "BATCH_ELEMENTS",
     "RecipeGraph",
+    "draw_hash",
     "SourcePool",
     "is_layer_dependent",
     "source_layers",
@@ -48,13 +59,26 @@ logger = logging.getLogger(__name__)
 
 #: Most elements of small tensors that one technique call computes together.
 BATCH_ELEMENTS = 1 << 22
+#: Memory for the fused DARE kernel's kept draws, in float32 models (the newest always stays).
+_DRAW_CACHE_MODELS = 8
 
 
 def tensor_seed(node_hash: str, tensor_name: str) -> int:
-    """A stable 63-bit seed for one node and one tensor (the node hash already holds the recipe
-    seed)."""
+    """A stable 63-bit seed for one node's draws (:func:`draw_hash`, which holds the recipe
+    seed) and one tensor."""
     digest = hashlib.blake2b(f"{node_hash}\0{tensor_name}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "little") & (2**63 - 1)
+
+
+def draw_hash(node: Merge) -> str:
+    """What a randomised merge's draws depend on: its seed and its inputs, not its parameters.
+
+    Candidates that differ only in weights or densities then see the same random numbers
+    (common random numbers: the search compares them on equal terms, and a DARE mask grows
+    with its density), and the resident pool computes a seed's draws once.
+    """
+    text = json.dumps([node.seed, [child.hash for child in node.inputs]])
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
 def source_layers(config: Mapping[str, Any]) -> int:
@@ -70,8 +94,16 @@ class RecipeGraph:
     """Answers, for a recipe: its layer count, tensor names and shapes, config, and tensor
     values."""
 
-    def __init__(self, pool: SourcePool, *, subtree_cache_bytes: int = 0) -> None:
+    def __init__(
+        self,
+        pool: SourcePool,
+        *,
+        subtree_cache_bytes: int = 0,
+        fused: FusedKernels | None = None,
+    ) -> None:
         self.pool = pool
+        self.fused = fused
+        self._draw_cache: OrderedDict[tuple[str, tuple[str, ...]], Tensor] = OrderedDict()
         self._memo: dict[tuple[str, str], Tensor] = {}
         self._subtree_cache: OrderedDict[tuple[str, str], Tensor] = OrderedDict()
         self._subtree_bytes = 0
@@ -79,6 +111,8 @@ class RecipeGraph:
         self._location_tables: dict[str, dict[str, TensorLocation]] = {}
         self._buffers: dict[str, Tensor] = {}
         self._source_names: dict[str, list[str]] = {}
+        self._shapes: dict[tuple[str, str], tuple[int, ...]] = {}
+        self._size_lists: dict[tuple[str, tuple[str, ...]], list[int]] = {}
 
     # -- structure ------------------------------------------------------------------------------
 
@@ -134,10 +168,14 @@ class RecipeGraph:
         return [p for p in parsed if p is not None and p.index == layer]
 
     def shape(self, node: RecipeNode, name: str) -> tuple[int, ...]:
+        while isinstance(node, Merge):  # a merge has its first input's shapes
+            node = node.inputs[0]
         if isinstance(node, Source):
-            return self.pool.source(node.name).info(name).shape
-        if isinstance(node, Merge):
-            return self.shape(node.inputs[0], name)
+            key = (node.name, name)
+            found = self._shapes.get(key)
+            if found is None:
+                found = self._shapes[key] = tuple(self.pool.source(node.name).info(name).shape)
+            return found
         child, child_name, _ = self._slot_lookup(node, name)  # type: ignore[arg-type]
         return self.shape(child, child_name)
 
@@ -180,8 +218,7 @@ class RecipeGraph:
         varies = is_layer_dependent(tech, node.params)
         runs: list[list[str]] = []
         size, key = 0, None
-        for name in names:
-            count = math.prod(self.shape(node, name))
+        for name, count in zip(names, self._sizes(node, names), strict=True):
             name_key = self._resolved(tech, node, name) if varies else None
             if not runs or size + count > limit or name_key != key:
                 runs.append([])
@@ -257,8 +294,26 @@ class RecipeGraph:
         added."""
         tech = get_technique(node.technique)
         location = self._location(node, names[0]) if is_layer_dependent(tech, node.params) else None
-        generators = [self._generator(node, name) for name in names] if tech.randomized else None
         base, stack, resident = self._operands(node, names, tech.needs_base, shared)  # (N,), (M, N)
+        if resident and base is not None:
+            if self._fused_into(node, tech, names, location, stack, base, out):
+                return
+        self._technique_into(node, tech, names, location, stack, resident, out)
+        if base is not None:
+            add_(out, base)
+
+    def _technique_into(
+        self,
+        node: Merge,
+        tech: Technique,
+        names: Sequence[str],
+        location: TensorLocation | None,
+        stack: Tensor,
+        resident: bool,
+        out: Tensor,
+    ) -> None:
+        """The technique's eager path: the merged values (task vector, without the base)."""
+        generators = [self._generator(node, name) for name in names] if tech.randomized else None
         ranked = None
         if (
             tech.ranked and resident and tech.needs_base
@@ -287,12 +342,66 @@ class RecipeGraph:
                 generator,
                 out=out.view(shape),
             )
-        if base is not None:
-            add_(out, base)
+
+    def _fused_into(
+        self,
+        node: Merge,
+        tech: Technique,
+        names: Sequence[str],
+        location: TensorLocation | None,
+        stack: Tensor,
+        base: Tensor,
+        out: Tensor,
+    ) -> bool:
+        """``node``'s tensors through the fused kernel (:mod:`.fused`), base included; False
+        (``out`` untouched) when not fusable."""
+        if self.fused is None or not self.fused.enabled:
+            return False
+        values = resolved_params(tech, node.params, location)
+        plan = plan_for(tech.name, values, self._sizes(node, names))
+        if plan is None:
+            return False
+        sources = [c.name for c in node.inputs]  # type: ignore[attr-defined]
+        keys = self.pool.trim_keys(sources, names) if "key" in plan.modes else None
+        draws = None
+        if any(mode.startswith("draw") for mode in plan.modes):
+            draws = self._draws(node, names)
+
+        def reference(scratch: Tensor) -> Tensor:
+            self._technique_into(node, tech, names, location, stack, True, scratch)
+            return add_(scratch, base)
+
+        return self.fused.run(plan, stack, base, out, keys=keys, draws=draws, reference=reference)
+
+    def _draws(self, node: Merge, names: Sequence[str]) -> Tensor:
+        """The uniforms a randomised merge draws for ``names``: ``(M, N)``, as the streaming
+        path draws them (per tensor, input after input), kept for the next candidates."""
+        key = (draw_hash(node), tuple(names))
+        found = self._draw_cache.get(key)
+        if found is not None:
+            self._draw_cache.move_to_end(key)
+            return found
+        sizes = self._sizes(node, names)
+        draws = torch.empty(
+            len(node.inputs), sum(sizes), dtype=torch.float32, device=self.pool.device
+        )
+        start = 0
+        for name, size in zip(names, sizes, strict=True):
+            generator = self._generator(node, name)
+            for row in draws:
+                torch.rand(size, generator=generator, out=row[start : start + size])
+            start += size
+        self._draw_cache[key] = draws
+        budget = _DRAW_CACHE_MODELS * 4 * self.pool.resident_elements()
+        held = sum(d.numel() * d.element_size() for d in self._draw_cache.values())
+        while len(self._draw_cache) > 1 and held > budget:
+            _, dropped = self._draw_cache.popitem(last=False)
+            held -= dropped.numel() * dropped.element_size()
+        return draws
 
     def _generator(self, node: Merge, name: str) -> torch.Generator:
         generator = torch.Generator(device=self.pool.device)
-        generator.manual_seed(tensor_seed(node.hash, name))
+        generator.manual_seed(tensor_seed(draw_hash(node), name))
         return generator
 
     def _operands(
@@ -365,7 +474,18 @@ class RecipeGraph:
         return sum(self._sizes(node, names))
 
     def _sizes(self, node: RecipeNode, names: Sequence[str]) -> list[int]:
-        return [math.prod(self.shape(node, name)) for name in names]
+        leaf = node
+        while isinstance(leaf, Merge):  # a merge has its first input's shapes
+            leaf = leaf.inputs[0]
+        if not isinstance(leaf, Source):
+            return [math.prod(self.shape(node, name)) for name in names]
+        key = (leaf.name, tuple(names))
+        found = self._size_lists.get(key)
+        if found is None:
+            if len(self._size_lists) > 256:
+                self._size_lists.clear()
+            found = self._size_lists[key] = [math.prod(self.shape(leaf, n)) for n in names]
+        return found
 
     def release(self) -> None:
         """Free the reused buffers (a streaming merge holds the largest batch until then)."""

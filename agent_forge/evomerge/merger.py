@@ -29,6 +29,7 @@ import torch
 
 from .config import Configuration, MergeSettings, parse_size
 from .exceptions import ConfigurationError, EvoMergeException, MergeError
+from .fused import FusedKernels, wanted
 from .graph import RecipeGraph, SourcePool
 from .recipe import LayerSlot, LayerStack, Merge, RecipeNode, Source
 from .sources import ModelSource, check_compatible, open_source
@@ -86,6 +87,8 @@ class AdvancedModelMerger:
         subtree_cache_bytes: memory for inner nodes' tensors kept between candidates (a nested
             candidate's shared subtrees are computed once); default two float32 models when
             resident, none otherwise.
+        fused_kernels: ``auto``, ``on`` or ``off`` — resident task-vector merges through one
+            compiled kernel (:mod:`.fused`); default the merge settings' ``fused_kernels``.
     """
 
     def __init__(
@@ -97,6 +100,7 @@ class AdvancedModelMerger:
         device: str | torch.device = "cpu",
         resident: bool = False,
         subtree_cache_bytes: int | None = None,
+        fused_kernels: str | None = None,
     ) -> None:
         self.config = config
         self.settings = config.merge_settings if config is not None else MergeSettings()
@@ -115,7 +119,11 @@ class AdvancedModelMerger:
         self.pool = SourcePool(self.sources, base, resident=resident, device=self.device)
         if subtree_cache_bytes is None:
             subtree_cache_bytes = 2 * self._float32_model_bytes() if resident else 0
-        self.graph = RecipeGraph(self.pool, subtree_cache_bytes=subtree_cache_bytes)
+        fused = None
+        setting = fused_kernels or self.settings.fused_kernels
+        if resident and wanted(setting, self.device, self.pool.resident_elements()):
+            fused = FusedKernels()
+        self.graph = RecipeGraph(self.pool, subtree_cache_bytes=subtree_cache_bytes, fused=fused)
         self._resident_models: dict[int, _ResidentModel] = {}
 
     def _float32_model_bytes(self) -> int:

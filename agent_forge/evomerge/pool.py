@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .exceptions import ConfigurationError, MergeError
+from .fused import trim_keys
 from .layout import order_names
 from .sources import ModelSource
 from .sparsify import sort_segments
@@ -142,6 +143,20 @@ class SourcePool:
             return None
         return self._store(sources[0]).ranked(self.base, sources, names)  # type: ignore[arg-type]
 
+    def trim_keys(self, sources: Sequence[str], names: Sequence[str]) -> Tensor | None:
+        """Resident: each task-vector entry's TIES trim key (float32, see :mod:`.fused`).
+
+        Rows and columns as :meth:`stack` gives the task vectors (None where it gives none).
+        Made on first use, one stable sort per tensor.
+        """
+        if self.stack(sources, names, deltas=True) is None:
+            return None
+        return self._store(sources[0]).trim_keys(self.base, sources, names)  # type: ignore[arg-type]
+
+    def resident_elements(self) -> int:
+        """Parameters per resident model (the largest layout); 0 when streaming."""
+        return max((store.matrix.shape[1] for store in self._stores.values()), default=0)
+
     def delta(self, source: str, name: str) -> Tensor | None:
         """The cached task vector ``θ_source − θ_base`` (None when not cached)."""
         if not self._cache_deltas or source == self.base:
@@ -185,6 +200,8 @@ class _Store:
         self._deltas: Tensor | None = None
         self._delta_rows: dict[str, int] = {}
         self._ranked: Tensor | None = None
+        self._keys: Tensor | None = None
+        self._spans: dict[tuple[str, ...], slice | None] = {}
 
     def shape(self, name: str) -> tuple[int, ...]:
         self._offset(name)
@@ -192,6 +209,14 @@ class _Store:
 
     def span(self, names: Sequence[str]) -> slice | None:
         """The layout's columns of consecutive tensors ``names`` (None if not consecutive)."""
+        key = tuple(names)
+        if key not in self._spans:
+            if len(self._spans) > 256:
+                self._spans.clear()
+            self._spans[key] = self._find_span(names)
+        return self._spans[key]
+
+    def _find_span(self, names: Sequence[str]) -> slice | None:
         start = stop = self._offset(names[0])[0]
         for name in names:
             offset, size = self._offset(name)
@@ -225,6 +250,15 @@ class _Store:
             for row in range(deltas.shape[0]):
                 sort_segments(deltas[row], list(self.offsets.values()), self._ranked[row])
         return _rows(self._ranked, [self._delta_rows[s] for s in sources], self._columns(names))
+
+    def trim_keys(self, base: str, sources: Sequence[str], names: Sequence[str]) -> Tensor:
+        """Like :meth:`deltas`, holding each entry's trim key (:func:`.fused.trim_keys`)."""
+        if self._keys is None:
+            deltas = self._delta_matrix(base)
+            self._keys = torch.empty(deltas.shape, dtype=torch.float32, device=deltas.device)
+            for row in range(deltas.shape[0]):
+                trim_keys(deltas[row], list(self.offsets.values()), self._keys[row])
+        return _rows(self._keys, [self._delta_rows[s] for s in sources], self._columns(names))
 
     def _delta_matrix(self, base: str) -> Tensor:
         if self._deltas is None:

@@ -347,15 +347,16 @@ def dare_drop(
 ) -> Tensor:
     """DARE on a stack ``(M, N)``: keep each entry with probability ``density[i]`` and rescale.
 
-    Segment j draws from ``generators[j]``, input after input (an input at density ≥ 1 draws
-    nothing). Kept entries are divided by the density (``paper``) or scaled to restore the
-    segment's L1 norm (``l1``). Returns the dropped stack in this thread's reused buffer.
+    Segment j draws from ``generators[j]``, input after input — every input, whatever its
+    density, so the draws depend only on the generators (the resident pool reuses them for
+    candidates that differ only in densities or weights). Kept entries are divided by the
+    density (``paper``) or scaled to restore the segment's L1 norm (``l1``). Returns the
+    dropped stack in this thread's reused buffer.
     """
     dropped = scratch(stack.shape[0], stack.shape[1], stack.dtype, stack.device, "dare")
     for (start, size), generator in zip(segments, generators, strict=True):
-        for i, keep in enumerate(density):
-            if keep < 1.0:
-                torch.rand(size, generator=generator, out=dropped[i, start : start + size])
+        for i in range(len(density)):
+            torch.rand(size, generator=generator, out=dropped[i, start : start + size])
     for i, keep in enumerate(density):
         if keep >= 1.0:
             dropped[i].copy_(stack[i])

@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,6 +58,8 @@ __all__ = [
     "TensorLocation",
     "apply_technique",
     "canonical_params",
+    "resolved_params",
+    "search_grid",
     "combine_task_vectors",
     "della_keep_probabilities",
     "drop_outliers_and_small",
@@ -227,6 +230,13 @@ LAMBDA = Param("lambda", 1.0, -_BIG, _BIG, search=(0.2, 1.5))
 GAMMA = Param("gamma", 0.01, 0.0, 1.0, per_input=True, search=(0.0, 0.1))
 EPSILON = Param("epsilon", 0.15, 0.0, 0.5, per_input=True, search=(0.01, 0.2))
 RESCALE = Param("rescale", "paper", choices=("paper", "l1", "none"))
+
+
+def search_grid(param_name: str, value: float) -> float:
+    """A value the search proposes, as it enters a recipe: densities are rounded to float32, so
+    the resident fused TIES kernel (:mod:`.fused`) decides every trim exactly with float32
+    keys; other values are kept."""
+    return float(np.float32(value)) if param_name == "density" else value
 
 
 def _normalize(default: bool) -> Param:
@@ -787,6 +797,23 @@ def canonical_params(
     return out
 
 
+def resolved_params(
+    tech: Technique, params: Mapping[str, Any], location: TensorLocation | None
+) -> dict[str, Any]:
+    """Canonical ``params`` resolved for one tensor location, keyed as the technique's function
+    takes them (``lambda`` as ``lam``)."""
+    kwargs: dict[str, Any] = {}
+    for param in tech.params:
+        value = params[param.name]
+        key = "lam" if param.name == "lambda" else param.name
+        kwargs[key] = (
+            [resolve_value(v, location) for v in value]
+            if param.per_input
+            else resolve_value(value, location)
+        )
+    return kwargs
+
+
 def apply_technique(
     tech: Technique,
     stack: Tensor,
@@ -805,15 +832,7 @@ def apply_technique(
     tensors; ``out`` receives the result when given; ``ranked`` (used by magnitude trims) holds
     the stack's magnitudes sorted within each segment.
     """
-    kwargs: dict[str, Any] = {}
-    for param in tech.params:
-        value = params[param.name]
-        key = "lam" if param.name == "lambda" else param.name
-        kwargs[key] = (
-            [resolve_value(v, location) for v in value]
-            if param.per_input
-            else resolve_value(value, location)
-        )
+    kwargs = resolved_params(tech, params, location)
     if tech.randomized:
         kwargs["generator"] = generator
     if tech.ranked:

@@ -1,0 +1,327 @@
+"""Fused kernels for resident task-vector merges (task arithmetic, TIES, DARE, DARE-TIES).
+
+Evaluating a candidate writes its tensors into a resident model (:meth:`.merger.
+AdvancedModelMerger.materialize`). Done with eager torch, TIES is some twenty passes over the
+task vectors plus a threshold search per tensor, and DARE draws fresh random numbers for every
+entry; here each candidate is **one** element-wise pass, compiled by ``torch.compile`` into a
+single loop (C++/OpenMP on CPUs, Triton on GPUs), over inputs prepared once per run:
+
+- **Trim keys** (TIES). For every task-vector entry the pool keeps a float32 ``key``: with r
+  the entry's rank by magnitude within its tensor (ties by lowest flat index, as the streaming
+  trim) and n the tensor's size, the smallest float32 ``d`` with ``int(d·n) ≥ r + 1`` (the
+  rank-0 entry gets the smallest normal float32, as TIES keeps at least one entry). For a
+  float32 density d, "keep" is ``key ≤ d`` — exactly the streaming trim's ``max(1, int(d·n))``
+  largest entries — with no per-tensor threshold. The search proposes densities on the
+  float32 grid (:func:`.techniques.search_grid`); another density is replaced by a float32
+  that keeps the same counts in every tensor of the batch, and where none does (a huge tensor
+  can make that happen) the eager path runs.
+- **Draws** (DARE). A randomised merge draws from generators keyed by its seed and inputs, not
+  by its parameters (:func:`.graph.draw_hash`), so the uniforms of a seed are computed once and
+  reused by every candidate that differs only in weights or densities.
+
+The kernel mirrors the streaming code's arithmetic (:mod:`.combine`, :func:`.sparsify.
+dare_drop`) operation for operation: every step is an exactly rounded float32 operation in the
+same order, and inductor compiles without FMA contraction or unsafe math, so the fused result
+equals the streamed one bit for bit. Because that rests on a compiler, :class:`FusedKernels`
+checks it: the first call of every kernel variant is compared with the eager path, and any
+difference (or a compiler that is missing or fails) turns fusion off for the run with one
+warning. ``fused_kernels: auto`` fuses where the one-off compile (seconds) pays back: on GPUs
+and for resident models of at least :data:`AUTO_MIN_ELEMENTS` parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .sparsify import keep_count
+
+logger = logging.getLogger(__name__)
+
+#: ``fused_kernels: auto`` fuses on CPUs from this many resident parameters per model.
+AUTO_MIN_ELEMENTS = 32_000_000
+#: The techniques a fused kernel computes (DARE only with ``rescale`` ``paper`` or ``none``).
+FUSED_TECHNIQUES = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties"})
+#: The key of a tensor's largest entry: kept at every density > 0 (a normal float32, so that
+#: flush-to-zero cannot turn it into 0).
+_FIRST_KEY = float(np.finfo(np.float32).tiny)
+
+
+# -- trim keys -----------------------------------------------------------------------------------
+
+
+def _keys_by_rank(count: int) -> np.ndarray:
+    """:func:`_rank_keys`, cached for tensors of up to 4M entries."""
+    return _cached_rank_keys(count) if count <= 1 << 22 else _rank_keys(count)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_rank_keys(count: int) -> np.ndarray:
+    return _rank_keys(count)
+
+
+def _rank_keys(count: int) -> np.ndarray:
+    """``key[r]``: the smallest float32 d with ``int(d·count) ≥ r + 1`` (r = 0: any d > 0).
+
+    ``d·count`` is exact in float64 for a float32 d (24 + 40 bits), so the test is exact.
+    """
+    need = np.arange(1, count + 1, dtype=np.float64)
+    key = (need / count).astype(np.float32)
+    low = key.astype(np.float64) * count < need
+    while low.any():  # rounding left d·n below r + 1: step up
+        key[low] = np.nextafter(key[low], np.float32(np.inf))
+        low = key.astype(np.float64) * count < need
+    while True:  # a smaller d may still reach r + 1: step down while it does
+        below = np.nextafter(key, np.float32(-np.inf))
+        lower = below.astype(np.float64) * count >= need
+        if not lower.any():
+            break
+        key[lower] = below[lower]
+    if count:
+        key[0] = _FIRST_KEY
+    key.setflags(write=False)
+    return key
+
+
+def trim_keys(row: Tensor, segments: Sequence[tuple[int, int]], out: Tensor) -> Tensor:
+    """``out`` (float32) = each entry's trim key within its segment (see the module docstring).
+
+    The entry ranked r by magnitude (descending; equal magnitudes by lowest index, which a
+    stable sort gives) gets :func:`_keys_by_rank` ``(n)[r]``; TIES at a float32 density d keeps
+    exactly the entries with ``key ≤ d``.
+    """
+    for start, size in segments:
+        if size == 0:
+            continue
+        order = torch.sort(row[start : start + size].abs(), descending=True, stable=True).indices
+        keys = torch.from_numpy(_keys_by_rank(size).copy()).to(out.device)
+        out[start : start + size].index_put_((order,), keys)
+    return out
+
+
+def _smallest_key(keep: int, count: int) -> float:
+    """The smallest float32 d with ``int(d·count) ≥ keep`` (``keep`` ≥ 1)."""
+    key = np.float32(keep / count)
+    while float(key) * count < keep:
+        key = np.nextafter(key, np.float32(np.inf))
+    while float(np.nextafter(key, np.float32(0.0))) * count >= keep:
+        key = np.nextafter(key, np.float32(0.0))
+    return float(key)
+
+
+def _trim_density(density: float, sizes: Sequence[int]) -> float | None:
+    """A float32 density whose key test keeps what ``density`` keeps in every tensor of
+    ``sizes``, or None when there is none (then the eager path runs).
+
+    It is the smallest float32 that keeps each tensor's count (the largest of the per-tensor
+    smallest keys); it works unless it keeps more in some tensor.
+    """
+    if density >= 1.0 or density <= 0.0:
+        return density
+    if density < _FIRST_KEY:
+        return None
+    counts = {size: keep_count(density, size) for size in set(sizes) if size}
+    if not counts:
+        return density
+    chosen = max(_smallest_key(keep, size) for size, keep in counts.items())
+    if any(keep_count(chosen, size) != keep for size, keep in counts.items()):
+        return None
+    return chosen
+
+
+# -- the kernel ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelPlan:
+    """One resident task-vector merge, as the fused kernel computes it.
+
+    ``modes[i]`` says what happens to input i's task vector before weighting: ``all`` (kept
+    whole), ``key`` (TIES trim: kept where ``key ≤ density``), ``draw`` (DARE: kept where the
+    uniform draw is below ``density``) or ``draw_rescale`` (the same, divided by ``density``).
+    Without sign consensus the weighted sum is divided by ``divisor`` when ``normalize``.
+    """
+
+    modes: tuple[str, ...]
+    density: tuple[float, ...]
+    weights: tuple[float, ...]
+    lam: float
+    normalize: bool
+    consensus: bool
+    divisor: float = 1.0
+
+    def arguments(self) -> tuple[Any, ...]:
+        """The plan as :func:`merge_kernel`'s arguments after its tensors."""
+        return (
+            self.modes,
+            list(self.density),
+            list(self.weights),
+            self.lam,
+            self.divisor,
+            self.normalize,
+            self.consensus,
+        )
+
+    @property
+    def variant(self) -> tuple[Any, ...]:
+        """What a compiled kernel specialises on (float values are not part of it)."""
+        return (self.modes, self.normalize, self.consensus)
+
+
+def plan_for(technique: str, values: Mapping[str, Any], sizes: Sequence[int]) -> KernelPlan | None:
+    """The kernel plan for ``technique`` with resolved ``values`` on tensors of ``sizes``
+    elements (None: not fusable)."""
+    if technique not in FUSED_TECHNIQUES:
+        return None
+    weights = tuple(float(w) for w in values["weight"])
+    count = len(weights)
+    density = tuple(float(d) for d in values.get("density", [1.0] * count))
+    if technique == "ties":
+        trimmed = [_trim_density(d, sizes) for d in density]
+        if any(d is None for d in trimmed):
+            return None
+        density = tuple(float(d) for d in trimmed)  # type: ignore[arg-type]
+        modes = tuple("all" if d >= 1.0 else "key" for d in density)
+    elif technique.startswith("dare"):
+        rescale = values["rescale"]
+        if rescale not in ("paper", "none"):
+            return None
+        modes = tuple(
+            "all" if d >= 1.0 else "draw_rescale" if rescale == "paper" and d > 0.0 else "draw"
+            for d in density
+        )
+    else:
+        modes = ("all",) * count
+    total = float(sum(weights))
+    return KernelPlan(
+        modes=modes,
+        density=density,
+        weights=weights,
+        lam=float(values["lam"]),
+        normalize=bool(values["normalize"]),
+        consensus=technique in ("ties", "dare_ties"),
+        divisor=1.0 if abs(total) < 1e-8 else total,
+    )
+
+
+def merge_kernel(
+    deltas: Tensor,
+    base: Tensor,
+    keys: Tensor | None,
+    draws: Tensor | None,
+    out: Tensor,
+    modes: tuple[str, ...],
+    density: list[float],
+    weights: list[float],
+    lam: float,
+    divisor: float,
+    normalize: bool,
+    consensus: bool,
+) -> None:
+    """``out = base + λ·combine(wᵢ·sparsifyᵢ(δᵢ))`` element by element (eager or compiled).
+
+    The operations and their order are those of :class:`.combine._SumBlock` /
+    :class:`.combine._ConsensusBlock` after :func:`.sparsify.dare_drop` or the TIES trim; where
+    a step differs in form it gives the same float32 values (e.g. ``where(s ≥ 0, 1, −1)`` for
+    ``sign(sign(s) + ½)``, ``where(d = 0, 1, d)`` for the zero-divisor fix).
+    """
+    ys = []
+    for i, mode in enumerate(modes):
+        x = deltas[i]
+        if mode == "key":
+            assert keys is not None
+            x = torch.where(keys[i] <= density[i], x, 0.0)
+        elif mode != "all":
+            assert draws is not None
+            x = torch.clamp_min(torch.sign(density[i] - draws[i]), 0.0) * x
+            if mode == "draw_rescale":
+                x = x / density[i]
+        ys.append(x * weights[i])
+    total = ys[0]
+    for y in ys[1:]:
+        total = total + y
+    if consensus:
+        sign = torch.where(total >= 0, 1.0, -1.0)
+        agreeing = [torch.clamp_min(y * sign, 0.0) for y in ys]
+        result = agreeing[0]
+        for part in agreeing[1:]:
+            result = result + part
+        result = result * sign
+        if normalize:
+            share = torch.where(agreeing[0] > 0, weights[0], 0.0)
+            for part, weight in zip(agreeing[1:], weights[1:], strict=True):
+                share = share + torch.where(part > 0, weight, 0.0)
+            result = result / torch.where(share == 0, 1.0, share)
+    else:
+        result = total / divisor if normalize else total
+    out.copy_(result * lam + base)
+
+
+# -- compile, check, fall back ------------------------------------------------------------------
+
+
+def wanted(setting: str, device: torch.device, resident_elements: int) -> bool:
+    """Whether ``fused_kernels: setting`` fuses for this device and resident model size."""
+    if setting == "on":
+        return True
+    if setting == "off":
+        return False
+    return device.type == "cuda" or resident_elements >= AUTO_MIN_ELEMENTS
+
+
+class FusedKernels:
+    """The run's compiled kernels; each variant is checked against the eager path once."""
+
+    def __init__(self) -> None:
+        self.enabled = True
+        #: Merges computed by a fused kernel so far.
+        self.calls = 0
+        self._compiled: Callable[..., None] | None = None
+        self._checked: set[tuple[Any, ...]] = set()
+
+    def run(
+        self,
+        plan: KernelPlan,
+        deltas: Tensor,
+        base: Tensor,
+        out: Tensor,
+        *,
+        keys: Tensor | None,
+        draws: Tensor | None,
+        reference: Callable[[Tensor], Tensor],
+    ) -> bool:
+        """Compute ``plan`` into ``out``; False (``out`` untouched) when fusion is off.
+
+        ``reference(scratch)`` computes the same values the eager way; the first call of each
+        variant compares against it and turns fusion off on any difference.
+        """
+        if not self.enabled:
+            return False
+        args = (deltas, base, keys, draws, out, *plan.arguments())
+        try:
+            if self._compiled is None:
+                self._compiled = torch.compile(merge_kernel, dynamic=None)
+            self._compiled(*args)
+        except Exception as error:  # a missing or failing compiler: the eager path stays
+            self._disable(f"torch.compile failed ({type(error).__name__}: {error})")
+            return False
+        if plan.variant not in self._checked:
+            expected = reference(torch.empty_like(out))
+            if not torch.equal(expected.view(torch.int32), out.view(torch.int32)):
+                out.copy_(expected)
+                self._disable("the compiled kernel's bits differ from the eager path")
+                return True
+            self._checked.add(plan.variant)
+        self.calls += 1
+        return True
+
+    def _disable(self, why: str) -> None:
+        self.enabled = False
+        logger.warning("fused merge kernels are off for this run: %s; using eager torch", why)

@@ -1,0 +1,249 @@
+"""Fused resident kernels (:mod:`agent_forge.evomerge.fused`): trim keys decide exactly the
+streaming trim, the compiled kernel gives the streamed bytes, DARE draws are common random
+numbers, and a kernel whose bits differ is switched off."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from agent_forge.evomerge.config import EvolutionSettings, MergeSettings
+from agent_forge.evomerge.fused import (
+    AUTO_MIN_ELEMENTS,
+    FusedKernels,
+    _keys_by_rank,
+    plan_for,
+    trim_keys,
+    wanted,
+)
+from agent_forge.evomerge.merger import AdvancedModelMerger
+from agent_forge.evomerge.operators import SearchSpace, mutate_merge
+from agent_forge.evomerge.recipe import Merge, Source
+from agent_forge.evomerge.sources import open_source
+from agent_forge.evomerge.sparsify import keep_top_magnitude
+
+INPUTS = (Source("m1"), Source("m2"), Source("m3"))
+BASE = Source("base")
+
+
+@pytest.fixture(scope="module")
+def fused(tiny_family):
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    return AdvancedModelMerger(sources=sources, base="base", resident=True, fused_kernels="on")
+
+
+@pytest.fixture()
+def streaming(tiny_family):
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    return AdvancedModelMerger(sources=sources, base="base")
+
+
+# -- trim keys -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2, 7, 10, 100, 999, 4096])
+def test_each_rank_key_is_the_smallest_float32_density_that_keeps_the_rank(count):
+    keys = _keys_by_rank(count)
+    assert keys.dtype == np.float32 and np.all(np.diff(keys) >= 0)
+    for rank in range(count):
+        key = keys[rank]
+        kept = max(1, int(float(key) * count))  # TIES keeps max(1, int(d·n))
+        assert kept >= rank + 1
+        if rank:  # one float32 step lower keeps fewer than rank + 1
+            below = float(np.nextafter(key, np.float32(0.0)))
+            assert max(1, int(below * count)) < rank + 1
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.3, 0.7, 0.29, 0.95, 0.0, 1.0])
+@pytest.mark.parametrize("count", [1, 10, 100, 4097])
+def test_trim_keys_keep_exactly_the_streaming_trim(density, count):
+    torch.manual_seed(count)
+    values = torch.randint(-6, 7, (count,)).float() / 4.0  # many ties and zeros
+    keys = trim_keys(values, [(0, count)], torch.empty(count))
+    params = {"weight": [1.0], "density": [density], "lam": 1.0, "normalize": True}
+    plan = plan_for("ties", params, [count])
+    expected = keep_top_magnitude(values, density)
+    assert plan is not None  # one tensor: some float32 always keeps the same count
+    compared = plan.density[0]
+    fused = torch.where(keys <= compared, values, 0.0) if plan.modes[0] == "key" else values
+    assert torch.equal(fused, expected)
+
+
+def test_trim_keeps_max_one_int_density_count_and_breaks_ties_by_lowest_index():
+    values = torch.tensor([1.0, -3.0, 3.0, 2.0, -3.0, 0.5, 3.0, 1.0, 0.0, 2.0])
+    keys = trim_keys(values, [(0, 10)], torch.empty(10))
+    # by hand: |x| ranks 3,3,3,3 (indices 1,2,4,6) then 2,2 (3,9) then 1,1 (0,7) then .5, 0
+    for density, kept in [(0.25, [1, 2]), (0.3, [1, 2, 4]), (0.5, [1, 2, 4, 6, 3]), (0.05, [1])]:
+        values = {"weight": [1.0], "density": [density], "lam": 1.0, "normalize": True}
+        plan = plan_for("ties", values, [10])
+        assert plan is not None
+        mask = keys <= plan.density[0]
+        assert torch.nonzero(mask).flatten().tolist() == sorted(kept), density
+
+
+def test_one_float32_density_must_keep_every_tensors_count_or_the_eager_path_runs():
+    def plan(density, sizes):
+        values = {"weight": [1.0], "density": [density], "lam": 1.0, "normalize": True}
+        return plan_for("ties", values, sizes)
+
+    # 0.7 keeps int(0.7·10) = 7 of 10; float32(0.7) = 0.69999998 would keep 6, so the kernel
+    # compares with the next float32 up, which keeps 7 of 10 and int(0.70000005·3) = 2 of 3
+    found = plan(0.7, [10, 3])
+    assert found is not None and found.density[0] > 0.7
+    assert int(found.density[0] * 10) == 7 and int(found.density[0] * 3) == 2
+    # in a tensor of 2^26 entries float32 steps near 0.9 move the count by 4: 0.9 keeps
+    # int(0.9·2^26) = 60397977, which no float32 density keeps
+    big = 1 << 26
+    assert int(0.9 * big) == 60397977 and plan(0.9, [big]) is None
+    assert plan(float(np.float32(0.9)), [10, 3, big]) is not None  # on the grid: always
+
+
+# -- fused materialisation equals streaming --------------------------------------------------------
+
+CASES = {
+    "task_arithmetic": Merge("task_arithmetic", INPUTS, {"lambda": 0.6}, BASE),
+    "task_arithmetic normalised": Merge(
+        "task_arithmetic", INPUTS, {"weight": [0.3, 0.5, 0.7], "normalize": True}, BASE
+    ),
+    "ties": Merge("ties", INPUTS, {"density": 0.5}, BASE),
+    "ties mixed": Merge(
+        "ties",
+        INPUTS,
+        {"density": [0.25, 0.75, 1.0], "weight": [0.3, -0.5, 0.7], "lambda": 1.3},
+        BASE,
+    ),
+    "ties unnormalised": Merge(
+        "ties", INPUTS, {"density": [0.375, 0.0, 0.875], "normalize": False}, BASE
+    ),
+    "ties per layer": Merge(
+        "ties",
+        INPUTS,
+        {"density": [[0.25, 0.5], 0.75, [1.0, 0.125]], "weight": [[0.2, 0.9], 0.5, 0.4]},
+        BASE,
+    ),
+    "dare_ties": Merge("dare_ties", INPUTS, {"density": 0.5}, BASE, seed=1),
+    "dare_linear": Merge(
+        "dare_linear", INPUTS, {"density": [0.3, 0.7, 1.0], "weight": [0.2, 0.5, 0.9]}, BASE, seed=5
+    ),
+    "dare no rescale": Merge(
+        "dare_ties", INPUTS, {"density": [0.3, 0.0, 0.8], "rescale": "none"}, BASE, seed=5
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_fused_materialisation_gives_the_streamed_bytes(case, fused, streaming, tmp_path):
+    recipe = CASES[case]
+    streamed = load_file(streaming.merge(recipe, tmp_path / "out") / "model.safetensors")
+    kernels = fused.graph.fused
+    assert kernels is not None
+    before = kernels.calls
+    params = dict(fused.materialize(recipe).named_parameters())
+    assert kernels.enabled and kernels.calls > before  # it ran fused and passed its own check
+    for name, tensor in streamed.items():
+        got = params[name].detach()
+        assert torch.equal(tensor.view(torch.int32), got.view(torch.int32)), name
+
+
+def test_fused_kernel_keeps_signed_zeros_and_ties_as_the_eager_path(tiny_family):
+    """Adversarial task vectors: exact zeros, −0.0 in the base, equal magnitudes."""
+    from agent_forge.evomerge.graph import RecipeGraph
+    from agent_forge.evomerge.pool import SourcePool
+
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    pool = SourcePool(sources, "base", resident=True)
+    store = pool._store("base")
+    matrix = store.matrix
+    rows = {name: store.rows[name] for name in ("base", "m1", "m2", "m3")}
+    matrix[rows["base"], ::7] = -0.0
+    for k, name in enumerate(("m1", "m2", "m3")):
+        row = matrix[rows[name]]
+        row.copy_(matrix[rows["base"]] + torch.round(torch.randn_like(row) * 3) / 64)
+        row[:: 5 + k] = matrix[rows["base"], :: 5 + k]  # δ = 0 exactly
+    graph = RecipeGraph(pool, fused=FusedKernels())
+    eager = RecipeGraph(pool)
+    names = graph.names(INPUTS[0])
+    for recipe in (CASES["ties mixed"], CASES["dare_ties"], CASES["task_arithmetic"]):
+        count = graph.count(recipe, names)
+        got = graph.compute_into(recipe, names, torch.empty(count))
+        want = eager.compute_into(recipe, names, torch.empty(count))
+        assert graph.fused is not None and graph.fused.enabled
+        assert torch.equal(got.view(torch.int32), want.view(torch.int32)), recipe.technique
+
+
+# -- common random numbers -----------------------------------------------------------------------
+
+
+def test_dare_masks_of_one_seed_grow_with_density(streaming, tmp_path):
+    """The draws depend on the seed and inputs, not the density: a DARE mask at density 0.3
+    lies inside the mask at 0.6 (with draws per parameters it would not)."""
+    masks = {}
+    base = load_file(streaming.merge(Source("base"), tmp_path / "base") / "model.safetensors")
+    for density in (0.3, 0.6):
+        recipe = Merge(
+            "dare_linear", [Source("m1")], {"density": density, "rescale": "none"}, BASE, seed=9
+        )
+        merged = load_file(streaming.merge(recipe, tmp_path / f"d{density}") / "model.safetensors")
+        masks[density] = {n: merged[n] != base[n] for n in merged}
+    delta = load_file(streaming.merge(Source("m1"), tmp_path / "m1") / "model.safetensors")
+    total_small = total_large = 0
+    for name, small in masks[0.3].items():
+        large = masks[0.6][name]
+        assert not torch.any(small & ~large), name
+        changed = delta[name] != base[name]
+        total_small += int(small.sum())
+        total_large += int(large.sum())
+        assert torch.all(large <= changed)
+    assert 0.4 < total_small / total_large < 0.6
+
+
+def test_the_search_proposes_float32_densities(tiny_family):
+    space = SearchSpace(
+        models=("m1", "m2", "m3"),
+        base="base",
+        layers=2,
+        merge=MergeSettings(),
+        evolution=EvolutionSettings(mutation_rate=1.0),
+    )
+    rng = np.random.default_rng(0)
+    node = Merge("ties", INPUTS, {"density": 0.3}, BASE)
+    for _ in range(20):
+        node = mutate_merge(node, space, rng)
+        for value in np.ravel(np.array(node.params.get("density", []), dtype=object)):
+            for v in np.ravel(value):
+                assert v == 0.3 or float(np.float32(v)) == v  # unchanged, or proposed on the grid
+
+
+# -- safety net and policy -----------------------------------------------------------------------
+
+
+def test_a_kernel_whose_bits_differ_is_switched_off(tiny_family, caplog):
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    merger = AdvancedModelMerger(sources=sources, base="base", resident=True, fused_kernels="on")
+    eager = AdvancedModelMerger(sources=sources, base="base", resident=True, fused_kernels="off")
+    kernels = merger.graph.fused
+    assert kernels is not None and eager.graph.fused is None
+
+    def off_by_one_ulp(*args):
+        out = args[4]
+        out.copy_(torch.nextafter(args[1], torch.tensor(float("inf"))))
+
+    kernels._compiled = off_by_one_ulp
+    recipe = CASES["ties"]
+    with caplog.at_level(logging.WARNING):
+        got = {n: p.detach().clone() for n, p in merger.materialize(recipe).named_parameters()}
+    assert not kernels.enabled and "differ from the eager path" in caplog.text
+    want = dict(eager.materialize(recipe).named_parameters())
+    assert all(torch.equal(got[n], want[n].detach()) for n in got)
+
+
+def test_auto_fuses_on_gpus_and_for_large_resident_models_only():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not wanted("auto", cpu, AUTO_MIN_ELEMENTS - 1)
+    assert wanted("auto", cpu, AUTO_MIN_ELEMENTS)
+    assert wanted("auto", cuda, 10)
+    assert wanted("on", cpu, 10) and not wanted("off", cuda, AUTO_MIN_ELEMENTS)
