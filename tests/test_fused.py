@@ -149,6 +149,47 @@ def test_fused_materialisation_gives_the_streamed_bytes(case, fused, streaming, 
         assert torch.equal(tensor.view(torch.int32), got.view(torch.int32)), name
 
 
+@pytest.mark.parametrize(
+    "case", ["ties", "ties mixed", "ties unnormalised", "ties per layer", "ties on a zero"]
+)
+def test_large_tensors_trimmed_by_threshold_give_the_streamed_bytes(
+    case, tiny_family, streaming, tmp_path, monkeypatch
+):
+    """With the large-tensor bound lowered, the tiny models' matrices take the ``cut`` path
+    (a threshold and the index of the last kept tie) and the norms stay on keys."""
+    from agent_forge.evomerge import graph, pool
+
+    monkeypatch.setattr(graph, "LARGE_TENSOR", 100)
+    monkeypatch.setattr(pool, "LARGE_TENSOR", 100)
+    recipe = CASES.get(case) or Merge("ties", INPUTS, {"density": 0.9}, BASE)
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    merger = AdvancedModelMerger(sources=sources, base="base", resident=True, fused_kernels="on")
+    if case == "ties on a zero":  # most task-vector entries 0: the threshold is 0, ties galore
+        store = merger.pool._store("base")
+        for name in ("m1", "m2", "m3"):
+            row = store.matrix[store.rows[name]]
+            row[::3] = store.matrix[store.rows["base"], ::3]
+    kernels = merger.graph.fused
+    assert kernels is not None
+    params = dict(merger.materialize(recipe).named_parameters())
+    assert kernels.enabled and kernels.calls > 0
+    assert any(len(v) >= 100 for v in merger.pool._store("base")._orders.values())
+    eager = AdvancedModelMerger(sources=sources, base="base", resident=True, fused_kernels="off")
+    if case == "ties on a zero":
+        eager.pool._store("base").matrix.copy_(merger.pool._store("base").matrix)
+        want = dict(eager.materialize(recipe).named_parameters())
+    else:
+        streamed = merger_output(streaming, recipe, tmp_path)
+        want = streamed
+    for name, tensor in want.items():
+        got = params[name].detach()
+        assert torch.equal(tensor.detach().view(torch.int32), got.view(torch.int32)), name
+
+
+def merger_output(streaming, recipe, tmp_path):
+    return load_file(streaming.merge(recipe, tmp_path / "out") / "model.safetensors")
+
+
 def test_fused_kernel_keeps_signed_zeros_and_ties_as_the_eager_path(tiny_family):
     """Adversarial task vectors: exact zeros, −0.0 in the base, equal magnitudes."""
     from agent_forge.evomerge.graph import RecipeGraph
@@ -164,14 +205,19 @@ def test_fused_kernel_keeps_signed_zeros_and_ties_as_the_eager_path(tiny_family)
         row = matrix[rows[name]]
         row.copy_(matrix[rows["base"]] + torch.round(torch.randn_like(row) * 3) / 64)
         row[:: 5 + k] = matrix[rows["base"], :: 5 + k]  # δ = 0 exactly
+        # where the base is −0.0: tiny negative task vectors, which every trim drops, so the
+        # whole column merges to a zero whose sign decides the stored bits
+        row[::7] = -1e-30 if name != "m3" else -0.0
     graph = RecipeGraph(pool, fused=FusedKernels())
     eager = RecipeGraph(pool)
     names = graph.names(INPUTS[0])
     for recipe in (CASES["ties mixed"], CASES["dare_ties"], CASES["task_arithmetic"]):
         count = graph.count(recipe, names)
+        assert graph.fused is not None
+        before = graph.fused.calls
         got = graph.compute_into(recipe, names, torch.empty(count))
         want = eager.compute_into(recipe, names, torch.empty(count))
-        assert graph.fused is not None and graph.fused.enabled
+        assert graph.fused.enabled and graph.fused.calls > before
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), recipe.technique
 
 

@@ -195,27 +195,40 @@ def bench_merge(
     return result
 
 
-def bench_materialize(rounds: int = 30) -> dict[str, Any]:
-    """Resident materialisation on the embedded default, against copying the same bytes.
+def bench_materialize(
+    rounds: int = 30, models: str = "default", workdir: Path | None = None
+) -> dict[str, Any]:
+    """Resident materialisation, eager and fused, against copying the same bytes.
 
-    The contenders run interleaved, one call each per round, so a busy machine slows them
-    alike; each figure is the best round (the median is given too).
+    ``models``: ``default`` (the embedded default) or a size of generated models (``100m``...,
+    written under ``workdir``). The contenders run interleaved, one call each per round, so a
+    busy machine slows them alike; each figure is the best round (the median is given too).
     """
     import torch
 
     from .config import create_default_config
     from .merger import AdvancedModelMerger
     from .recipe import Merge, Source
+    from .sources import open_source
 
-    config = create_default_config()
-    merger = AdvancedModelMerger(_with_fused(config, "on"), resident=True)
+    if models == "default":
+        config = create_default_config()
+        merger = AdvancedModelMerger(_with_fused(config, "on"), resident=True)
+        names = [m.name for m in config.models]
+    else:
+        assert workdir is not None
+        make_models(workdir, models)
+        sources = {n: open_source(n, str(workdir / n)) for n in ("base", "m1", "m2", "m3")}
+        merger = AdvancedModelMerger(
+            sources=sources, base="base", resident=True, fused_kernels="on"
+        )
+        names = ["m1", "m2", "m3"]
     kernels = merger.graph.fused
 
     def materialize(recipe: Any, fused: bool) -> None:
         merger.graph.fused = kernels if fused else None
         merger.materialize(recipe)
 
-    names = [m.name for m in config.models]
     inputs, base = [Source(n) for n in names], Source("base")
     recipes = {
         "linear": Merge("linear", inputs, {}),
@@ -438,6 +451,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=1,
         help="merge benchmark: alternate the contenders this many times, keep each one's best",
     )
+    parser.add_argument(
+        "--materialize-models",
+        choices=["default", *sorted(SIZES)],
+        default="default",
+        help="models for the materialize benchmark: the embedded default or generated ones",
+    )
     parser.add_argument("--workdir", help="where generated models go (default: a temporary folder)")
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
@@ -449,7 +468,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 args.size, work, args.threads, args.mergekit, args.rounds
             )
         elif what == "materialize":
-            results["materialize"] = bench_materialize()
+            if args.materialize_models == "default":
+                results["materialize"] = bench_materialize()
+            else:
+                results["materialize"] = bench_materialize(
+                    args.rounds, args.materialize_models, work / "materialize"
+                )
         elif what == "evaluate":
             results["evaluate"] = bench_evaluate()
         elif what == "gpu":

@@ -25,14 +25,18 @@ same order, and inductor compiles without FMA contraction or unsafe math, so the
 equals the streamed one bit for bit. Because that rests on a compiler, :class:`FusedKernels`
 checks it: the first call of every kernel variant is compared with the eager path, and any
 difference (or a compiler that is missing or fails) turns fusion off for the run with one
-warning. ``fused_kernels: auto`` fuses where the one-off compile (seconds) pays back: on GPUs
-and for resident models of at least :data:`AUTO_MIN_ELEMENTS` parameters.
+warning. The check has caught one real fault: on torch 2.13, AOTAutograd's on-disk cache
+handed back a kernel variant that no longer wrote into ``out`` (a view of the resident model)
+— so kernels are compiled with that cache off (inductor's own code cache stays on).
+``fused_kernels: auto`` fuses where the one-off compile (seconds) pays back: on GPUs and for
+resident models of at least :data:`AUTO_MIN_ELEMENTS` parameters.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -47,6 +51,12 @@ logger = logging.getLogger(__name__)
 
 #: ``fused_kernels: auto`` fuses on CPUs from this many resident parameters per model.
 AUTO_MIN_ELEMENTS = 32_000_000
+#: Tensors of at least this many entries are trimmed by a threshold per call (``cut``): one
+#: lookup in their magnitude order instead of a key per entry, so the kernel reads no more
+#: than the task vectors and the base.
+LARGE_TENSOR = 1 << 18
+#: Compiled variants of the kernel (modes per input, normalisation, consensus) kept at once.
+_VARIANTS = 64
 #: The techniques a fused kernel computes (DARE only with ``rescale`` ``paper`` or ``none``).
 FUSED_TECHNIQUES = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties"})
 #: The key of a tensor's largest entry: kept at every density > 0 (a normal float32, so that
@@ -144,8 +154,11 @@ class KernelPlan:
     """One resident task-vector merge, as the fused kernel computes it.
 
     ``modes[i]`` says what happens to input i's task vector before weighting: ``all`` (kept
-    whole), ``key`` (TIES trim: kept where ``key ≤ density``), ``draw`` (DARE: kept where the
-    uniform draw is below ``density``) or ``draw_rescale`` (the same, divided by ``density``).
+    whole), ``key`` (TIES trim: kept where ``key ≤ density``), ``cut`` (TIES trim of one
+    tensor: kept where ``|δ| ≥ density``), ``cut_tie`` (the same when the threshold's ties
+    are split: ``|δ| > density``, or ``|δ| = density`` at a flat index ``≤ last``),
+    ``draw`` (DARE: kept where the uniform draw is below ``density``) or ``draw_rescale`` (the
+    same, divided by ``density``).
     Without sign consensus the weighted sum is divided by ``divisor`` when ``normalize``.
     """
 
@@ -156,6 +169,7 @@ class KernelPlan:
     normalize: bool
     consensus: bool
     divisor: float = 1.0
+    last: tuple[int, ...] = ()
 
     def arguments(self) -> tuple[Any, ...]:
         """The plan as :func:`merge_kernel`'s arguments after its tensors."""
@@ -163,6 +177,7 @@ class KernelPlan:
             self.modes,
             list(self.density),
             list(self.weights),
+            list(self.last or [0] * len(self.modes)),
             self.lam,
             self.divisor,
             self.normalize,
@@ -175,15 +190,39 @@ class KernelPlan:
         return (self.modes, self.normalize, self.consensus)
 
 
-def plan_for(technique: str, values: Mapping[str, Any], sizes: Sequence[int]) -> KernelPlan | None:
+def plan_for(
+    technique: str,
+    values: Mapping[str, Any],
+    sizes: Sequence[int],
+    cut: Callable[[int, int], tuple[float, int, bool]] | None = None,
+) -> KernelPlan | None:
     """The kernel plan for ``technique`` with resolved ``values`` on tensors of ``sizes``
-    elements (None: not fusable)."""
+    elements (None: not fusable).
+
+    ``cut`` (TIES on one large tensor): ``cut(i, k)`` gives the magnitude of input i's k-th
+    largest entry, that entry's flat index, and whether the next entry has the same magnitude
+    (then the ``cut_tie`` mode also compares indices).
+    """
     if technique not in FUSED_TECHNIQUES:
         return None
     weights = tuple(float(w) for w in values["weight"])
     count = len(weights)
     density = tuple(float(d) for d in values.get("density", [1.0] * count))
-    if technique == "ties":
+    last: tuple[int, ...] = ()
+    if technique == "ties" and cut is not None:
+        (size,) = sizes
+        keeps = [keep_count(d, size) for d in density]
+        modes = tuple("all" if d >= 1.0 else "cut" for d in density)
+        cuts = [
+            (math.inf, -1, False) if mode == "all" or keep == 0 else cut(i, keep)
+            for i, (mode, keep) in enumerate(zip(modes, keeps, strict=True))
+        ]
+        modes = tuple(
+            "cut_tie" if split else mode for mode, (_, _, split) in zip(modes, cuts, strict=True)
+        )
+        density = tuple(float(t) for t, _, _ in cuts)
+        last = tuple(int(index) for _, index, _ in cuts)
+    elif technique == "ties":
         trimmed = [_trim_density(d, sizes) for d in density]
         if any(d is None for d in trimmed):
             return None
@@ -208,6 +247,7 @@ def plan_for(technique: str, values: Mapping[str, Any], sizes: Sequence[int]) ->
         normalize=bool(values["normalize"]),
         consensus=technique in ("ties", "dare_ties"),
         divisor=1.0 if abs(total) < 1e-8 else total,
+        last=last,
     )
 
 
@@ -220,6 +260,7 @@ def merge_kernel(
     modes: tuple[str, ...],
     density: list[float],
     weights: list[float],
+    last: list[int],
     lam: float,
     divisor: float,
     normalize: bool,
@@ -235,9 +276,16 @@ def merge_kernel(
     ys = []
     for i, mode in enumerate(modes):
         x = deltas[i]
-        if mode == "key":
-            assert keys is not None
-            x = torch.where(keys[i] <= density[i], x, 0.0)
+        if mode == "key":  # 0·x, not +0, for a dropped entry: faster, and under the sign
+            assert keys is not None  # consensus a zero's sign never reaches the result
+            x = (keys[i] <= density[i]).to(x.dtype) * x
+        elif mode == "cut":
+            x = (torch.abs(x) >= density[i]).to(x.dtype) * x
+        elif mode == "cut_tie":
+            size = torch.abs(x)
+            index = torch.arange(x.shape[0], device=x.device)
+            kept = (size > density[i]) | ((size == density[i]) & (index <= last[i]))
+            x = kept.to(x.dtype) * x
         elif mode != "all":
             assert draws is not None
             x = torch.clamp_min(torch.sign(density[i] - draws[i]), 0.0) * x
@@ -307,18 +355,23 @@ class FusedKernels:
         args = (deltas, base, keys, draws, out, *plan.arguments())
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(merge_kernel, dynamic=None)
-            self._compiled(*args)
+                self._compiled = torch.compile(merge_kernel, dynamic=True)
+            with (
+                torch._dynamo.config.patch(recompile_limit=_VARIANTS),
+                torch._functorch.config.patch(enable_autograd_cache=False),
+            ):
+                self._compiled(*args)
         except Exception as error:  # a missing or failing compiler: the eager path stays
             self._disable(f"torch.compile failed ({type(error).__name__}: {error})")
             return False
-        if plan.variant not in self._checked:
+        variant = (*plan.variant, out.storage_offset() == 0)  # views at an offset: own check
+        if variant not in self._checked:
             expected = reference(torch.empty_like(out))
             if not torch.equal(expected.view(torch.int32), out.view(torch.int32)):
                 out.copy_(expected)
                 self._disable("the compiled kernel's bits differ from the eager path")
                 return True
-            self._checked.add(plan.variant)
+            self._checked.add(variant)
         self.calls += 1
         return True
 

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .blockwise import add_, parallel_map, subtract_rows_
 from .exceptions import ConfigurationError, MergeError
-from .fused import FusedKernels, plan_for
+from .fused import LARGE_TENSOR, FusedKernels, KernelPlan, plan_for
 from .layout import (
     component_of,
     is_residual_output,
@@ -354,13 +354,74 @@ class RecipeGraph:
         out: Tensor,
     ) -> bool:
         """``node``'s tensors through the fused kernel (:mod:`.fused`), base included; False
-        (``out`` untouched) when not fusable."""
+        when not fusable (the caller then computes all of ``out``).
+
+        TIES goes piece by piece: each tensor of at least :data:`.fused.LARGE_TENSOR` entries
+        alone, trimmed by a threshold from its magnitude order, and the small ones between them
+        together, trimmed by their keys.
+        """
         if self.fused is None or not self.fused.enabled:
             return False
         values = resolved_params(tech, node.params, location)
-        plan = plan_for(tech.name, values, self._sizes(node, names))
-        if plan is None:
-            return False
+        sources = [c.name for c in node.inputs]  # type: ignore[attr-defined]
+        sizes = self._sizes(node, names)
+        pieces: list[tuple[int, list[str], list[int]]] = []  # (offset, names, sizes)
+        start = 0
+
+        def alone(size: int) -> bool:
+            return tech.name == "ties" and size >= LARGE_TENSOR
+
+        for name, size in zip(names, sizes, strict=True):
+            if not pieces or alone(size) or alone(pieces[-1][2][-1]):
+                pieces.append((start, [], []))
+            pieces[-1][1].append(name)
+            pieces[-1][2].append(size)
+            start += size
+        plans = []
+        for offset, run, run_sizes in pieces:
+            cut = None
+            if tech.name == "ties" and run_sizes[0] >= LARGE_TENSOR:
+                cut = self._cut(sources, run[0], stack[:, offset : offset + run_sizes[0]])
+            plan = plan_for(tech.name, values, run_sizes, cut)
+            if plan is None:
+                return False
+            plans.append(plan)
+        for (offset, run, run_sizes), plan in zip(pieces, plans, strict=True):
+            columns = slice(offset, offset + sum(run_sizes))
+            if not self._fused_piece(
+                node, tech, run, location, plan, stack[:, columns], base[columns], out[columns]
+            ):
+                return False
+        return True
+
+    def _cut(self, sources: Sequence[str], name: str, deltas: Tensor) -> Any:
+        """TIES's threshold for one large tensor: ``cut(i, k)`` = (|δᵢ| of input i's k-th
+        largest entry, its flat index, whether the next largest ties with it), from the pool's
+        magnitude order."""
+
+        def cut(i: int, keep: int) -> tuple[float, int, bool]:
+            order = self.pool.trim_order(sources[i], name)
+            assert order is not None
+            index = int(order[keep - 1])
+            threshold = float(deltas[i, index].abs())
+            split = keep < order.shape[0] and float(deltas[i, int(order[keep])].abs()) == threshold
+            return threshold, index, split
+
+        return cut
+
+    def _fused_piece(
+        self,
+        node: Merge,
+        tech: Technique,
+        names: Sequence[str],
+        location: TensorLocation | None,
+        plan: KernelPlan,
+        stack: Tensor,
+        base: Tensor,
+        out: Tensor,
+    ) -> bool:
+        """One kernel call (tensors ``names``, their columns of ``stack``, ``base``, ``out``)."""
+        assert self.fused is not None
         sources = [c.name for c in node.inputs]  # type: ignore[attr-defined]
         keys = self.pool.trim_keys(sources, names) if "key" in plan.modes else None
         draws = None

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from .exceptions import ConfigurationError, MergeError
-from .fused import trim_keys
+from .fused import LARGE_TENSOR, trim_keys
 from .layout import order_names
 from .sources import ModelSource
 from .sparsify import sort_segments
@@ -144,14 +144,23 @@ class SourcePool:
         return self._store(sources[0]).ranked(self.base, sources, names)  # type: ignore[arg-type]
 
     def trim_keys(self, sources: Sequence[str], names: Sequence[str]) -> Tensor | None:
-        """Resident: each task-vector entry's TIES trim key (float32, see :mod:`.fused`).
+        """Resident: the TIES trim keys (float32, see :mod:`.fused`) of consecutive tensors
+        ``names``, each smaller than :data:`.fused.LARGE_TENSOR`; ``(M, N)`` rows as
+        :meth:`stack` gives the task vectors (None where it gives none).
 
-        Rows and columns as :meth:`stack` gives the task vectors (None where it gives none).
         Made on first use, one stable sort per tensor.
         """
         if self.stack(sources, names, deltas=True) is None:
             return None
         return self._store(sources[0]).trim_keys(self.base, sources, names)  # type: ignore[arg-type]
+
+    def trim_order(self, source: str, name: str) -> Tensor | None:
+        """Resident: the flat indices of tensor ``name`` of ``source``'s task vector by
+        descending magnitude, equal magnitudes by index (int32; tensors of at least
+        :data:`.fused.LARGE_TENSOR` entries). TIES at ``k`` keeps ``order[:k]``."""
+        if self.stack([source], [name], deltas=True) is None:
+            return None
+        return self._store(source).trim_order(self.base, source, name)  # type: ignore[arg-type]
 
     def resident_elements(self) -> int:
         """Parameters per resident model (the largest layout); 0 when streaming."""
@@ -201,6 +210,8 @@ class _Store:
         self._delta_rows: dict[str, int] = {}
         self._ranked: Tensor | None = None
         self._keys: Tensor | None = None
+        self._key_offsets: dict[str, tuple[int, int]] = {}
+        self._orders: dict[tuple[str, str], Tensor] = {}
         self._spans: dict[tuple[str, ...], slice | None] = {}
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -252,13 +263,39 @@ class _Store:
         return _rows(self._ranked, [self._delta_rows[s] for s in sources], self._columns(names))
 
     def trim_keys(self, base: str, sources: Sequence[str], names: Sequence[str]) -> Tensor:
-        """Like :meth:`deltas`, holding each entry's trim key (:func:`.fused.trim_keys`)."""
+        """Like :meth:`deltas` for small tensors, holding each entry's trim key
+        (:func:`.fused.trim_keys`); the keys of all small tensors lie side by side."""
         if self._keys is None:
+            self._key_offsets, total = {}, 0
+            for name, (_, size) in self.offsets.items():
+                if size < LARGE_TENSOR:
+                    self._key_offsets[name] = (total, size)
+                    total += size
             deltas = self._delta_matrix(base)
-            self._keys = torch.empty(deltas.shape, dtype=torch.float32, device=deltas.device)
+            self._keys = torch.empty(
+                (deltas.shape[0], total), dtype=torch.float32, device=deltas.device
+            )
             for row in range(deltas.shape[0]):
-                trim_keys(deltas[row], list(self.offsets.values()), self._keys[row])
-        return _rows(self._keys, [self._delta_rows[s] for s in sources], self._columns(names))
+                for name, (start, size) in self._key_offsets.items():
+                    offset = self.offsets[name][0]
+                    trim_keys(
+                        deltas[row, offset : offset + size],
+                        [(0, size)],
+                        self._keys[row, start : start + size],
+                    )
+        start = self._key_offsets[names[0]][0]
+        stop = start + sum(self._key_offsets[name][1] for name in names)
+        return _rows(self._keys, [self._delta_rows[s] for s in sources], slice(start, stop))
+
+    def trim_order(self, base: str, source: str, name: str) -> Tensor:
+        """:meth:`SourcePool.trim_order`: one large tensor's stable descending magnitude order."""
+        key = (source, name)
+        if key not in self._orders:
+            offset, size = self._offset(name)
+            delta = self._delta_matrix(base)[self._delta_rows[source], offset : offset + size]
+            order = torch.sort(delta.abs(), descending=True, stable=True).indices
+            self._orders[key] = order.to(torch.int32)
+        return self._orders[key]
 
     def _delta_matrix(self, base: str) -> Tensor:
         if self._deltas is None:
