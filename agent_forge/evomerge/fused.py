@@ -133,11 +133,16 @@ def _trim_density(density: float, sizes: Sequence[int]) -> float | None:
     It is the smallest float32 that keeps each tensor's count (the largest of the per-tensor
     smallest keys); it works unless it keeps more in some tensor.
     """
+    return _trim_density_of(density, frozenset(sizes))
+
+
+@functools.lru_cache(maxsize=256)
+def _trim_density_of(density: float, sizes: frozenset[int]) -> float | None:
     if density >= 1.0 or density <= 0.0:
         return density
     if density < _FIRST_KEY:
         return None
-    counts = {size: keep_count(density, size) for size in set(sizes) if size}
+    counts = {size: keep_count(density, size) for size in sizes if size}
     if not counts:
         return density
     chosen = max(_smallest_key(keep, size) for size, keep in counts.items())
@@ -315,6 +320,16 @@ def merge_kernel(
 # -- compile, check, fall back ------------------------------------------------------------------
 
 
+def _compile() -> Callable[..., None]:
+    """The compiled kernel. Two process-wide torch settings change, both only loosening:
+    dynamo may keep up to :data:`_VARIANTS` variants of a function (modes × shapes), and
+    AOTAutograd's on-disk cache is off (see the module docstring); setting them per call
+    would cost ~25 µs a call."""
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _VARIANTS)
+    torch._functorch.config.enable_autograd_cache = False
+    return torch.compile(merge_kernel)
+
+
 def wanted(setting: str, device: torch.device, resident_elements: int) -> bool:
     """Whether ``fused_kernels: setting`` fuses for this device and resident model size."""
     if setting == "on":
@@ -355,12 +370,8 @@ class FusedKernels:
         args = (deltas, base, keys, draws, out, *plan.arguments())
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(merge_kernel, dynamic=True)
-            with (
-                torch._dynamo.config.patch(recompile_limit=_VARIANTS),
-                torch._functorch.config.patch(enable_autograd_cache=False),
-            ):
-                self._compiled(*args)
+                self._compiled = _compile()
+            self._compiled(*args)
         except Exception as error:  # a missing or failing compiler: the eager path stays
             self._disable(f"torch.compile failed ({type(error).__name__}: {error})")
             return False

@@ -365,18 +365,10 @@ class RecipeGraph:
         values = resolved_params(tech, node.params, location)
         sources = [c.name for c in node.inputs]  # type: ignore[attr-defined]
         sizes = self._sizes(node, names)
-        pieces: list[tuple[int, list[str], list[int]]] = []  # (offset, names, sizes)
-        start = 0
-
-        def alone(size: int) -> bool:
-            return tech.name == "ties" and size >= LARGE_TENSOR
-
-        for name, size in zip(names, sizes, strict=True):
-            if not pieces or alone(size) or alone(pieces[-1][2][-1]):
-                pieces.append((start, [], []))
-            pieces[-1][1].append(name)
-            pieces[-1][2].append(size)
-            start += size
+        if tech.name != "ties" or max(sizes) < LARGE_TENSOR:
+            pieces = [(0, list(names), list(sizes))]
+        else:
+            pieces = _trim_pieces(names, sizes)
         plans = []
         for offset, run, run_sizes in pieces:
             cut = None
@@ -582,6 +574,22 @@ class RecipeGraph:
         while self._subtree_bytes > self._subtree_limit:
             _, old = self._subtree_cache.popitem(last=False)
             self._subtree_bytes -= old.numel() * old.element_size()
+
+
+def _trim_pieces(
+    names: Sequence[str], sizes: Sequence[int]
+) -> list[tuple[int, list[str], list[int]]]:
+    """``(offset, names, sizes)`` runs for the fused TIES kernel: each tensor of at least
+    :data:`.fused.LARGE_TENSOR` entries alone, the smaller ones between them together."""
+    pieces: list[tuple[int, list[str], list[int]]] = []
+    start = 0
+    for name, size in zip(names, sizes, strict=True):
+        if not pieces or size >= LARGE_TENSOR or pieces[-1][2][-1] >= LARGE_TENSOR:
+            pieces.append((start, [], []))
+        pieces[-1][1].append(name)
+        pieces[-1][2].append(size)
+        start += size
+    return pieces
 
 
 def _is_post(name: str) -> bool:
