@@ -105,6 +105,10 @@ def test_one_float32_density_must_keep_every_tensors_count_or_the_eager_path_run
 # -- fused materialisation equals streaming --------------------------------------------------------
 
 CASES = {
+    "linear": Merge("linear", INPUTS, {}),
+    "linear unnormalised": Merge(
+        "linear", INPUTS, {"weight": [0.3, -0.5, 0.7], "normalize": False}
+    ),
     "task_arithmetic": Merge("task_arithmetic", INPUTS, {"lambda": 0.6}, BASE),
     "task_arithmetic normalised": Merge(
         "task_arithmetic", INPUTS, {"weight": [0.3, 0.5, 0.7], "normalize": True}, BASE

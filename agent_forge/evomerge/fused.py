@@ -58,7 +58,7 @@ LARGE_TENSOR = 1 << 18
 #: Compiled variants of the kernel (modes per input, normalisation, consensus) kept at once.
 _VARIANTS = 64
 #: The techniques a fused kernel computes (DARE only with ``rescale`` ``paper`` or ``none``).
-FUSED_TECHNIQUES = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties"})
+FUSED_TECHNIQUES = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"})
 #: The key of a tensor's largest entry: kept at every density > 0 (a normal float32, so that
 #: flush-to-zero cannot turn it into 0).
 _FIRST_KEY = float(np.finfo(np.float32).tiny)
@@ -244,11 +244,13 @@ def plan_for(
     else:
         modes = ("all",) * count
     total = float(sum(weights))
+    if technique == "linear" and values["normalize"] and abs(total) < 1e-8:
+        return None  # the eager path raises the error
     return KernelPlan(
         modes=modes,
         density=density,
         weights=weights,
-        lam=float(values["lam"]),
+        lam=float(values.get("lam", 1.0)),
         normalize=bool(values["normalize"]),
         consensus=technique in ("ties", "dare_ties"),
         divisor=1.0 if abs(total) < 1e-8 else total,
@@ -258,7 +260,7 @@ def plan_for(
 
 def merge_kernel(
     deltas: Tensor,
-    base: Tensor,
+    base: Tensor | None,
     keys: Tensor | None,
     draws: Tensor | None,
     out: Tensor,
@@ -271,7 +273,8 @@ def merge_kernel(
     normalize: bool,
     consensus: bool,
 ) -> None:
-    """``out = base + λ·combine(wᵢ·sparsifyᵢ(δᵢ))`` element by element (eager or compiled).
+    """``out = base + λ·combine(wᵢ·sparsifyᵢ(δᵢ))`` element by element (eager or compiled);
+    without a base (linear) the rows are the models' tensors and nothing is added.
 
     The operations and their order are those of :class:`.combine._SumBlock` /
     :class:`.combine._ConsensusBlock` after :func:`.sparsify.dare_drop` or the TIES trim; where
@@ -314,7 +317,7 @@ def merge_kernel(
             result = result / torch.where(share == 0, 1.0, share)
     else:
         result = total / divisor if normalize else total
-    out.copy_(result * lam + base)
+    out.copy_(result * lam if base is None else result * lam + base)
 
 
 # -- compile, check, fall back ------------------------------------------------------------------
@@ -353,7 +356,7 @@ class FusedKernels:
         self,
         plan: KernelPlan,
         deltas: Tensor,
-        base: Tensor,
+        base: Tensor | None,
         out: Tensor,
         *,
         keys: Tensor | None,

@@ -295,7 +295,7 @@ class RecipeGraph:
         tech = get_technique(node.technique)
         location = self._location(node, names[0]) if is_layer_dependent(tech, node.params) else None
         base, stack, resident = self._operands(node, names, tech.needs_base, shared)  # (N,), (M, N)
-        if resident and base is not None:
+        if resident and (base is not None or not tech.needs_base):
             if self._fused_into(node, tech, names, location, stack, base, out):
                 return
         self._technique_into(node, tech, names, location, stack, resident, out)
@@ -350,7 +350,7 @@ class RecipeGraph:
         names: Sequence[str],
         location: TensorLocation | None,
         stack: Tensor,
-        base: Tensor,
+        base: Tensor | None,
         out: Tensor,
     ) -> bool:
         """``node``'s tensors through the fused kernel (:mod:`.fused`), base included; False
@@ -381,7 +381,14 @@ class RecipeGraph:
         for (offset, run, run_sizes), plan in zip(pieces, plans, strict=True):
             columns = slice(offset, offset + sum(run_sizes))
             if not self._fused_piece(
-                node, tech, run, location, plan, stack[:, columns], base[columns], out[columns]
+                node,
+                tech,
+                run,
+                location,
+                plan,
+                stack[:, columns],
+                None if base is None else base[columns],
+                out[columns],
             ):
                 return False
         return True
@@ -409,7 +416,7 @@ class RecipeGraph:
         location: TensorLocation | None,
         plan: KernelPlan,
         stack: Tensor,
-        base: Tensor,
+        base: Tensor | None,
         out: Tensor,
     ) -> bool:
         """One kernel call (tensors ``names``, their columns of ``stack``, ``base``, ``out``)."""
@@ -422,7 +429,7 @@ class RecipeGraph:
 
         def reference(scratch: Tensor) -> Tensor:
             self._technique_into(node, tech, names, location, stack, True, scratch)
-            return add_(scratch, base)
+            return scratch if base is None else add_(scratch, base)
 
         return self.fused.run(plan, stack, base, out, keys=keys, draws=draws, reference=reference)
 
