@@ -291,7 +291,7 @@ def merge_kernel(
             x = (torch.abs(x) >= density[i]).to(x.dtype) * x
         elif mode == "cut_tie":
             size = torch.abs(x)
-            index = torch.arange(x.shape[0], device=x.device)
+            index = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
             kept = (size > density[i]) | ((size == density[i]) & (index <= last[i]))
             x = kept.to(x.dtype) * x
         elif mode != "all":
