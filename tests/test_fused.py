@@ -297,3 +297,23 @@ def test_auto_fuses_on_gpus_and_for_large_resident_models_only():
     assert wanted("auto", cpu, AUTO_MIN_ELEMENTS)
     assert wanted("auto", cuda, 10)
     assert wanted("on", cpu, 10) and not wanted("off", cuda, AUTO_MIN_ELEMENTS)
+
+
+def test_the_gpu_benchmark_contenders_compute_task_arithmetic_and_ties():
+    """What ``benchmarks --what gpu`` times is the techniques themselves (here on the CPU)."""
+    from agent_forge.evomerge.benchmarks import fused_contenders
+    from agent_forge.evomerge.techniques import task_arithmetic, ties
+
+    torch.manual_seed(0)
+    base = torch.randn(64, 48)
+    deltas = torch.round(torch.randn(3, 64, 48) * 64) / 4096  # ties at every threshold
+    out = torch.empty(64, 48)
+    runs = fused_contenders(base, deltas, out)
+    weights = [1.0, 1.0, 1.0]
+    expected = {
+        "task_arithmetic": base + task_arithmetic(deltas, weight=weights, lam=1.0, normalize=False),
+        "ties": base + ties(deltas, weight=weights, density=[0.5] * 3, lam=1.0, normalize=True),
+    }
+    for name, want in expected.items():
+        runs[name]()
+        assert torch.equal(out.view(torch.int32), want.view(torch.int32)), name

@@ -380,43 +380,41 @@ def bench_gpu(repeats: int = 10) -> dict[str, Any]:
 
 def fused_contenders(base: Any, deltas: Any, out: Any) -> dict[str, Any]:
     """Task arithmetic, TIES and DARE-TIES as the fused kernel runs them (:mod:`.fused`) on
-    ``deltas`` ``(M, *shape)`` against ``base``, into ``out`` (float32, any device)."""
+    one large tensor: ``deltas`` ``(M, *shape)`` against ``base``, into ``out`` (float32, any
+    device). TIES takes its threshold from the magnitude order, as for a large resident tensor.
+    """
     import torch
 
-    from .fused import merge_kernel, plan_for, trim_keys
+    from .fused import merge_kernel, plan_for
 
     kernel = torch.compile(merge_kernel)
     flat = deltas.reshape(deltas.shape[0], -1)
     size = flat.shape[1]
-    keys = torch.empty_like(flat)
-    for row in range(flat.shape[0]):
-        trim_keys(flat[row], [(0, size)], keys[row])
+    orders = [torch.sort(row.abs(), descending=True, stable=True).indices for row in flat]
+
+    def cut(i: int, keep: int) -> tuple[float, int, bool]:
+        index = int(orders[i][keep - 1])
+        threshold = float(flat[i, index].abs())
+        split = keep < size and float(flat[i, int(orders[i][keep])].abs()) == threshold
+        return threshold, index, split
+
     draws = torch.rand(flat.shape, device=flat.device, generator=torch.Generator(flat.device))
     count = flat.shape[0]
+    common = {"weight": [1.0] * count, "lam": 1.0}
     plans = {
-        "task_arithmetic": plan_for(
-            "task_arithmetic", {"weight": [1.0] * count, "lam": 1.0, "normalize": False}, [size]
-        ),
+        "task_arithmetic": plan_for("task_arithmetic", {**common, "normalize": False}, [size]),
         "ties": plan_for(
-            "ties",
-            {"weight": [1.0] * count, "density": [0.5] * count, "lam": 1.0, "normalize": True},
-            [size],
+            "ties", {**common, "density": [0.5] * count, "normalize": True}, [size], cut
         ),
         "dare_ties": plan_for(
             "dare_ties",
-            {
-                "weight": [1.0] * count,
-                "density": [0.5] * count,
-                "lam": 1.0,
-                "normalize": True,
-                "rescale": "paper",
-            },
+            {**common, "density": [0.5] * count, "normalize": True, "rescale": "paper"},
             [size],
         ),
     }
 
     def runner(plan: Any) -> Any:
-        return lambda: kernel(flat, base.reshape(-1), keys, draws, out.view(-1), *plan.arguments())
+        return lambda: kernel(flat, base.reshape(-1), None, draws, out.view(-1), *plan.arguments())
 
     return {name: runner(plan) for name, plan in plans.items() if plan is not None}
 
