@@ -17,6 +17,7 @@ from collections.abc import Mapping, Sequence
 import torch
 from torch import Tensor
 
+from .blockwise import parallel_map
 from .exceptions import ConfigurationError, MergeError
 from .fused import LARGE_TENSOR, trim_keys
 from .layout import order_names
@@ -288,14 +289,27 @@ class _Store:
         return _rows(self._keys, [self._delta_rows[s] for s in sources], slice(start, stop))
 
     def trim_order(self, base: str, source: str, name: str) -> Tensor:
-        """:meth:`SourcePool.trim_order`: one large tensor's stable descending magnitude order."""
-        key = (source, name)
-        if key not in self._orders:
-            offset, size = self._offset(name)
-            delta = self._delta_matrix(base)[self._delta_rows[source], offset : offset + size]
-            order = torch.sort(delta.abs(), descending=True, stable=True).indices
-            self._orders[key] = order.to(torch.int32)
-        return self._orders[key]
+        """:meth:`SourcePool.trim_order`: one large tensor's stable descending magnitude order.
+
+        The first call sorts every large tensor of every task vector, on threads.
+        """
+        self._offset(name)
+        if not self._orders:
+            deltas = self._delta_matrix(base)
+            jobs = [
+                (member, tensor)
+                for member in self._delta_rows
+                for tensor, (_, size) in self.offsets.items()
+                if size >= LARGE_TENSOR
+            ]
+
+            def order_of(job: tuple[str, str]) -> Tensor:
+                offset, size = self.offsets[job[1]]
+                delta = deltas[self._delta_rows[job[0]], offset : offset + size]
+                return torch.sort(delta.abs(), descending=True, stable=True).indices.int()
+
+            self._orders = dict(zip(jobs, parallel_map(order_of, jobs), strict=True))
+        return self._orders[(source, name)]
 
     def _delta_matrix(self, base: str) -> Tensor:
         if self._deltas is None:
