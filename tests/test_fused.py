@@ -73,6 +73,14 @@ def test_trim_keys_keep_exactly_the_streaming_trim(density, count):
     assert torch.equal(fused, expected)
 
 
+def test_magnitude_order_is_descending_with_equal_magnitudes_by_index():
+    from agent_forge.evomerge.fused import magnitude_order
+
+    values = torch.tensor([0.5, -0.5, 0.0, -0.0, 2.0, -2.0, 1e-30, float("inf"), -1e-45])
+    # by hand: inf; 2 and −2 (index 4 before 5); ±0.5; 1e-30; the denormal; +0 and −0
+    assert magnitude_order(values).tolist() == [7, 4, 5, 0, 1, 6, 8, 2, 3]
+
+
 def test_trim_keeps_max_one_int_density_count_and_breaks_ties_by_lowest_index():
     values = torch.tensor([1.0, -3.0, 3.0, 2.0, -3.0, 0.5, 3.0, 1.0, 0.0, 2.0])
     keys = trim_keys(values, [(0, 10)], torch.empty(10))

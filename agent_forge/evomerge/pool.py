@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .blockwise import parallel_map
 from .exceptions import ConfigurationError, MergeError
-from .fused import LARGE_TENSOR, trim_keys
+from .fused import LARGE_TENSOR, magnitude_order, trim_keys
 from .layout import order_names
 from .sources import ModelSource
 from .sparsify import sort_segments
@@ -306,7 +306,7 @@ class _Store:
             def order_of(job: tuple[str, str]) -> Tensor:
                 offset, size = self.offsets[job[1]]
                 delta = deltas[self._delta_rows[job[0]], offset : offset + size]
-                return torch.sort(delta.abs(), descending=True, stable=True).indices.int()
+                return magnitude_order(delta).int()
 
             self._orders = dict(zip(jobs, parallel_map(order_of, jobs), strict=True))
         return self._orders[(source, name)]
