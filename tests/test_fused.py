@@ -325,3 +325,27 @@ def test_the_gpu_benchmark_contenders_compute_task_arithmetic_and_ties():
     for name, want in expected.items():
         runs[name]()
         assert torch.equal(out.view(torch.int32), want.view(torch.int32)), name
+
+
+def test_an_evolution_run_is_the_same_fused_or_eager(tmp_path):
+    """Materialisation is bit-identical either way, so every candidate scores the same and the
+    search takes the same path."""
+    from agent_forge.evomerge.config import create_default_config
+    from agent_forge.evomerge.evolutionary_tournament import EvolutionaryMerger
+
+    runs = {}
+    for setting in ("on", "off"):
+        config = create_default_config()
+        config.output_dir = str(tmp_path / setting)
+        config.evaluation_settings.fitness_sample_size = 24
+        config.merge_settings.fused_kernels = setting
+        config.evolution_settings = EvolutionSettings(
+            population_size=6, num_generations=3, tournament_size=2, elite_size=1, patience=10
+        )
+        evolution = EvolutionaryMerger(config, config.output_dir)
+        evolution.evolve()
+        runs[setting] = {h: r["fitness"] for h, r in evolution.records.items()}
+        kernels = evolution.executor.scorer.merger.graph.fused
+        if setting == "on":
+            assert kernels is not None and kernels.enabled and kernels.calls > 0
+    assert runs["on"] == runs["off"] and len(runs["on"]) >= 12
