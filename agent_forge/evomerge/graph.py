@@ -36,6 +36,7 @@ from .layout import (
 )
 from .pool import SourcePool
 from .recipe import LayerStack, Merge, RecipeNode, Source
+from .sparsify import draw_uniforms, segment_starts
 from .techniques import (
     Technique,
     TensorLocation,
@@ -444,15 +445,11 @@ class RecipeGraph:
             self._draw_cache.move_to_end(key)
             return found
         sizes = self._sizes(node, names)
-        draws = torch.empty(
-            len(node.inputs), sum(sizes), dtype=torch.float32, device=self.pool.device
+        draws = draw_uniforms(
+            torch.empty(len(node.inputs), sum(sizes), dtype=torch.float32, device=self.pool.device),
+            segment_starts(sum(sizes), sizes),
+            [self._generator(node, name) for name in names],
         )
-        start = 0
-        for name, size in zip(names, sizes, strict=True):
-            generator = self._generator(node, name)
-            for row in draws:
-                torch.rand(size, generator=generator, out=row[start : start + size])
-            start += size
         self._draw_cache[key] = draws
         budget = _DRAW_CACHE_MODELS * 4 * self.pool.resident_elements()
         held = sum(d.numel() * d.element_size() for d in self._draw_cache.values())

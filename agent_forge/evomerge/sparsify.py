@@ -338,6 +338,22 @@ def drop_outliers_and_small(delta: Tensor, density: float, gamma: float) -> Tens
 # -- random drops -------------------------------------------------------------------------------
 
 
+def draw_uniforms(
+    out: Tensor,
+    segments: Sequence[tuple[int, int]],
+    generators: Sequence[torch.Generator | None],
+) -> Tensor:
+    """DARE's draws into ``out`` ``(M, N)``: segment j from ``generators[j]``, row after row.
+
+    The one place that fixes the draw order, so streaming and the resident fused kernel
+    (:meth:`.graph.RecipeGraph._draws`) see the same uniforms.
+    """
+    for (start, size), generator in zip(segments, generators, strict=True):
+        for row in out:
+            torch.rand(size, generator=generator, out=row[start : start + size])
+    return out
+
+
 def dare_drop(
     stack: Tensor,
     density: Sequence[float],
@@ -354,9 +370,7 @@ def dare_drop(
     dropped stack in this thread's reused buffer.
     """
     dropped = scratch(stack.shape[0], stack.shape[1], stack.dtype, stack.device, "dare")
-    for (start, size), generator in zip(segments, generators, strict=True):
-        for i in range(len(density)):
-            torch.rand(size, generator=generator, out=dropped[i, start : start + size])
+    draw_uniforms(dropped, segments, generators)
     for i, keep in enumerate(density):
         if keep >= 1.0:
             dropped[i].copy_(stack[i])
