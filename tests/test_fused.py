@@ -63,7 +63,7 @@ def test_each_rank_key_is_the_smallest_float32_density_that_keeps_the_rank(count
 def test_trim_keys_keep_exactly_the_streaming_trim(density, count):
     torch.manual_seed(count)
     values = torch.randint(-6, 7, (count,)).float() / 4.0  # many ties and zeros
-    keys = trim_keys(values, [(0, count)], torch.empty(count))
+    keys = trim_keys(values, torch.empty(count))
     params = {"weight": [1.0], "density": [density], "lam": 1.0, "normalize": True}
     plan = plan_for("ties", params, [count])
     expected = keep_top_magnitude(values, density)
@@ -83,7 +83,7 @@ def test_magnitude_order_is_descending_with_equal_magnitudes_by_index():
 
 def test_trim_keeps_max_one_int_density_count_and_breaks_ties_by_lowest_index():
     values = torch.tensor([1.0, -3.0, 3.0, 2.0, -3.0, 0.5, 3.0, 1.0, 0.0, 2.0])
-    keys = trim_keys(values, [(0, 10)], torch.empty(10))
+    keys = trim_keys(values, torch.empty(10))
     # by hand: |x| ranks 3,3,3,3 (indices 1,2,4,6) then 2,2 (3,9) then 1,1 (0,7) then .5, 0
     for density, kept in [(0.25, [1, 2]), (0.3, [1, 2, 4]), (0.5, [1, 2, 4, 6, 3]), (0.05, [1])]:
         values = {"weight": [1.0], "density": [density], "lam": 1.0, "normalize": True}

@@ -385,18 +385,15 @@ def fused_contenders(base: Any, deltas: Any, out: Any) -> dict[str, Any]:
     """
     import torch
 
-    from .fused import merge_kernel, plan_for
+    from .fused import magnitude_order, merge_kernel, plan_for, threshold_at
 
     kernel = torch.compile(merge_kernel)
     flat = deltas.reshape(deltas.shape[0], -1)
     size = flat.shape[1]
-    orders = [torch.sort(row.abs(), descending=True, stable=True).indices for row in flat]
+    orders = [magnitude_order(row) for row in flat]
 
     def cut(i: int, keep: int) -> tuple[float, int, bool]:
-        index = int(orders[i][keep - 1])
-        threshold = float(flat[i, index].abs())
-        split = keep < size and float(flat[i, int(orders[i][keep])].abs()) == threshold
-        return threshold, index, split
+        return threshold_at(orders[i], flat[i], keep)
 
     draws = torch.rand(flat.shape, device=flat.device, generator=torch.Generator(flat.device))
     count = flat.shape[0]

@@ -78,26 +78,30 @@ def _cached_rank_keys(count: int) -> np.ndarray:
 
 
 def _rank_keys(count: int) -> np.ndarray:
-    """``key[r]``: the smallest float32 d with ``int(d·count) ≥ r + 1`` (r = 0: any d > 0).
-
-    ``d·count`` is exact in float64 for a float32 d (24 + 40 bits), so the test is exact.
-    """
-    need = np.arange(1, count + 1, dtype=np.float64)
-    key = (need / count).astype(np.float32)
-    low = key.astype(np.float64) * count < need
-    while low.any():  # rounding left d·n below r + 1: step up
-        key[low] = np.nextafter(key[low], np.float32(np.inf))
-        low = key.astype(np.float64) * count < need
-    while True:  # a smaller d may still reach r + 1: step down while it does
-        below = np.nextafter(key, np.float32(-np.inf))
-        lower = below.astype(np.float64) * count >= need
-        if not lower.any():
-            break
-        key[lower] = below[lower]
+    """``key[r]``: the smallest float32 d with ``int(d·count) ≥ r + 1`` (r = 0: any d > 0)."""
+    key = _smallest_keys(np.arange(1, count + 1, dtype=np.float64), count)
     if count:
         key[0] = _FIRST_KEY
     key.setflags(write=False)
     return key
+
+
+def _smallest_keys(need: np.ndarray, count: int) -> np.ndarray:
+    """The smallest float32 d with ``int(d·count) ≥ need`` for each entry of ``need`` (≥ 1).
+
+    ``d·count`` is exact in float64 for a float32 d (24 + 40 bits), so the test is exact.
+    """
+    key = (need / count).astype(np.float32)
+    low = key.astype(np.float64) * count < need
+    while low.any():  # rounding left d·n below the count: step up
+        key[low] = np.nextafter(key[low], np.float32(np.inf))
+        low = key.astype(np.float64) * count < need
+    while True:  # a smaller d may still reach the count: step down while it does
+        below = np.nextafter(key, np.float32(0.0))
+        lower = below.astype(np.float64) * count >= need
+        if not lower.any():
+            return key
+        key[lower] = below[lower]
 
 
 def magnitude_order(values: Tensor) -> Tensor:
@@ -111,30 +115,30 @@ def magnitude_order(values: Tensor) -> Tensor:
     return torch.sort(torch.neg(values.abs().view(torch.int32)), stable=True).indices
 
 
-def trim_keys(row: Tensor, segments: Sequence[tuple[int, int]], out: Tensor) -> Tensor:
-    """``out`` (float32) = each entry's trim key within its segment (see the module docstring).
+def trim_keys(values: Tensor, out: Tensor) -> Tensor:
+    """``out`` (float32) = the trim key of each entry of one flat tensor (see the module
+    docstring).
 
     The entry ranked r by magnitude (descending; equal magnitudes by lowest index, which a
     stable sort gives) gets :func:`_keys_by_rank` ``(n)[r]``; TIES at a float32 density d keeps
     exactly the entries with ``key ≤ d``.
     """
-    for start, size in segments:
-        if size == 0:
-            continue
-        order = magnitude_order(row[start : start + size])
-        keys = torch.from_numpy(_keys_by_rank(size).copy()).to(out.device)
-        out[start : start + size].index_put_((order,), keys)
+    if values.numel():
+        keys = torch.from_numpy(_keys_by_rank(values.numel()).copy()).to(out.device)
+        out.index_put_((magnitude_order(values),), keys)
     return out
 
 
-def _smallest_key(keep: int, count: int) -> float:
-    """The smallest float32 d with ``int(d·count) ≥ keep`` (``keep`` ≥ 1)."""
-    key = np.float32(keep / count)
-    while float(key) * count < keep:
-        key = np.nextafter(key, np.float32(np.inf))
-    while float(np.nextafter(key, np.float32(0.0))) * count >= keep:
-        key = np.nextafter(key, np.float32(0.0))
-    return float(key)
+def threshold_at(order: Tensor, values: Tensor, keep: int) -> tuple[float, int, bool]:
+    """TIES's cut of one flat tensor at ``keep`` entries, from its :func:`magnitude_order`:
+    the ``keep``-th largest magnitude, that entry's index, and whether the next entry ties with
+    it (then indices decide which equal entries stay)."""
+    on_cpu = order.device.type == "cpu"  # numpy lookups: ~0.1 µs, not a torch op each
+    ranked, row = (order.numpy(), values.numpy()) if on_cpu else (order, values)
+    index = int(ranked[keep - 1])
+    threshold = abs(float(row[index]))
+    split = keep < len(ranked) and abs(float(row[int(ranked[keep])])) == threshold
+    return threshold, index, split
 
 
 def _trim_density(density: float, sizes: Sequence[int]) -> float | None:
@@ -156,7 +160,10 @@ def _trim_density_of(density: float, sizes: frozenset[int]) -> float | None:
     counts = {size: keep_count(density, size) for size in sizes if size}
     if not counts:
         return density
-    chosen = max(_smallest_key(keep, size) for size, keep in counts.items())
+    chosen = max(
+        float(_smallest_keys(np.array([keep], dtype=np.float64), size)[0])
+        for size, keep in counts.items()
+    )
     if any(keep_count(chosen, size) != keep for size, keep in counts.items()):
         return None
     return chosen

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from .blockwise import add_, parallel_map, subtract_rows_
 from .exceptions import ConfigurationError, MergeError
-from .fused import LARGE_TENSOR, FusedKernels, KernelPlan, plan_for
+from .fused import LARGE_TENSOR, FusedKernels, KernelPlan, plan_for, threshold_at
 from .layout import (
     component_of,
     is_residual_output,
@@ -402,12 +402,7 @@ class RecipeGraph:
         def cut(i: int, keep: int) -> tuple[float, int, bool]:
             order = self.pool.trim_order(sources[i], name)
             assert order is not None
-            on_cpu = order.device.type == "cpu"  # numpy lookups: ~0.1 µs, not a torch op each
-            ranked, row = (order.numpy(), deltas[i].numpy()) if on_cpu else (order, deltas[i])
-            index = int(ranked[keep - 1])
-            threshold = abs(float(row[index]))
-            split = keep < len(ranked) and abs(float(row[int(ranked[keep])])) == threshold
-            return threshold, index, split
+            return threshold_at(order, deltas[i], keep)
 
         return cut
 

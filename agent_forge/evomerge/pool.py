@@ -280,9 +280,7 @@ class _Store:
                 for name, (start, size) in self._key_offsets.items():
                     offset = self.offsets[name][0]
                     trim_keys(
-                        deltas[row, offset : offset + size],
-                        [(0, size)],
-                        self._keys[row, start : start + size],
+                        deltas[row, offset : offset + size], self._keys[row, start : start + size]
                     )
         start = self._key_offsets[names[0]][0]
         stop = start + sum(self._key_offsets[name][1] for name in names)
