@@ -314,7 +314,7 @@ class RecipeGraph:
         out: Tensor,
     ) -> None:
         """The technique's eager path: the merged values (task vector, without the base)."""
-        generators = [self._generator(node, name) for name in names] if tech.randomized else None
+        generators = self._generators(node, names) if tech.randomized else None
         ranked = None
         if (
             tech.ranked and resident and tech.needs_base
@@ -443,7 +443,7 @@ class RecipeGraph:
         draws = draw_uniforms(
             torch.empty(len(node.inputs), sum(sizes), dtype=torch.float32, device=self.pool.device),
             segment_starts(sum(sizes), sizes),
-            [self._generator(node, name) for name in names],
+            self._generators(node, names),
         )
         self._draw_cache[key] = draws
         budget = _DRAW_CACHE_MODELS * 4 * self.pool.resident_elements()
@@ -453,10 +453,13 @@ class RecipeGraph:
             held -= dropped.numel() * dropped.element_size()
         return draws
 
-    def _generator(self, node: Merge, name: str) -> torch.Generator:
-        generator = torch.Generator(device=self.pool.device)
-        generator.manual_seed(tensor_seed(draw_hash(node), name))
-        return generator
+    def _generators(self, node: Merge, names: Sequence[str]) -> list[torch.Generator]:
+        """One generator per tensor, seeded by :func:`draw_hash` (computed once) and its name."""
+        key = draw_hash(node)
+        return [
+            torch.Generator(device=self.pool.device).manual_seed(tensor_seed(key, name))
+            for name in names
+        ]
 
     def _operands(
         self, node: Merge, names: Sequence[str], needs_base: bool, shared: bool
