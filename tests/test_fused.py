@@ -259,6 +259,30 @@ def test_dare_masks_of_one_seed_grow_with_density(streaming, tmp_path):
     assert 0.4 < total_small / total_large < 0.6
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("technique", ["dare_ties", "della"])
+def test_a_randomised_recipe_built_on_a_gpu_has_the_cpus_bytes(tiny_family, tmp_path, technique):
+    """torch's CUDA and CPU generators give different numbers for one seed; recipes draw on
+    the CPU, so a candidate a GPU worker scored is the model a CPU rebuilds from its recipe
+    (up to float rounding: CUDA kernels may contract multiply-adds)."""
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    recipe = Merge(technique, INPUTS, {"density": 0.5, "epsilon": 0.1}, BASE, seed=5)
+    if technique == "dare_ties":
+        recipe = Merge(technique, INPUTS, {"density": 0.5}, BASE, seed=5)
+    cpu = load_file(
+        AdvancedModelMerger(sources=sources, base="base").merge(recipe, tmp_path / "cpu")
+        / "model.safetensors"
+    )
+    gpu = AdvancedModelMerger(sources=sources, base="base", device="cuda")
+    streamed = load_file(gpu.merge(recipe, tmp_path / "gpu") / "model.safetensors")
+    resident = AdvancedModelMerger(sources=sources, base="base", device="cuda", resident=True)
+    held = {n: p.detach().cpu() for n, p in resident.materialize(recipe).named_parameters()}
+    for name, tensor in cpu.items():  # other draws would drop other entries: far from close
+        torch.testing.assert_close(streamed[name], tensor, rtol=1e-5, atol=1e-6)
+        if name in held:
+            torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6)
+
+
 def test_the_search_proposes_float32_densities(tiny_family):
     space = SearchSpace(
         models=("m1", "m2", "m3"),

@@ -454,12 +454,13 @@ class RecipeGraph:
         return draws
 
     def _generators(self, node: Merge, names: Sequence[str]) -> list[torch.Generator]:
-        """One generator per tensor, seeded by :func:`draw_hash` (computed once) and its name."""
+        """One generator per tensor, seeded by :func:`draw_hash` (computed once) and its name.
+
+        CPU generators on every device, so a recipe's draws do not depend on where it is built
+        (:func:`.sparsify.uniforms`).
+        """
         key = draw_hash(node)
-        return [
-            torch.Generator(device=self.pool.device).manual_seed(tensor_seed(key, name))
-            for name in names
-        ]
+        return [torch.Generator().manual_seed(tensor_seed(key, name)) for name in names]
 
     def _operands(
         self, node: Merge, names: Sequence[str], needs_base: bool, shared: bool

@@ -338,6 +338,23 @@ def drop_outliers_and_small(delta: Tensor, density: float, gamma: float) -> Tens
 # -- random drops -------------------------------------------------------------------------------
 
 
+def uniforms(
+    size: int | Sequence[int], generator: torch.Generator | None, device: torch.device
+) -> Tensor:
+    """Float32 uniforms in [0, 1) from ``generator``, drawn on the generator's device and
+    returned on ``device``.
+
+    A recipe's generators are CPU generators on every device (:meth:`.graph.RecipeGraph.
+    _generators`): for one seed torch's CUDA generator (Philox) and its CPU generator (Mersenne
+    Twister) give different numbers, so drawing on the device would make a recipe's bytes
+    depend on the device that built it — a GPU worker's candidate would not be the model a CPU
+    rebuilds from its recipe.
+    """
+    where = generator.device if generator is not None else torch.device("cpu")
+    shape = (size,) if isinstance(size, int) else tuple(size)
+    return torch.rand(shape, generator=generator, device=where, dtype=torch.float32).to(device)
+
+
 def draw_uniforms(
     out: Tensor,
     segments: Sequence[tuple[int, int]],
@@ -350,7 +367,11 @@ def draw_uniforms(
     """
     for (start, size), generator in zip(segments, generators, strict=True):
         for row in out:
-            torch.rand(size, generator=generator, out=row[start : start + size])
+            window = row[start : start + size]
+            if generator is None or generator.device == window.device:
+                torch.rand(size, generator=generator, out=window)
+            else:  # a CPU generator filling a device tensor: draw on the CPU (see uniforms)
+                window.copy_(uniforms(size, generator, window.device))
     return out
 
 

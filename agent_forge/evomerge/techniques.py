@@ -49,6 +49,7 @@ from .sparsify import (
     outlier_band_counts,
     rescale_kept,
     segment_starts,
+    uniforms,
 )
 
 __all__ = [
@@ -609,9 +610,7 @@ def _della(
             parts.append(delta)
             continue
         probs = della_keep_probabilities(delta, keep, eps)
-        draws = torch.rand(
-            delta.shape, generator=generator, device=delta.device, dtype=torch.float32
-        )
+        draws = uniforms(delta.shape, generator, delta.device)
         kept = delta * (draws < probs)
         parts.append(rescale_kept(delta, kept, rescale, probs))
     return _stack(parts)
