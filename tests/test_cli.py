@@ -156,6 +156,8 @@ def test_sigint_mid_generation_then_resume_gives_the_same_best(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        # a shell's background job inherits SIGINT ignored (then Python raises nothing on it)
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     evaluations = run / "evaluations.jsonl"
     deadline = time.time() + 240
