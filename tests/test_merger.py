@@ -313,6 +313,49 @@ def test_dfs_layer_path_with_scales_equals_scaling_the_stream(merger, tiny_famil
     assert torch.allclose(actual, expected, atol=1e-4), (actual - expected).abs().max()
 
 
+def test_dfs_takes_each_slots_per_layer_config_from_its_own_model(tiny_tokenizer, tmp_path):
+    """Per-layer config lists (Qwen2's ``layer_types``) follow the slots, from models of
+    different depths: slot k gets the entry of its own model's layer."""
+    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    types = {
+        "a": ["full_attention", "sliding_attention"],
+        "b": ["sliding_attention", "full_attention", "full_attention", "sliding_attention"],
+    }
+    sources = {}
+    for name, layer_types in types.items():
+        config = Qwen2Config(
+            vocab_size=len(tiny_tokenizer),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=len(layer_types),
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=64,
+            use_sliding_window=True,
+            sliding_window=4,
+            layer_types=layer_types,
+        )
+        torch.manual_seed(len(layer_types))
+        Qwen2ForCausalLM(config).save_pretrained(tmp_path / name)
+        tiny_tokenizer.save_pretrained(tmp_path / name)
+        sources[name] = open_source(name, str(tmp_path / name))
+    path = [(0, 1), (1, 0), (1, 3), (1, 2), (0, 0)]
+    stack = LayerStack((Source("a"), Source("b")), tuple(LayerSlot(i, layer) for i, layer in path))
+    out = AdvancedModelMerger(sources=sources).merge(stack, tmp_path / "stack")
+    config = json.loads((out / "config.json").read_text())
+    want = [types["ab"[i]][layer] for i, layer in path]
+    assert want == ["sliding_attention", "sliding_attention", "sliding_attention"] + [
+        "full_attention",
+        "full_attention",
+    ]
+    assert config["layer_types"] == want and config["num_hidden_layers"] == 5
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert model.config.layer_types == want
+    with torch.no_grad():
+        assert model(torch.tensor([[5, 17, 42, 9, 100, 3]])).logits.shape[1] == 6
+
+
 def test_dfs_repeated_layers_give_a_deeper_model_that_runs(merger, resident, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

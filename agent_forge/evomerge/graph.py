@@ -32,6 +32,7 @@ from .layout import (
     order_names,
     parse_layer,
     remap_layer_config,
+    source_layers,
     tensor_locations,
 )
 from .pool import SourcePool
@@ -80,15 +81,6 @@ def draw_hash(node: Merge) -> str:
     """
     text = json.dumps([node.seed, [child.hash for child in node.inputs]])
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
-
-
-def source_layers(config: Mapping[str, Any]) -> int:
-    for key in ("num_hidden_layers", "n_layer", "num_layers"):
-        if isinstance(config.get(key), int):
-            return int(config[key])
-    raise ConfigurationError(
-        "model config names no layer count (num_hidden_layers); cannot merge by layer"
-    )
 
 
 class RecipeGraph:
@@ -188,8 +180,11 @@ class RecipeGraph:
             return self.config(node.inputs[0])
         assert isinstance(node, LayerStack)
         template = self.config(node.inputs[node.embed_from])
-        path = [slot.layer for slot in node.slots]
-        return remap_layer_config(template, path, self.layers(node.inputs[node.embed_from]))
+        slots = [
+            (self.config(node.inputs[s.input]), s.layer, self.layers(node.inputs[s.input]))
+            for s in node.slots
+        ]
+        return remap_layer_config(template, slots)
 
     def locations(self, node: RecipeNode) -> dict[str, TensorLocation]:
         return tensor_locations(self.names(node), self.layers(node))

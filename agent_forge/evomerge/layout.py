@@ -9,10 +9,11 @@ of full names.
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from .exceptions import ConfigurationError
 from .techniques import TensorLocation
 
 _LAYER = re.compile(
@@ -105,22 +106,40 @@ def order_names(names: Sequence[str]) -> list[str]:
     return sorted(names, key=key)
 
 
-def remap_layer_config(
-    config: dict[str, Any], path: Sequence[int], source_layers: int
-) -> dict[str, Any]:
-    """A config for a model whose layer k is source layer ``path[k]``.
+def source_layers(config: Mapping[str, Any]) -> int:
+    for key in ("num_hidden_layers", "n_layer", "num_layers"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    raise ConfigurationError(
+        "model config names no layer count (num_hidden_layers); cannot merge by layer"
+    )
 
-    Sets the layer count and re-maps every per-layer list (e.g. ``layer_types``).
+
+def remap_layer_config(
+    config: dict[str, Any], slots: Sequence[tuple[Mapping[str, Any], int, int]]
+) -> dict[str, Any]:
+    """The config of a layer stack built from ``config`` (the embeddings' model): slot k is
+    layer ``slots[k][1]`` of a model with config ``slots[k][0]`` and ``slots[k][2]`` layers.
+
+    Sets the layer count, and re-maps every per-layer list (a list as long as the model's
+    layer count, e.g. ``layer_types``): entry k is the slot's own model's entry for its layer.
     """
+    own_layers = source_layers(config)
     out = dict(config)
     for key, value in config.items():
-        if (
-            isinstance(value, list)
-            and len(value) == source_layers
-            and key not in ("architectures",)
-        ):
-            out[key] = [value[i] for i in path]
-    out["num_hidden_layers"] = len(path)
+        if not isinstance(value, list) or len(value) != own_layers or key == "architectures":
+            continue
+        remapped = []
+        for k, (slot_config, layer, layers) in enumerate(slots):
+            entries = slot_config.get(key)
+            if not isinstance(entries, list) or len(entries) != layers:
+                raise ConfigurationError(
+                    f"layer slot {k} comes from a model whose config has no per-layer {key!r} "
+                    f"list of {layers} entries; stack layers of models of one architecture"
+                )
+            remapped.append(entries[layer])
+        out[key] = remapped
+    out["num_hidden_layers"] = len(slots)
     if "n_layer" in out:
-        out["n_layer"] = len(path)
+        out["n_layer"] = len(slots)
     return out
