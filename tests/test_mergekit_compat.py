@@ -100,6 +100,41 @@ def configs(family: dict[str, Path]) -> dict[str, dict]:
                 ]
             },
         },
+        "slerp_base_listed_second": {
+            "merge_method": "slerp",
+            "base_model": m2,
+            "models": [{"model": m1}, {"model": m2}],
+            "parameters": {"t": 0.3},
+        },
+        "catch_all_first_wins": {  # mergekit takes the first matching condition
+            "merge_method": "linear",
+            "models": [
+                {
+                    "model": m1,
+                    "parameters": {"weight": [{"value": 0.4}, {"filter": "mlp", "value": 3.0}]},
+                },
+                {"model": m2, "parameters": {"weight": 1.0}},
+            ],
+        },
+        "filters_fall_back_to_the_top_level": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [
+                {"model": m1, "parameters": {"weight": [{"filter": "mlp", "value": 0.9}]}},
+                {"model": m2, "parameters": {"density": [{"filter": "self_attn", "value": 0.3}]}},
+            ],
+            "parameters": {"weight": 0.5, "density": 0.7},
+        },
+        "task_arithmetic_normalised_out_bf16": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.7}},
+                {"model": m2, "parameters": {"weight": 0.4}},
+            ],
+            "parameters": {"normalize": True, "lambda": 0.9},
+            "out_dtype": "bfloat16",
+        },
         "passthrough": {
             "merge_method": "passthrough",
             "slices": [
@@ -131,6 +166,8 @@ def evomerge_merge(yaml_path: Path, out: Path) -> dict[str, torch.Tensor]:
     document = load_recipe_file(yaml_path, layer_count=layers)
     sources = {name: open_source(name, path) for name, path in document.sources.items()}
     merger = AdvancedModelMerger(sources=sources, base=document.base)
+    if document.dtype:  # as the CLI's --merge does
+        merger.settings = merger.settings.model_copy(update={"dtype": document.dtype})
     return load_file(merger.merge(document.recipe, out) / "model.safetensors")
 
 
@@ -145,6 +182,10 @@ def evomerge_merge(yaml_path: Path, out: Path) -> dict[str, torch.Tensor]:
         "breadcrumbs_ties",
         "model_stock",
         "slerp",
+        "slerp_base_listed_second",
+        "catch_all_first_wins",
+        "filters_fall_back_to_the_top_level",
+        "task_arithmetic_normalised_out_bf16",
         "passthrough",
     ],
 )
@@ -167,7 +208,10 @@ def test_mergekit_defaults_fill_what_the_yaml_leaves_out(tiny_family, tmp_path):
             {
                 "merge_method": "dare_ties",
                 "base_model": str(tiny_family["base"]),
-                "models": [{"model": str(tiny_family["m1"])}, {"model": str(tiny_family["m2"])}],
+                "models": [
+                    {"model": str(tiny_family[n]), "parameters": {"weight": 0.5}}
+                    for n in ("m1", "m2")
+                ],
             }
         )
     )
@@ -209,6 +253,19 @@ def test_slices_become_a_layer_stack(tiny_family, tmp_path):
                 ],
             },
             "filter 'q_proj' is not supported",
+        ),
+        (
+            {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]},
+            "model a has no weight, which mergekit requires for linear",
+        ),
+        (
+            {
+                "merge_method": "slerp",
+                "base_model": "a",
+                "models": [{"model": "a"}, {"model": "b"}],
+                "parameters": {"t": [{"filter": "mlp", "value": 0.5}]},
+            },
+            "'t' has filters but no value for the tensors they do not match",
         ),
     ],
 )

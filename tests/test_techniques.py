@@ -399,6 +399,13 @@ def test_layer_dependent_values_resolve_by_group_and_component():
     assert resolve_value(0.4, loc) == 0.4
 
 
+def test_a_component_mapping_without_default_is_a_clear_error_unless_it_names_all():
+    with pytest.raises(ConfigurationError, match="has no 'default' for the other tensors"):
+        Merge("linear", [Source("m1"), Source("m2")], {"weight": [{"mlp": 1.0}, 1.0]})
+    every = {"embeddings": 0.1, "attention": 0.2, "mlp": 0.3, "norms": 0.4, "head": 0.5}
+    Merge("linear", [Source("m1"), Source("m2")], {"weight": [every, 1.0]})  # complete: fine
+
+
 # -- exact trims, batches of tensors and the blockwise core ----------------------------------------
 
 

@@ -217,17 +217,34 @@ def _merge_node(
             raise ConfigurationError(f"{origin}: parameter {key!r} is not supported for {method}")
         if key == "int8_mask":
             continue
-        params[key] = _translate_value(key, value, depth, origin)
+        method_default = params.get(key, _technique_default(tech, key))
+        params[key] = _fall_back(
+            key, _translate_value(key, value, depth, origin), method_default, origin
+        )
     per_model_keys = {k for _, p in entries for k in p} | {k for k in params if k in _PER_MODEL}
+    if any(p.name == "weight" for p in tech.params):
+        per_model_keys.add("weight")  # required by mergekit: a missing one is an error
+    if method == "slerp" and "t" not in params:
+        raise ConfigurationError(
+            f"{origin}: slerp needs parameters: {{t: …}} (mergekit requires it)"
+        )
     for key in sorted(per_model_keys):
         if key not in _PER_MODEL:
             raise ConfigurationError(
                 f"{origin}: per-model parameter {key!r} is not supported for {method}"
             )
-        fallback = params.get(key, 1.0 if key in ("weight", "density") else None)
-        params[key] = [
-            _translate_value(key, p.get(key, fallback), depth, origin) for _, p in entries
-        ]
+        fallback = params.get(key, 1.0 if key == "density" else None)
+        values = []
+        for name, given in entries:
+            value = given.get(key, fallback)
+            if value is None and key == "weight" and any(p.name == key for p in tech.params):
+                raise ConfigurationError(
+                    f"{origin}: model {name} has no weight, which mergekit requires for "
+                    f"{method}; add parameters: {{weight: 1.0}} to it (or to the top level)"
+                )
+            translated = _translate_value(key, value, depth, origin)
+            values.append(_fall_back(key, translated, fallback, origin))
+        params[key] = values
     params = {k: v for k, v in params.items() if any(p.name == k for p in tech.params)}
     node_base = Source(base) if tech.needs_base else None
     return Merge(method, [Source(n) for n in inputs], params, node_base, 0)
@@ -255,8 +272,38 @@ def _translate_value(key: str, value: Any, depth: Any, origin: str) -> Any:
                     f"use one of {', '.join(_FILTER_COMPONENTS)}"
                 )
             out.setdefault(component, _translate_value(key, cond.get("value"), depth, origin))
+            if component == "default":
+                break  # mergekit takes the first condition that matches: later ones never do
         return out
     raise ConfigurationError(f"{origin}: cannot read the value of {key!r}: {value!r}")
+
+
+def _fall_back(key: str, value: Any, fallback: Any, origin: str) -> Any:
+    """A filter list without a catch-all: tensors no filter matches take ``fallback`` (the
+    top-level value, else the method's default), as mergekit falls back from a model's
+    conditions to the top level and then to the default."""
+    if not isinstance(value, Mapping) or "default" in value:
+        return value
+    if isinstance(fallback, Mapping):
+        value = {**fallback, **value}
+    elif fallback is not None:
+        value = {**value, "default": fallback}
+    if "default" not in value:
+        raise ConfigurationError(
+            f"{origin}: {key!r} has filters but no value for the tensors they do not match; "
+            f"add a condition without a filter (a catch-all) after them"
+        )
+    return value
+
+
+def _technique_default(tech: Any, key: str) -> Any:
+    """EvoMerge's default for ``key``, except where mergekit has none (``t``: required)."""
+    if key == "t":
+        return None
+    for param in tech.params:
+        if param.name == key:
+            return param.default
+    return None
 
 
 def _gradient(values: Sequence[float], layers: int, origin: str) -> list[float]:

@@ -747,6 +747,12 @@ def check_value(param: Param, value: Any, technique_name: str) -> Any:
                 f"{technique_name}: parameter '{param.name}' has unknown component {unknown[0]!r}; "
                 f"allowed: {', '.join(COMPONENTS)}, default"
             )
+        if "default" not in value and not set(COMPONENTS) <= set(value):
+            raise ConfigurationError(
+                f"{technique_name}: parameter '{param.name}' maps components "
+                f"{', '.join(sorted(value))} but has no 'default' for the other tensors; "
+                f'add "default": VALUE'
+            )
         return {k: check_value(param, v, technique_name) for k, v in sorted(value.items())}
     if isinstance(value, list | tuple):
         if not value:
