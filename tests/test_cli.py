@@ -13,6 +13,8 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+import yaml
 
 from agent_forge.evomerge.config import create_default_config
 
@@ -225,6 +227,56 @@ def test_log_file_gets_debug_lines_and_quiet_silences_progress(default_run, tmp_
 )
 def test_user_mistakes_end_in_one_line_and_exit_code_2(args, fragment):
     assert_clean_error(cli(*args), fragment)
+
+
+def broken_copy(tiny_family, tmp_path: Path, how: str) -> Path:
+    """m2 with half its weights file cut off, or with one tensor of another shape."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / how
+    shutil.copytree(tiny_family["m2"], folder)
+    weights = folder / "model.safetensors"
+    if how == "truncated":
+        data = weights.read_bytes()
+        weights.write_bytes(data[: len(data) // 2])
+    else:
+        tensors = load_file(weights)
+        tensors["model.layers.1.mlp.up_proj.weight"] = torch.zeros(65, 32)
+        save_file(tensors, weights)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "case,fragment",
+    [
+        ("density out of range", "density"),
+        ("no base", "ties needs base_model"),
+        ("truncated", "damaged or incomplete"),
+        ("reshaped", "model.layers.1.mlp.up_proj.weight"),
+    ],
+)
+def test_bad_merge_recipes_end_in_one_line_exit_2_and_no_output(
+    case, fragment, tiny_family, tmp_path
+):
+    m1, m2, base = (str(tiny_family[n]) for n in ("m1", "m2", "base"))
+    density = 1.5 if case == "density out of range" else 0.5
+    if case in ("truncated", "reshaped"):
+        m2 = str(broken_copy(tiny_family, tmp_path, case))
+    recipe = {
+        "merge_method": "ties",
+        "models": [
+            {"model": m, "parameters": {"weight": 0.5, "density": density}} for m in (m1, m2)
+        ],
+    }
+    if case != "no base":
+        recipe["base_model"] = base
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    before = {p: p.stat().st_mtime_ns for p in Path(m2).iterdir()}
+    assert_clean_error(cli("--merge", str(path), "--output", str(tmp_path / "out")), fragment)
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith(".out") for p in tmp_path.iterdir())
+    assert {p: p.stat().st_mtime_ns for p in Path(m2).iterdir()} == before  # inputs untouched
 
 
 def test_bad_config_file_names_the_field(tmp_path):

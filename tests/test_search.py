@@ -177,6 +177,33 @@ def test_merging_lower_performers_builds_a_node_over_their_recipes():
         assert recipe.depth() == 2 and all(child in lower for child in recipe.inputs)
 
 
+def test_merging_lower_performers_never_builds_past_max_depth():
+    """Depth bounding: a node over depth-2 recipes is depth 3, so ``max_depth: 2`` makes none
+    (``3`` does); linear nodes over linear merges collapse to depth 1, within ``max_depth: 1``."""
+
+    def bounded(depth: int) -> SearchSpace:
+        return SearchSpace(
+            ("a", "b", "c"), "base", 2, MergeSettings(max_depth=depth), EvolutionSettings()
+        )
+
+    leaves = [Source("a"), Source("b"), Source("c")]
+    deep = [
+        Merge("slerp", [Merge("ties", leaves, {"density": d}, Source("base")), Source("a")], {})
+        for d in (0.3, 0.6, 0.9)
+    ]
+    assert all(r.depth() == 2 for r in deep)
+    rng = np.random.default_rng(0)
+    assert all(merge_lower(deep, bounded(2), rng) is None for _ in range(30))
+    made = list(filter(None, (merge_lower(deep, bounded(3), rng) for _ in range(30))))
+    assert made and all(recipe.depth() == 3 for recipe, _ in made)
+    linear = [Merge("linear", leaves, {"weight": [w, 1.0, 1.0]}) for w in (0.5, 1.0, 2.0)]
+    made = list(filter(None, (merge_lower(linear, bounded(1), rng) for _ in range(30))))
+    assert made
+    for recipe, _ in made:
+        assert recipe.technique == "linear" and recipe.depth() == 1
+        assert sorted(i.name for i in recipe.inputs) == ["a", "b", "c"]
+
+
 def test_genomes_decode_into_valid_recipes():
     ps = ParamsGenome("dare_ties", [Source("a"), Source("b")], Source("base"), groups=4, seed=1)
     assert ps.size == 2 * 4 * 2 + 1  # weight and density per model and group, plus λ
