@@ -14,7 +14,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from agent_forge.evomerge.exceptions import ConfigurationError, EvoMergeException, ModelLoadError
+from agent_forge.evomerge.exceptions import (
+    ConfigurationError,
+    EvoMergeException,
+    ModelLoadError,
+)
 from agent_forge.evomerge.merger import RECIPE_FILE, AdvancedModelMerger
 from agent_forge.evomerge.recipe import LayerSlot, LayerStack, Merge, Source
 from agent_forge.evomerge.recipe_files import load_recipe_file
@@ -113,12 +117,18 @@ def test_linear_task_arithmetic_and_ties_match_the_formula_tensor_by_tensor(
 
 
 def reference_ties(deltas, density):
-    """TIES written out entry by entry, straight from the paper's three steps."""
+    """TIES written out entry by entry, straight from the paper's three steps.
+
+    ``density`` is one value for every task vector or a list of one per task vector; a task
+    vector of n entries keeps its ``max(1, int(density·n))`` largest magnitudes (none at
+    density 0, all at density 1).
+    """
     flat = [d.flatten().tolist() for d in deltas]
     n = len(flat[0])
-    keep = int(density * n)
+    densities = density if isinstance(density, list) else [density] * len(flat)
     trimmed = []
-    for values in flat:
+    for values, d in zip(flat, densities, strict=True):
+        keep = n if d >= 1 else 0 if d <= 0 else max(1, int(d * n))
         threshold_order = sorted(range(n), key=lambda i: -abs(values[i]))[:keep]
         kept = set(threshold_order)
         trimmed.append([v if i in kept else 0.0 for i, v in enumerate(values)])
@@ -177,6 +187,99 @@ def test_component_weights_split_attention_and_mlp(merger, tiny_family, tmp_path
     )
     norm = "model.layers.0.input_layernorm.weight"
     assert torch.allclose(merged[norm], (sd["m1"][norm] + sd["m2"][norm]) / 2)
+
+
+def test_per_layer_group_densities_apply_to_the_right_layers(merger, tiny_family, tmp_path):
+    """A PS TIES merge whose densities are lists over layer groups: with two layers there are four
+    positions (embeddings, layer 0, layer 1, final norm and head); a list of n values splits
+    them into n equal runs."""
+    sd = states(tiny_family)
+    recipe = merger._ps_merge(
+        {"density": [[1.0, 0.3, 0.0, 0.6], 0.5, [0.2, 1.0]]}, technique="ties"
+    )
+    merged = load_file(merger.merge(recipe, tmp_path / "ps") / "model.safetensors")
+    # m1: one density per position; m2: one for all; m3: positions 0–1, then 2–3
+    expected_densities = {
+        "model.embed_tokens.weight": [1.0, 0.5, 0.2],
+        "model.layers.0.mlp.up_proj.weight": [0.3, 0.5, 0.2],
+        "model.layers.0.input_layernorm.weight": [0.3, 0.5, 0.2],
+        "model.layers.1.self_attn.q_proj.weight": [0.0, 0.5, 1.0],
+        "model.layers.1.post_attention_layernorm.weight": [0.0, 0.5, 1.0],
+        "model.norm.weight": [0.6, 0.5, 1.0],
+        "lm_head.weight": [0.6, 0.5, 1.0],
+    }
+    for name, densities in expected_densities.items():
+        base = sd["base"][name]
+        deltas = [sd[m][name] - base for m in ("m1", "m2", "m3")]
+        expected = base + reference_ties(deltas, densities)
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
+        # the densities differ between positions, so a misplaced one would not match
+        wrong = base + reference_ties(deltas, [0.5, 0.5, 0.5])
+        assert not torch.allclose(merged[name], wrong, atol=1e-6), name
+
+
+def keep_largest(delta, density):
+    """``delta`` with all but its ``max(1, int(density·n))`` largest magnitudes zeroed (all at
+    density 1, none at density 0)."""
+    n = delta.numel()
+    keep = n if density >= 1 else 0 if density <= 0 else max(1, int(density * n))
+    flat = delta.flatten()
+    mask = torch.zeros(n, dtype=torch.bool)
+    mask[torch.topk(flat.abs(), keep).indices] = True
+    return torch.where(mask, flat, torch.zeros_like(flat)).view_as(delta)
+
+
+def test_component_densities_trim_attention_mlp_embeddings_norms_and_head(
+    merger, tiny_family, tmp_path
+):
+    """TIES of one task vector (weight 1) is the base plus the trimmed task vector, so each
+    component's density shows directly: 1 keeps δ whole, 0 drops it, 0.1 keeps the top 10%."""
+    sd = states(tiny_family)
+    density = {"attention": 1.0, "mlp": 0.0, "embeddings": 0.1, "norms": 0.25, "default": 0.5}
+    recipe = Merge("ties", [Source("m1")], {"density": density}, Source("base"))
+    merged = load_file(merger.merge(recipe, tmp_path / "c") / "model.safetensors")
+    base, m1 = sd["base"], sd["m1"]
+    for layer in (0, 1):
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            name = f"model.layers.{layer}.self_attn.{proj}.weight"
+            assert torch.equal(merged[name], base[name] + (m1[name] - base[name])), name
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            name = f"model.layers.{layer}.mlp.{proj}.weight"
+            assert torch.equal(merged[name], base[name]), name
+    expected_density = {
+        "model.embed_tokens.weight": 0.1,
+        "model.layers.0.input_layernorm.weight": 0.25,
+        "model.layers.1.post_attention_layernorm.weight": 0.25,
+        "model.norm.weight": 0.25,
+        "lm_head.weight": 0.5,  # "head" is not in the mapping: the default
+    }
+    for name, d in expected_density.items():
+        delta = m1[name] - base[name]
+        expected = base[name] + keep_largest(delta, d)
+        assert torch.allclose(merged[name], expected, atol=1e-7), name
+        kept = int(torch.count_nonzero(merged[name] != base[name]))
+        assert kept == int(d * delta.numel()), (name, kept)
+
+
+def test_component_weights_for_embeddings_norms_and_head(merger, tiny_family, tmp_path):
+    sd = states(tiny_family)
+    w1 = {"embeddings": 0.9, "norms": 0.2, "head": 0.6, "default": 0.5}
+    w2 = {"embeddings": 0.3, "norms": 0.7, "head": 0.1, "default": 0.25}
+    recipe = Merge("linear", [Source("m1"), Source("m2")], {"weight": [w1, w2]})
+    merged = load_file(merger.merge(recipe, tmp_path / "c") / "model.safetensors")
+    components = {
+        "model.embed_tokens.weight": "embeddings",
+        "model.layers.0.input_layernorm.weight": "norms",
+        "model.layers.1.post_attention_layernorm.weight": "norms",
+        "model.norm.weight": "norms",
+        "lm_head.weight": "head",
+        "model.layers.0.self_attn.q_proj.weight": "default",
+        "model.layers.1.mlp.down_proj.weight": "default",
+    }
+    for name, component in components.items():
+        a, b = w1[component], w2[component]
+        expected = (a * sd["m1"][name] + b * sd["m2"][name]) / (a + b)
+        assert torch.allclose(merged[name], expected, atol=1e-6), name
 
 
 def test_same_recipe_gives_identical_bytes_twice_and_in_another_process(
@@ -399,6 +502,140 @@ def test_ps_dfs_stacks_a_ps_merge_with_the_sources(merger, tmp_path):
     stack = merger._dfs_merge([(0, 0), (1, 1), (0, 1)], inputs=[ps, Source("m1"), Source("m2")])
     model = AutoModelForCausalLM.from_pretrained(merger.merge(stack, tmp_path / "psdfs"))
     assert model.config.num_hidden_layers == 3
+
+
+# -- tied embeddings -------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tied_family(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """A base and three fine-tunes whose output head is the input embedding
+    (``tie_word_embeddings``)."""
+    from conftest import save_tiny_llama
+    from transformers import LlamaForCausalLM
+
+    root = tmp_path_factory.mktemp("tied_family")
+    base_dir = save_tiny_llama(root / "base", tiny_tokenizer, seed=10, tie=True)
+    base = LlamaForCausalLM.from_pretrained(base_dir)
+    family = {"base": base_dir}
+    for i, name in enumerate(["t1", "t2", "t3"], start=11):
+        family[name] = save_tiny_llama(
+            root / name, tiny_tokenizer, seed=i, from_model=base, noise=0.02
+        )
+    return family
+
+
+def tied_merger(family, **kwargs):
+    sources = {n: open_source(n, str(p)) for n, p in family.items()}
+    return AdvancedModelMerger(sources=sources, base="base", **kwargs)
+
+
+def assert_tied(model):
+    head, embed = model.lm_head.weight, model.model.embed_tokens.weight
+    assert model.config.tie_word_embeddings
+    assert head.data_ptr() == embed.data_ptr() and torch.equal(head, embed)
+
+
+def generates(folder, model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    ids = tokenizer("the quick", return_tensors="pt")
+    generated = model.generate(
+        **ids, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id
+    )
+    return generated.shape[1] == ids["input_ids"].shape[1] + 4
+
+
+def test_merging_tied_models_keeps_the_tie(tied_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    sd = states(tied_family)
+    assert "lm_head.weight" not in sd["t1"]  # the sources store the embedding once
+    weights = [0.5, 0.3, 0.2]
+    recipe = Merge("linear", [Source("t1"), Source("t2"), Source("t3")], {"weight": weights})
+    out = tied_merger(tied_family).merge(recipe, tmp_path / "linear")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    merged = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in merged
+    name = "model.embed_tokens.weight"
+    expected = sum(w * sd[m][name] for w, m in zip(weights, ("t1", "t2", "t3"), strict=True)) / sum(
+        weights
+    )
+    assert torch.allclose(merged[name], expected, atol=1e-6)
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert_tied(model)
+    assert torch.allclose(model.lm_head.weight, expected, atol=1e-6)
+    assert generates(out, model)
+
+    # TIES too: the one embedding tensor is the formula, and the head is that tensor
+    out = tied_merger(tied_family).merge(
+        Merge("ties", [Source("t1"), Source("t2")], {"density": 0.4}, Source("base")),
+        tmp_path / "ties",
+    )
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert_tied(model)
+    base = sd["base"][name]
+    expected = base + reference_ties([sd[m][name] - base for m in ("t1", "t2")], 0.4)
+    assert torch.allclose(model.lm_head.weight, expected, atol=1e-6)
+
+
+def test_resident_merge_of_tied_models_keeps_the_head_on_the_embedding(tied_family, tmp_path):
+    """The in-memory model re-points its parameters into one buffer: the head must follow the
+    embedding there too, so its logits are those of the streamed folder's model."""
+    from transformers import AutoModelForCausalLM
+
+    recipe = Merge("linear", [Source("t1"), Source("t2")], {"weight": [0.7, 0.3]})
+    out = tied_merger(tied_family).merge(recipe, tmp_path / "out")
+    loaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    resident = tied_merger(tied_family, resident=True)
+    model = resident.materialize(recipe)
+    assert_tied(model)
+    ids = torch.tensor([[5, 17, 42, 9, 100, 3]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, loaded(ids).logits, atol=1e-5)
+    # a second candidate overwrites the buffer in place; the head follows again
+    second = Merge("linear", [Source("t1"), Source("t2")], {"weight": [0.1, 0.9]})
+    model = resident.materialize(second)
+    assert_tied(model)
+    sd = states(tied_family)
+    name = "model.embed_tokens.weight"
+    assert torch.allclose(
+        model.lm_head.weight, 0.1 * sd["t1"][name] + 0.9 * sd["t2"][name], atol=1e-6
+    )
+
+
+def test_dfs_stack_of_tied_models_keeps_the_tie_and_is_exact(tied_family, tmp_path):
+    """A layer stack of tied models takes embeddings, final norm and (tied) head from
+    ``embed_from``: it loads tied, equals running the source layers by hand, and generates."""
+    from transformers import AutoModelForCausalLM
+
+    merger = tied_merger(tied_family)
+    models = [AutoModelForCausalLM.from_pretrained(tied_family[n]).eval() for n in ("t1", "t2")]
+    path = [(0, 0), (1, 1), (1, 0), (0, 1)]
+    stack = merger._dfs_merge(
+        [LayerSlot(i, layer) for i, layer in path],
+        inputs=[Source("t1"), Source("t2")],
+        embed_from=1,
+    )
+    out = merger.merge(stack, tmp_path / "dfs")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    merged_sd = load_file(out / "model.safetensors")
+    assert "lm_head.weight" not in merged_sd
+    t2 = load_file(Path(tied_family["t2"]) / "model.safetensors")
+    assert torch.equal(merged_sd["model.embed_tokens.weight"], t2["model.embed_tokens.weight"])
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert merged.config.num_hidden_layers == 4
+    assert_tied(merged)
+    ids = torch.tensor([[5, 17, 42, 9, 100, 3]])
+    # manual_forward takes embeddings, norm and head from its first model: here t2
+    reordered = [models[1], models[0]]
+    flipped = [(1 - i, layer) for i, layer in path]
+    with torch.no_grad():
+        expected = manual_forward(reordered, flipped, [1.0] * len(path), ids)
+        actual = merged(ids).logits
+    assert torch.allclose(actual, expected, atol=1e-4), (actual - expected).abs().max()
+    assert generates(out, merged)
 
 
 # -- bad input -------------------------------------------------------------------------------------

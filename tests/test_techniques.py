@@ -243,6 +243,72 @@ def test_dare_ties_elects_signs_after_dropping():
     assert torch.equal(a, run("ties", [D1, D2], density=1.0))
 
 
+def elect_by_hand(rows: list[list[float]], weights: list[float], lam=1.0, normalize=True):
+    """TIES's elect-and-disjoint-mean, entry by entry in plain Python, from the formula."""
+    merged = []
+    for values in zip(*rows, strict=True):
+        ys = [w * v for w, v in zip(weights, values, strict=True)]
+        sign = 1.0 if sum(ys) >= 0 else -1.0  # a zero sum elects +
+        agree = [i for i, y in enumerate(ys) if y * sign > 0]  # zeros agree with nothing
+        total = sum(ys[i] for i in agree)
+        divisor = sum(weights[i] for i in agree) or 1.0
+        merged.append(lam * (total / divisor if normalize else total))
+    return merged
+
+
+def test_dare_ties_drops_rescales_then_elects_by_hand():
+    """Seed 0's draws, made here in DARE's order: input after input, density-1 inputs too."""
+    gen = torch.Generator().manual_seed(0)
+    draws = [torch.rand(8, generator=gen) for _ in range(3)]
+    assert (draws[0] < 0.5).tolist() == [True, False, True, True, True, False, True, False]
+    assert (draws[2] < 0.6).tolist() == [False, False, True, True, False, False, True, False]
+    a = [1.0, 5.0, -1.5, 0.25, -0.75, 2.0, 0.5, -3.0]  # density 0.5, weight 1
+    b = [-4.0, -1.0, 1.0, 0.5, 2.0, 0.0, -0.2, 0.4]  # density 1 (all kept), weight 0.5
+    c = [0.0, -0.5, 1.2, -0.3, 3.0, -1.0, 0.6, -0.9]  # density 0.6, weight 2
+    # weighted survivors y = w·δ/density, column by column:
+    #   0: 2, −2, 0 → a tie, + wins → 2/1          1: a's 5 dropped → only b's −0.5 → −0.5/0.5
+    #   2: −3, 0.5, 4 → + → (0.5+4)/(0.5+2)        3: 0.5, 0.25, −1 → − → −1/2
+    #   4: −1.5, 1, c dropped → − → −1.5/1         5: everything dropped or zero → 0
+    #   6: 1, −0.1, 2 → + → (1+2)/(1+2)            7: only b's 0.2 → 0.2/0.5
+    expected = [2.0, -1.0, 4.5 / 2.5, -0.5, -1.5, 0.0, 1.0, 0.4]
+    params = {"weight": [1.0, 0.5, 2.0], "density": [0.5, 1.0, 0.6]}
+    assert close(run("dare_ties", [a, b, c], torch.Generator().manual_seed(0), **params), expected)
+    # unnormalised: the agreeing sums, times λ
+    merged = run(
+        "dare_ties",
+        [a, b, c],
+        torch.Generator().manual_seed(0),
+        normalize=False,
+        **params,
+        **{"lambda": 0.5},
+    )
+    assert close(merged, [1.0, -0.25, 2.25, -0.5, -0.75, 0.0, 1.5, 0.1])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_dare_ties_equals_the_formula_on_draws_made_independently(seed):
+    """Multiples of ¼ and densities ½, ¼, 1 keep the arithmetic exact, ties included."""
+    values = torch.randint(-8, 9, (3, 12), generator=torch.Generator().manual_seed(100 + seed))
+    deltas = (values / 4).tolist()
+    weights, densities = [1.0, 0.5, 2.0], [0.5, 1.0, 0.25]
+    gen = torch.Generator().manual_seed(seed)
+    draws = [torch.rand(12, generator=gen).tolist() for _ in deltas]  # every input draws
+    dropped = [
+        [x / p if u < p else 0.0 for x, u in zip(row, us, strict=True)]
+        for row, us, p in zip(deltas, draws, densities, strict=True)
+    ]
+    expected = elect_by_hand(dropped, weights, lam=0.75)
+    merged = run(
+        "dare_ties",
+        deltas,
+        torch.Generator().manual_seed(seed),
+        weight=weights,
+        density=densities,
+        **{"lambda": 0.75},
+    )
+    assert close(merged, expected)
+
+
 def test_dare_reproducible_across_processes(tiny_family, tmp_path):
     """One recipe with a randomised technique gives the same bytes in another process."""
     script = (
@@ -296,6 +362,25 @@ def test_breadcrumbs_reduces_outlier_drop_to_keep_density():
     assert close(drop_outliers_and_small(delta, 0.95, 0.3), [1, 2, 3, 4, 5, 6, 7, 8, 9, 0])
 
 
+def test_breadcrumbs_ties_drops_each_band_then_elects_by_hand():
+    a = [0.5, -3.0, 1.0, 2.5, -0.2, 4.0, -1.5, 0.8, 2.0, -0.1]
+    b = [-2.0, 1.0, -0.3, -2.5, 0.6, 0.9, 3.5, -0.4, -1.2, 5.0]
+    c = [0.7, 0.2, -0.6, 0.0, -3.0, 0.3, 0.4, 1.1, -0.5, 0.05]
+    # a: density 0.5, gamma 0.1 → skip the largest (4), keep the next 5
+    # b: density 0.6, gamma 0.2 → skip the 2 largest (5, 3.5), keep the next 6
+    # c: density 0.9, gamma 0.3 → keep 9, so only 1 outlier (−3) can go, not 3
+    #   a' = [0,    -3,  1,    2.5, 0,   0,   -1.5, 0,   2,    0   ]
+    #   b' = [-2,   1,   0,   -2.5, 0.6, 0.9,  0,   0,  -1.2,  0   ]
+    #   c' = [0.7,  0.2, -0.6, 0,   0,   0.3,  0.4, 1.1, -0.5, 0.05]
+    # weights 1, 1, 2: column 3 sums to exactly 0, so + wins and a's 2.5 stands alone;
+    # in columns 2 and 8 c's weight elects − (unweighted, + would win)
+    params = {"weight": [1.0, 1.0, 2.0], "density": [0.5, 0.6, 0.9], "gamma": [0.1, 0.2, 0.3]}
+    merged = run("breadcrumbs_ties", [a, b, c], **params)
+    assert close(merged, [-2.0, -3.0, -0.6, 2.5, 0.6, 1.5 / 3, -1.5, 1.1, -2.2 / 3, 0.05])
+    merged = run("breadcrumbs_ties", [a, b, c], normalize=False, **params, **{"lambda": 2.0})
+    assert close(merged, [-4.0, -6.0, -2.4, 5.0, 1.2, 3.0, -3.0, 4.4, -4.4, 0.2])
+
+
 # -- DELLA -----------------------------------------------------------------------------------------
 
 
@@ -332,6 +417,33 @@ def test_della_rescales_kept_entries_by_one_over_p_and_is_unbiased():
         ]
     ).mean(0)
     assert torch.allclose(mean, delta, atol=0.25)
+
+
+def test_della_ranks_per_row_rescales_by_one_over_p_then_elects_by_hand():
+    """Only inputs with density < 1 draw, one ``torch.rand(shape)`` each, in input order."""
+    a = [[0.5, -2.0, 0.25], [-3.0, 1.5, 0.75]]  # density 0.5, ε 0.25, weight 1
+    b = [[-1.0, 0.5, -2.0], [6.0, -1.0, 1.0]]  # density 1: kept whole, no draws; weight 0.5
+    c = [[-0.75, 1.0, -0.25], [0.5, -0.25, -1.0]]  # density 0.5, ε 0.125, weight 1
+    # ranks of |x| within each row (0 … 2) give p = density − ε + 2ε·rank/2, exact in binary:
+    p_a = [[0.5, 0.75, 0.25], [0.75, 0.5, 0.25]]  # ranks 1 2 0 | 2 1 0
+    p_c = [[0.5, 0.625, 0.375], [0.5, 0.375, 0.625]]  # ranks 1 2 0 | 1 0 2
+    gen = torch.Generator().manual_seed(0)
+    u_a, u_c = torch.rand((2, 3), generator=gen), torch.rand((2, 3), generator=gen)
+    assert (u_a < torch.tensor(p_a)).tolist() == [[True, False, True], [True, True, False]]
+    assert (u_c < torch.tensor(p_c)).tolist() == [[True, False, False], [False, True, True]]
+    # survivors δ/p:  a → [[1, 0, 1], [−4, 3, 0]]   c → [[−1.5, 0, 0], [0, −2/3, −1.6]]
+    # weighted sums with b·0.5: [[−1, 0.25, 0], [−1, 1.83, −1.1]]; at [0][2] the tie elects +
+    # (a's 1 alone), at [1][0] the weight elects − (unweighted, b's 6 would win)
+    expected = [[(-0.5 - 1.5) / 1.5, 0.5, 1.0], [-4.0, 3.0, -1.6]]
+    merged = run(
+        "della",
+        [a, b, c],
+        torch.Generator().manual_seed(0),
+        weight=[1.0, 0.5, 1.0],
+        density=[0.5, 1.0, 0.5],
+        epsilon=[0.25, 0.15, 0.125],
+    )
+    assert close(merged, expected)
 
 
 @pytest.mark.parametrize("density,epsilon", [(0.1, 0.2), (0.9, 0.15)])

@@ -352,6 +352,7 @@ class AdvancedModelMerger:
         hf_config = AutoConfig.for_model(model_type, **config_dict)
         with no_init_weights():
             model = AutoModelForCausalLM.from_config(hf_config, dtype=self.output_dtype())
+        model.tie_weights()  # no_init_weights skips the tying: a tied head must share storage
         return model.to(self.device).eval()
 
 
