@@ -643,6 +643,12 @@ def test_smollm2_import_matches_transformers_then_merge_and_export(tmp_path):
     del ours
     merged, _ = load_hf(merged_dir)
     reference = logits(merged, tokenizer, PROMPTS)
+    # evaluation's in-memory candidate of the same merge: tied head, the streamed model's logits
+    resident = resident_merge(source, tmp_path)
+    assert resident.lm_head.weight.data_ptr() == resident.model.embed_tokens.weight.data_ptr()
+    absolute, _ = max_error(reference, logits(resident, tokenizer, PROMPTS))
+    assert absolute <= 1e-5
+    del resident
     start = time.perf_counter()
     out = export_gguf(merged_dir, tmp_path / "merged-f16.gguf", "f16")
     seconds, megabytes = time.perf_counter() - start, out.stat().st_size / 1e6
@@ -657,6 +663,20 @@ def test_smollm2_import_matches_transformers_then_merge_and_export(tmp_path):
     ids = back_tokenizer(PROMPTS[0], return_tensors="pt").input_ids
     generated = back.generate(ids, max_new_tokens=3, do_sample=False)
     assert back_tokenizer.decode(generated[0, ids.shape[1] :]).startswith(" Paris")
+
+
+def resident_merge(source: Path, root: Path):
+    """``build_merge``'s linear merge, materialised in memory as evaluation does."""
+    from agent_forge.evomerge.config import Configuration, MergeSettings, ModelReference
+    from agent_forge.evomerge.merger import AdvancedModelMerger
+
+    references = [ModelReference("original", str(source))] + [
+        ModelReference(f"variant{seed}", str(root / f"variant{seed}")) for seed in (1, 2)
+    ]
+    settings = MergeSettings(merge_method="linear", dtype="float32")
+    config = Configuration(models=references, merge_settings=settings, output_dir=str(root))
+    merger = AdvancedModelMerger(config, resident=True)
+    return merger.materialize(merger.default_recipe())
 
 
 def assert_linear_merge(original: dict[str, torch.Tensor], root: Path, merged_dir: Path) -> None:
