@@ -761,3 +761,47 @@ def test_bytes_do_not_depend_on_threads_block_sizes_or_batches(
                 assert torch.equal(tensor, expected[name]), (count, name)
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("head_model", ["t2", "m1"])
+def test_a_stack_with_its_head_from_another_input_unties_it(
+    tied_family, tiny_family, head_model, tmp_path
+):
+    """Embeddings from tied t1, final norm and head from ``head_from`` (tied t2, whose head is
+    its embedding, or untied m1): the stack is written untied with that head, streamed and in
+    memory alike, and computes t1's embedding → layers → the head input's norm and head."""
+    from transformers import AutoModelForCausalLM
+
+    folders = {"t1": tied_family["t1"], head_model: (tied_family | tiny_family)[head_model]}
+    sources = {n: open_source(n, str(p)) for n, p in folders.items()}
+    merger = AdvancedModelMerger(sources=sources)
+    stack = LayerStack(
+        (Source("t1"), Source(head_model)),
+        (LayerSlot(0, 0), LayerSlot(1, 1), LayerSlot(0, 1)),
+        embed_from=0,
+        head_from=1,
+    )
+    out = merger.merge(stack, tmp_path / "stack")
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is False
+    written = load_file(out / "model.safetensors")
+    head_files = load_file(Path(folders[head_model]) / "model.safetensors")
+    head = head_files.get("lm_head.weight", head_files["model.embed_tokens.weight"])
+    assert torch.equal(written["lm_head.weight"], head)
+    t1 = load_file(Path(folders["t1"]) / "model.safetensors")
+    assert torch.equal(written["model.embed_tokens.weight"], t1["model.embed_tokens.weight"])
+    models = [AutoModelForCausalLM.from_pretrained(folders[n]).eval() for n in ("t1", head_model)]
+    merged = AutoModelForCausalLM.from_pretrained(out).eval()
+    held = AdvancedModelMerger(sources=sources, resident=True).materialize(stack)
+    ids = torch.tensor([[5, 17, 42, 9, 100, 3]])
+    with torch.no_grad():
+        hidden = models[0].model.embed_tokens(ids)
+        positions = torch.arange(ids.shape[1]).unsqueeze(0)
+        rotary = models[0].model.rotary_emb(hidden, positions)
+        for index, layer in ((0, 0), (1, 1), (0, 1)):
+            out_ = models[index].model.layers[layer](
+                hidden, position_embeddings=rotary, attention_mask=None, position_ids=positions
+            )
+            hidden = out_[0] if isinstance(out_, tuple) else out_
+        expected = models[1].model.norm(hidden) @ head.T
+        assert torch.allclose(merged(ids).logits, expected, atol=1e-4)
+        assert torch.allclose(held(ids).logits, expected, atol=1e-4)

@@ -83,6 +83,10 @@ def draw_hash(node: Merge) -> str:
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
+#: The output head of the causal-LM families EvoMerge merges (absent from a tied model's files).
+HEAD_TENSOR = "lm_head.weight"
+
+
 class RecipeGraph:
     """Answers, for a recipe: its layer count, tensor names and shapes, config, and tensor
     values."""
@@ -144,6 +148,8 @@ class RecipeGraph:
             for n in self.names(node.inputs[node.head_input])
             if parse_layer(n) is None and _is_post(n)
         ]
+        if self._head_from_embedding(node) is not None:
+            outer.append(HEAD_TENSOR)
         layer_names = []
         for k, slot in enumerate(node.slots):
             available = self.layers(node.inputs[slot.input])
@@ -180,6 +186,10 @@ class RecipeGraph:
             return self.config(node.inputs[0])
         assert isinstance(node, LayerStack)
         template = self.config(node.inputs[node.embed_from])
+        if node.head_input != node.embed_from and any(
+            parse_layer(n) is None and component_of(n) == "head" for n in self.names(node)
+        ):  # a head from another input than the embeddings: the stack cannot tie them
+            template["tie_word_embeddings"] = False
         slots = [
             (self.config(node.inputs[s.input]), s.layer, self.layers(node.inputs[s.input]))
             for s in node.slots
@@ -555,8 +565,26 @@ class RecipeGraph:
             )
         return buffer[:count]
 
+    def _head_from_embedding(self, node: LayerStack) -> str | None:
+        """The embedding tensor of ``head_from``'s input when that input ties its head to it
+        (stores no head) and the stack's embeddings come from another input: the stack is then
+        untied, its head that embedding. None otherwise."""
+        if node.head_input == node.embed_from:
+            return None
+        names = self.names(node.inputs[node.head_input])
+        if any(parse_layer(n) is None and component_of(n) == "head" for n in names):
+            return None
+        embeddings = [
+            n for n in names if parse_layer(n) is None and component_of(n) == "embeddings"
+        ]
+        return embeddings[0] if len(embeddings) == 1 else None
+
     def _slot_lookup(self, node: LayerStack, name: str) -> tuple[RecipeNode, str, float]:
         parsed = parse_layer(name)
+        if name == HEAD_TENSOR and parsed is None:
+            embedding = self._head_from_embedding(node)
+            if embedding is not None:
+                return node.inputs[node.head_input], embedding, 1.0
         if parsed is None:
             return node.inputs[node.head_input if _is_post(name) else node.embed_from], name, 1.0
         if parsed.index >= len(node.slots):
