@@ -149,7 +149,7 @@ def keep_count(density: float, count: int) -> int:
 
 def keep_top_magnitude(delta: Tensor, density: float) -> Tensor:
     """TIES "trim": zero all but the ``max(1, int(density·numel))`` largest-magnitude entries
-    (all of them at density 0).
+    (every entry at density 0).
 
     Ties at the threshold keep the lowest flat indices first (see :func:`top_magnitude_cut`).
     """

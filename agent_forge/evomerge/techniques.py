@@ -408,9 +408,9 @@ def ties(
     """TIES: trim each task vector, elect a sign per entry, average the agreeing entries.
 
     Each tensor of each δᵢ keeps exactly ``max(1, int(densityᵢ·numel))`` entries (none at
-    density 0; see :func:`.sparsify.keep_count`); ties at the
-    threshold magnitude keep the lowest flat indices first. ``ranked`` (optional, ``(M, N)``):
-    the magnitudes sorted within each segment, which make the thresholds lookups.
+    density 0, see :func:`.sparsify.keep_count`); ties at the threshold magnitude keep the
+    lowest flat indices first. ``ranked`` (optional, ``(M, N)``): the magnitudes sorted within
+    each segment, which make the thresholds lookups.
     """
     flat = deltas.reshape(deltas.shape[0], -1)  # (M, N)
     parts = segment_starts(flat.shape[1], segments)
