@@ -37,10 +37,25 @@ SIZES = {  # hidden, intermediate, layers, vocab → parameters
     "1b": (2048, 5632, 16, 32000),  # ~1.1B
 }
 
+_PEAK_RSS = """
+def peak_rss():
+    # VmHWM: this process's own high-water mark. ru_maxrss also counts the parent's memory at
+    # the spawn (the kernel carries the pre-exec address space's peak over), which inflated it
+    # by the models a benchmark had just generated.
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+"""
+
 CHILD_MERGE = """
 import json, resource, sys, time
 import torch
-torch.set_num_threads({threads})
+{peak_rss}torch.set_num_threads({threads})
 from agent_forge.evomerge.sources import open_source
 from agent_forge.evomerge.merger import AdvancedModelMerger
 from agent_forge.evomerge.recipe import Merge, Source
@@ -52,14 +67,13 @@ recipe = Merge(
     "ties", [Source("m1"), Source("m2"), Source("m3")], {{"density": 0.5}}, Source("base")
 )
 merger.merge(recipe, out)
-print(json.dumps({{"seconds": time.perf_counter() - start,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+print(json.dumps({{"seconds": time.perf_counter() - start, "peak_rss": peak_rss()}}))
 """
 
 CHILD_MERGEKIT = """
 import json, resource, sys, time, yaml
 import torch
-torch.set_num_threads({threads})
+{peak_rss}torch.set_num_threads({threads})
 from mergekit.config import MergeConfiguration
 from mergekit.merge import run_merge
 from mergekit.options import MergeOptions
@@ -70,8 +84,7 @@ config = {{"merge_method": "ties", "base_model": f"{{root}}/base", "dtype": "flo
 start = time.perf_counter()
 run_merge(MergeConfiguration.model_validate(config), out,
           MergeOptions(copy_tokenizer=False, quiet=True))
-print(json.dumps({{"seconds": time.perf_counter() - start,
-                  "peak_rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}}))
+print(json.dumps({{"seconds": time.perf_counter() - start, "peak_rss": peak_rss()}}))
 """
 
 
@@ -174,7 +187,9 @@ def bench_merge(
             out = work / f"out-{name}"
             shutil.rmtree(out, ignore_errors=True)
             try:
-                runs[name].append(_child(code.format(threads=threads), str(root), str(out)))
+                runs[name].append(
+                    _child(code.format(threads=threads, peak_rss=_PEAK_RSS), str(root), str(out))
+                )
             except (RuntimeError, json.JSONDecodeError) as exc:
                 result[f"{name}_error"] = str(exc)
             shutil.rmtree(out, ignore_errors=True)
