@@ -131,6 +131,41 @@ def test_run_with_two_local_models_takes_the_third_from_the_defaults(tmp_path):
     assert [m["name"] for m in saved["models"]] == ["mine-a", "mine-b", config.models[2].name]
 
 
+def test_a_run_over_tied_models_evolves_and_writes_a_tied_model(tmp_path):
+    """Models whose head is their input embedding (SmolLM2, Qwen2.5, Llama 3.2 …): every
+    candidate technique, in memory and streamed, keeps the tie."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from agent_forge.evomerge.config import ModelReference
+
+    config = create_default_config()
+
+    def tied_copy(reference: ModelReference) -> ModelReference:
+        model = AutoModelForCausalLM.from_pretrained(reference.path)
+        model.config.tie_word_embeddings = True
+        model.lm_head.weight = model.model.embed_tokens.weight
+        folder = tmp_path / "tied" / reference.name
+        model.save_pretrained(folder)
+        AutoTokenizer.from_pretrained(reference.path).save_pretrained(folder)
+        return ModelReference(reference.name, str(folder))
+
+    config.models = [tied_copy(m) for m in config.models]
+    config.base_model = tied_copy(config.base_model)
+    config.evolution_settings.population_size = 6
+    config.evolution_settings.num_generations = 2
+    config.evaluation_settings.fitness_sample_size = 24
+    path = config.save(tmp_path / "tied.json")
+    result = cli("--config", str(path), "--run", "--output", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr
+    best = tmp_path / "run" / "best"
+    assert json.loads((best / "config.json").read_text())["tie_word_embeddings"] is True
+    model = AutoModelForCausalLM.from_pretrained(best)
+    assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
+    evaluations = (tmp_path / "run" / "evaluations.jsonl").read_text().splitlines()
+    labels = {json.loads(line)["label"] for line in evaluations}
+    assert len(labels) >= 4, labels  # the mixed population: several techniques ran
+
+
 def test_run_from_a_config_file_with_flags_overriding(tmp_path):
     config = create_default_config()
     config.evolution_settings.population_size = 4
