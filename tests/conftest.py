@@ -104,20 +104,25 @@ def tiny_tokenizer():
     return train_tiny_tokenizer()
 
 
-@pytest.fixture(scope="session")
-def tiny_family(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
-    """A base and three "fine-tunes" of it (base + different seeded noise), two layers each."""
+def save_tiny_family(
+    root: Path, tokenizer, names: list[str], *, seed: int, tie: bool = False
+) -> dict[str, Path]:
+    """A base and "fine-tunes" of it (base + different seeded noise), two layers each."""
     from transformers import LlamaForCausalLM
 
-    root = tmp_path_factory.mktemp("tiny_family")
-    base_dir = save_tiny_llama(root / "base", tiny_tokenizer, seed=0)
+    base_dir = save_tiny_llama(root / "base", tokenizer, seed=seed, tie=tie)
     base = LlamaForCausalLM.from_pretrained(base_dir)
     family = {"base": base_dir}
-    for i, name in enumerate(["m1", "m2", "m3"], start=1):
-        family[name] = save_tiny_llama(
-            root / name, tiny_tokenizer, seed=i, from_model=base, noise=0.02
-        )
+    for i, name in enumerate(names, start=seed + 1):
+        family[name] = save_tiny_llama(root / name, tokenizer, seed=i, from_model=base, noise=0.02)
     return family
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
+    """A base and three "fine-tunes" of it, two layers each."""
+    root = tmp_path_factory.mktemp("tiny_family")
+    return save_tiny_family(root, tiny_tokenizer, ["m1", "m2", "m3"], seed=0)
 
 
 @pytest.fixture(scope="session")

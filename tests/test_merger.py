@@ -511,18 +511,10 @@ def test_ps_dfs_stacks_a_ps_merge_with_the_sources(merger, tmp_path):
 def tied_family(tmp_path_factory, tiny_tokenizer) -> dict[str, Path]:
     """A base and three fine-tunes whose output head is the input embedding
     (``tie_word_embeddings``)."""
-    from conftest import save_tiny_llama
-    from transformers import LlamaForCausalLM
+    from conftest import save_tiny_family
 
     root = tmp_path_factory.mktemp("tied_family")
-    base_dir = save_tiny_llama(root / "base", tiny_tokenizer, seed=10, tie=True)
-    base = LlamaForCausalLM.from_pretrained(base_dir)
-    family = {"base": base_dir}
-    for i, name in enumerate(["t1", "t2", "t3"], start=11):
-        family[name] = save_tiny_llama(
-            root / name, tiny_tokenizer, seed=i, from_model=base, noise=0.02
-        )
-    return family
+    return save_tiny_family(root, tiny_tokenizer, ["t1", "t2", "t3"], seed=10, tie=True)
 
 
 def tied_merger(family, **kwargs):
