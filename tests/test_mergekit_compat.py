@@ -219,6 +219,13 @@ def test_mergekit_defaults_fill_what_the_yaml_leaves_out(tiny_family, tmp_path):
     assert isinstance(recipe, Merge)
     assert recipe.params["density"] == [1.0, 1.0]
     assert recipe.params["rescale"] == "l1" and recipe.params["normalize"] is False
+    # mergekit's rescale is a boolean: false turns DARE's rescaling off
+    config = yaml.safe_load(path.read_text()) | {
+        "parameters": {"rescale": False, "normalize": True}
+    }
+    path.write_text(yaml.safe_dump(config))
+    recipe = load_recipe_file(path).recipe
+    assert recipe.params["rescale"] == "none" and recipe.params["normalize"] is True
 
 
 def test_slices_become_a_layer_stack(tiny_family, tmp_path):
