@@ -420,21 +420,23 @@ def test_della_rescales_kept_entries_by_one_over_p_and_is_unbiased():
 
 
 def test_della_ranks_per_row_rescales_by_one_over_p_then_elects_by_hand():
-    """Only inputs with density < 1 draw, one ``torch.rand(shape)`` each, in input order."""
+    """Every input draws one ``torch.rand(shape)``, in input order, whatever its density."""
     a = [[0.5, -2.0, 0.25], [-3.0, 1.5, 0.75]]  # density 0.5, ε 0.25, weight 1
-    b = [[-1.0, 0.5, -2.0], [6.0, -1.0, 1.0]]  # density 1: kept whole, no draws; weight 0.5
+    b = [[-1.0, 0.5, -2.0], [6.0, -1.0, 1.0]]  # density 1: kept whole (draws unused); weight 0.5
     c = [[-0.75, 1.0, -0.25], [0.5, -0.25, -1.0]]  # density 0.5, ε 0.125, weight 1
     # ranks of |x| within each row (0 … 2) give p = density − ε + 2ε·rank/2, exact in binary:
     p_a = [[0.5, 0.75, 0.25], [0.75, 0.5, 0.25]]  # ranks 1 2 0 | 2 1 0
     p_c = [[0.5, 0.625, 0.375], [0.5, 0.375, 0.625]]  # ranks 1 2 0 | 1 0 2
     gen = torch.Generator().manual_seed(0)
-    u_a, u_c = torch.rand((2, 3), generator=gen), torch.rand((2, 3), generator=gen)
+    u_a, _, u_c = (torch.rand((2, 3), generator=gen) for _ in range(3))
     assert (u_a < torch.tensor(p_a)).tolist() == [[True, False, True], [True, True, False]]
-    assert (u_c < torch.tensor(p_c)).tolist() == [[True, False, False], [False, True, True]]
-    # survivors δ/p:  a → [[1, 0, 1], [−4, 3, 0]]   c → [[−1.5, 0, 0], [0, −2/3, −1.6]]
-    # weighted sums with b·0.5: [[−1, 0.25, 0], [−1, 1.83, −1.1]]; at [0][2] the tie elects +
-    # (a's 1 alone), at [1][0] the weight elects − (unweighted, b's 6 would win)
-    expected = [[(-0.5 - 1.5) / 1.5, 0.5, 1.0], [-4.0, 3.0, -1.6]]
+    assert (u_c < torch.tensor(p_c)).tolist() == [[True, True, True], [False, False, False]]
+    # survivors δ/p:  a → [[1, 0, 1], [−4, 3, 0]]   c → [[−1.5, 1.6, −2/3], [0, 0, 0]]
+    # weighted sums with b·0.5: [[−1, 1.85, −2/3], [−1, 2.5, 0.5]]; the agreeing entries
+    # (non-zero, same sign) divided by their weights: [0][0] b and c, [0][1] b and c (a's 0
+    # does not count), [0][2] b and c, [1][0] a alone (the weight elects −; unweighted, b's 6
+    # would win), [1][1] a, [1][2] b
+    expected = [[(-0.5 - 1.5) / 1.5, (0.25 + 1.6) / 1.5, (-1.0 - 2 / 3) / 1.5], [-4.0, 3.0, 1.0]]
     merged = run(
         "della",
         [a, b, c],

@@ -607,11 +607,13 @@ def _della(
 ) -> Tensor:
     parts = []
     for delta, keep, eps in zip(deltas, density, epsilon, strict=True):
+        # every input draws, whatever its density (as DARE): an input's draws do not depend on
+        # the others' densities, so candidates that differ in densities share them
+        draws = uniforms(delta.shape, generator, delta.device)
         if keep >= 1.0:
             parts.append(delta)
             continue
         probs = della_keep_probabilities(delta, keep, eps)
-        draws = uniforms(delta.shape, generator, delta.device)
         kept = delta * (draws < probs)
         parts.append(rescale_kept(delta, kept, rescale, probs))
     return _stack(parts)
