@@ -259,6 +259,7 @@ def test_dare_masks_of_one_seed_grow_with_density(streaming, tmp_path):
     assert 0.4 < total_small / total_large < 0.6
 
 
+@pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("technique", ["dare_ties", "della"])
 def test_a_randomised_recipe_built_on_a_gpu_has_the_cpus_bytes(tiny_family, tmp_path, technique):
