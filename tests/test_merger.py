@@ -416,33 +416,41 @@ def test_dfs_layer_path_with_scales_equals_scaling_the_stream(merger, tiny_famil
     assert torch.allclose(actual, expected, atol=1e-4), (actual - expected).abs().max()
 
 
+def save_tiny_qwen2(folder: Path, tokenizer, layer_types: list[str]) -> Path:
+    """A tiny Qwen2 whose layers are full or sliding-window attention as ``layer_types`` says."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=len(layer_types),
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        use_sliding_window=True,
+        sliding_window=2,
+        layer_types=layer_types,
+    )
+    torch.manual_seed(len(layer_types))
+    Qwen2ForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def test_dfs_takes_each_slots_per_layer_config_from_its_own_model(tiny_tokenizer, tmp_path):
     """Per-layer config lists (Qwen2's ``layer_types``) follow the slots, from models of
     different depths: slot k gets the entry of its own model's layer."""
-    from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    from transformers import AutoModelForCausalLM
 
     types = {
         "a": ["full_attention", "sliding_attention"],
         "b": ["sliding_attention", "full_attention", "full_attention", "sliding_attention"],
     }
-    sources = {}
-    for name, layer_types in types.items():
-        config = Qwen2Config(
-            vocab_size=len(tiny_tokenizer),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=len(layer_types),
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=64,
-            use_sliding_window=True,
-            sliding_window=4,
-            layer_types=layer_types,
-        )
-        torch.manual_seed(len(layer_types))
-        Qwen2ForCausalLM(config).save_pretrained(tmp_path / name)
-        tiny_tokenizer.save_pretrained(tmp_path / name)
-        sources[name] = open_source(name, str(tmp_path / name))
+    sources = {
+        name: open_source(name, str(save_tiny_qwen2(tmp_path / name, tiny_tokenizer, layer_types)))
+        for name, layer_types in types.items()
+    }
     path = [(0, 1), (1, 0), (1, 3), (1, 2), (0, 0)]
     stack = LayerStack((Source("a"), Source("b")), tuple(LayerSlot(i, layer) for i, layer in path))
     out = AdvancedModelMerger(sources=sources).merge(stack, tmp_path / "stack")
@@ -457,6 +465,44 @@ def test_dfs_takes_each_slots_per_layer_config_from_its_own_model(tiny_tokenizer
     assert model.config.layer_types == want
     with torch.no_grad():
         assert model(torch.tensor([[5, 17, 42, 9, 100, 3]])).logits.shape[1] == 6
+
+
+def test_in_memory_candidates_of_one_depth_with_other_configs_get_their_own_model(
+    tiny_tokenizer, tmp_path
+):
+    """Two stacks of one depth whose layers differ in attention type (``layer_types``): each
+    in-memory candidate runs with its own config, so its logits are its streamed model's."""
+    from transformers import AutoModelForCausalLM
+
+    folder = save_tiny_qwen2(
+        tmp_path / "q", tiny_tokenizer, ["full_attention", "sliding_attention"]
+    )
+    sources = {"q": open_source("q", str(folder))}
+    first = LayerStack((Source("q"),), (LayerSlot(0, 0), LayerSlot(0, 1)))
+    second = LayerStack((Source("q"),), (LayerSlot(0, 1), LayerSlot(0, 0)))
+    resident = AdvancedModelMerger(sources=sources, resident=True)
+    ids = torch.tensor([[5, 17, 42, 9, 100, 3, 7, 11]])
+    for stack in (first, second, first):
+        streamed = AutoModelForCausalLM.from_pretrained(
+            AdvancedModelMerger(sources=sources).merge(
+                stack, tmp_path / stack.short_hash, overwrite=True
+            )
+        ).eval()
+        held = resident.materialize(stack)
+        assert held.config.layer_types == streamed.config.layer_types
+        with torch.no_grad():
+            assert torch.allclose(held(ids).logits, streamed(ids).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("deeper_first", [False, True])
+def test_merging_inputs_of_different_depths_is_a_clear_error(merger, tmp_path, deeper_first):
+    """A merge over a 2-layer model and a 3-layer stack: an error naming both depths, no
+    output (streaming once wrote a 2-layer model, dropping the third slot)."""
+    stack = LayerStack((Source("m2"),), (LayerSlot(0, 0), LayerSlot(0, 1), LayerSlot(0, 1)))
+    inputs = [stack, Source("m1")] if deeper_first else [Source("m1"), stack]
+    with pytest.raises(ConfigurationError, match=r"different layer counts \[2, 3\]"):
+        merger.merge(Merge("linear", inputs, {}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_dfs_repeated_layers_give_a_deeper_model_that_runs(merger, resident, tmp_path):

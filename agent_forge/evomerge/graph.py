@@ -136,6 +136,7 @@ class RecipeGraph:
                 )
             return list(cached)
         if isinstance(node, Merge):
+            self.layers(node)  # inputs of different depths: a clear error, not dropped layers
             return self.names(node.inputs[0])
         assert isinstance(node, LayerStack)
         outer = [

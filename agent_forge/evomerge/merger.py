@@ -20,6 +20,7 @@ import logging
 import math
 import shutil
 import time
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
@@ -51,6 +52,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 RECIPE_FILE = "evomerge_recipe.json"
+#: Resident models (one per model config) kept by :meth:`AdvancedModelMerger.materialize`.
+RESIDENT_MODELS = 8
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -124,7 +127,7 @@ class AdvancedModelMerger:
         if resident and wanted(setting, self.device, self.pool.resident_elements()):
             fused = FusedKernels()
         self.graph = RecipeGraph(self.pool, subtree_cache_bytes=subtree_cache_bytes, fused=fused)
-        self._resident_models: dict[int, _ResidentModel] = {}
+        self._resident_models: OrderedDict[str, _ResidentModel] = OrderedDict()
 
     def _float32_model_bytes(self) -> int:
         first = self.sources[self.model_names[0]]
@@ -318,15 +321,21 @@ class AdvancedModelMerger:
     def materialize(self, recipe: RecipeNode) -> PreTrainedModel:
         """Write ``recipe`` into a resident model's parameters and return the model (eval mode).
 
-        One model is kept per layer count; its parameters are views of one flat buffer, which
-        the graph writes batch by batch, so switching candidates overwrites them in place.
+        One model is kept per model config (layer count, per-layer lists such as
+        ``layer_types``, head tying), the :data:`RESIDENT_MODELS` most recently used; its
+        parameters are views of one flat buffer, which the graph writes batch by batch, so
+        switching candidates overwrites them in place.
         """
-        layers = self.graph.layers(recipe)
-        resident = self._resident_models.get(layers)
+        config = self.graph.config(recipe)
+        key = json.dumps(config, sort_keys=True, default=str)
+        resident = self._resident_models.get(key)
         if resident is None:
-            resident = self._resident_models[layers] = _ResidentModel.build(
-                self._build_model(recipe), self.graph.names(recipe)
+            resident = self._resident_models[key] = _ResidentModel.build(
+                self._build_model(config), self.graph.names(recipe)
             )
+            while len(self._resident_models) > RESIDENT_MODELS:
+                self._resident_models.popitem(last=False)
+        self._resident_models.move_to_end(key)
         names = self.graph.names(recipe)
         resident.check(names)
         with torch.no_grad():
@@ -341,11 +350,11 @@ class AdvancedModelMerger:
                 resident.scatter(run, values)
         return resident.model
 
-    def _build_model(self, recipe: RecipeNode) -> PreTrainedModel:
+    def _build_model(self, config: Mapping[str, Any]) -> PreTrainedModel:
         from transformers import AutoConfig, AutoModelForCausalLM
         from transformers.initialization import no_init_weights
 
-        config_dict = self.graph.config(recipe)
+        config_dict = dict(config)
         config_dict.pop("dtype", None)
         config_dict.pop("torch_dtype", None)
         model_type = config_dict.pop("model_type")
