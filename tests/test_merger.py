@@ -467,6 +467,23 @@ def test_dfs_takes_each_slots_per_layer_config_from_its_own_model(tiny_tokenizer
         assert model(torch.tensor([[5, 17, 42, 9, 100, 3]])).logits.shape[1] == 6
 
 
+def test_a_stack_remaps_per_layer_lists_only():
+    """``layer_types`` follows the slots; a list that merely has the layer count's length
+    (``eos_token_id``) and ``architectures`` stay as they are."""
+    from agent_forge.evomerge.layout import remap_layer_config
+
+    config = {
+        "num_hidden_layers": 2,
+        "layer_types": ["full", "sliding"],
+        "eos_token_id": [0, 1],
+        "architectures": ["A", "B"],
+    }
+    out = remap_layer_config(config, [(config, 1, 2), (config, 1, 2), (config, 0, 2)])
+    assert out["layer_types"] == ["sliding", "sliding", "full"]
+    assert out["eos_token_id"] == [0, 1] and out["architectures"] == ["A", "B"]
+    assert out["num_hidden_layers"] == 3
+
+
 def test_in_memory_candidates_of_one_depth_with_other_configs_get_their_own_model(
     tiny_tokenizer, tmp_path
 ):

@@ -115,19 +115,26 @@ def source_layers(config: Mapping[str, Any]) -> int:
     )
 
 
+def _per_layer_list(key: str, value: Any, layers: int) -> bool:
+    """Whether config entry ``key`` holds one value per layer (``layer_types``,
+    ``no_rope_layers`` …): a list as long as the layer count under a name that says "layer" —
+    so a list that only happens to have that length (``eos_token_id: [0, 1]``) stays as it is."""
+    return isinstance(value, list) and len(value) == layers and "layer" in key
+
+
 def remap_layer_config(
     config: dict[str, Any], slots: Sequence[tuple[Mapping[str, Any], int, int]]
 ) -> dict[str, Any]:
     """The config of a layer stack built from ``config`` (the embeddings' model): slot k is
     layer ``slots[k][1]`` of a model with config ``slots[k][0]`` and ``slots[k][2]`` layers.
 
-    Sets the layer count, and re-maps every per-layer list (a list as long as the model's
-    layer count, e.g. ``layer_types``): entry k is the slot's own model's entry for its layer.
+    Sets the layer count, and re-maps every per-layer list (see :func:`_per_layer_list`):
+    entry k is the slot's own model's entry for its layer.
     """
     own_layers = source_layers(config)
     out = dict(config)
     for key, value in config.items():
-        if not isinstance(value, list) or len(value) != own_layers or key == "architectures":
+        if not _per_layer_list(key, value, own_layers):
             continue
         remapped = []
         for k, (slot_config, layer, layers) in enumerate(slots):
