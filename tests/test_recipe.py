@@ -146,6 +146,20 @@ def test_linear_of_linear_collapses_to_one_node_with_the_same_value(tiny_sources
         assert torch.allclose(graph.compute(flat, name), graph.compute(nested, name), atol=1e-6)
 
 
+def test_collapse_keeps_an_unnormalised_input_of_a_normalised_node(tiny_sources):
+    """(½)·[(m1 + m2) + m3] is not (m1 + m2 + m3)/3: the unnormalised inner merge stays a
+    node, and the value is unchanged."""
+    m1, m2, m3 = Source("m1"), Source("m2"), Source("m3")
+    inner = Merge("linear", [m1, m2], {"weight": [1.0, 1.0], "normalize": False})
+    nested = Merge("linear", [inner, m3], {"weight": [1.0, 1.0]})
+    collapsed = collapse_linear(nested)
+    assert collapsed.depth() == 2
+    graph = RecipeGraph(SourcePool(tiny_sources, "base"))
+    name = "model.layers.0.mlp.up_proj.weight"
+    a, b, c = (graph.compute(s, name) for s in (m1, m2, m3))
+    assert torch.allclose(graph.compute(collapsed, name), (a + b + c) / 2, atol=1e-6)
+
+
 def test_collapse_leaves_non_linear_nodes_and_recurses_into_them():
     inner = Merge("linear", [A, Merge("linear", [B, C], {})], {})
     ties = Merge("ties", [inner, C], {}, BASE)

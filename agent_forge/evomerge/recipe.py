@@ -323,7 +323,9 @@ def collapse_linear(recipe: RecipeNode) -> RecipeNode:
 
     An input ``X = Σ aᵢXᵢ (÷ Σa when normalised)`` with outer weight ``u`` becomes the inputs
     ``Xᵢ`` with weights ``u·aᵢ (÷ Σa)``; repeated inputs have their weights added. Applies only
-    to linear nodes with scalar weights; other nodes are rebuilt with collapsed children.
+    to linear nodes with scalar weights, and not to an unnormalised input of a normalised node
+    (its weights would change the outer divisor); other nodes are rebuilt with collapsed
+    children.
     """
     if isinstance(recipe, Source):
         return recipe
@@ -342,7 +344,11 @@ def collapse_linear(recipe: RecipeNode) -> RecipeNode:
     terms: list[tuple[RecipeNode, float]] = []
     for child, weight in zip(inputs, recipe.params["weight"], strict=True):
         inner = child.params["weight"] if _scalar_linear(child) else None  # type: ignore[attr-defined]
-        if inner is not None and not (child.params["normalize"] and sum(inner) == 0):  # type: ignore[attr-defined]
+        if inner is None or (child.params["normalize"] and sum(inner) == 0):  # type: ignore[attr-defined]
+            inner = None
+        elif recipe.params["normalize"] and not child.params["normalize"]:  # type: ignore[attr-defined]
+            inner = None  # its weights would join the outer divisor: not the same model
+        if inner is not None:
             scale = 1.0 / sum(inner) if child.params["normalize"] else 1.0
             terms.extend(
                 (grandchild, weight * w * scale)
