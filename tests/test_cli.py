@@ -314,6 +314,68 @@ def test_bad_merge_recipes_end_in_one_line_exit_2_and_no_output(
     assert {p: p.stat().st_mtime_ns for p in Path(m2).iterdir()} == before  # inputs untouched
 
 
+STACK = {"type": "layer_stack", "inputs": [{"type": "source", "name": "a"}], "slots": [[0, 0]]}
+DARE = {
+    "type": "merge",
+    "technique": "dare_ties",
+    "inputs": [{"type": "source", "name": "a"}],
+    "base": {"type": "source", "name": "b"},
+}
+
+
+@pytest.mark.parametrize(
+    "recipe,fragment",
+    [
+        (DARE | {"seed": "abc"}, "seed 'abc' must be an integer"),
+        (DARE | {"seed": 1.7}, "seed 1.7 must be an integer"),
+        (DARE | {"params": [1, 2]}, "'params' must be a mapping"),
+        (STACK | {"embed_from": "x"}, "'embed_from' must be an input index"),
+        (STACK | {"embed_from": 0.0}, "'embed_from' must be an input index"),
+        (STACK | {"slots": [[0, 1, None]]}, "scale must be a number"),
+        (STACK | {"slots": [[0, 1, "x"]]}, "scale must be a number"),
+        (STACK | {"slots": [[True, 0]]}, "input and layer must be non-negative integers"),
+        (STACK | {"slots": [{"input": 0, "layer": 0, "sclae": 2}]}, "unknown key 'sclae'"),
+        (STACK | {"slots": 5}, "'slots' must be a list"),
+    ],
+)
+def test_malformed_recipe_files_end_in_one_line_and_exit_2(recipe, fragment, tmp_path):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps({"recipe": recipe, "sources": {"a": "/x/a", "b": "/x/b"}}))
+    assert_clean_error(cli("--merge", str(path), "--output", str(tmp_path / "out")), fragment)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "config,fragment",
+    [
+        (
+            {"merge_method": "linear", "models": [{"parameters": {"weight": 1.0}}]},
+            "models[0]: each entry needs 'model'",
+        ),
+        (
+            {"merge_method": "linear", "models": [{"model": "/x/a", "parameters": [1]}]},
+            "models[0]: 'parameters' must be a mapping",
+        ),
+        (
+            {"merge_method": "passthrough", "slices": [{"sources": [{"model": "/x/a"}]}]},
+            "slice 0: layer_range must be [start, stop]",
+        ),
+        (
+            {
+                "merge_method": "passthrough",
+                "slices": [{"sources": [{"model": "/x/a", "layer_range": [1]}]}],
+            },
+            "slice 0: layer_range must be [start, stop]",
+        ),
+    ],
+)
+def test_malformed_mergekit_files_end_in_one_line_and_exit_2(config, fragment, tmp_path):
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert_clean_error(cli("--merge", str(path), "--output", str(tmp_path / "out")), fragment)
+    assert not (tmp_path / "out").exists()
+
+
 def test_bad_config_file_names_the_field(tmp_path):
     path = tmp_path / "bad.yaml"
     path.write_text("evolution_settings:\n  population_size: 1\n")

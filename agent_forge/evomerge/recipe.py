@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -112,6 +113,8 @@ class Merge(RecipeNode):
             )
         object.__setattr__(self, "inputs", inputs)
         object.__setattr__(self, "params", canonical_params(tech, dict(self.params), len(inputs)))
+        if self.seed is not None and not _integer(self.seed):
+            raise ConfigurationError(f"{self.technique}: seed {self.seed!r} must be an integer")
         seed = (int(self.seed) if self.seed is not None else 0) if tech.randomized else None
         if seed is not None and not 0 <= seed < 2**63:
             raise ConfigurationError(f"{self.technique}: seed {seed} must be in [0, 2**63)")
@@ -150,20 +153,19 @@ class LayerSlot:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if (
-            not isinstance(self.input, int)
-            or not isinstance(self.layer, int)
-            or self.input < 0
-            or self.layer < 0
-        ):
+        if not (_integer(self.input) and _integer(self.layer)) or self.input < 0 or self.layer < 0:
             raise ConfigurationError(
                 f"layer slot {self!r}: input and layer must be non-negative integers"
             )
+        if isinstance(self.scale, bool) or not isinstance(self.scale, numbers.Real):
+            raise ConfigurationError(f"layer slot {self!r}: scale must be a number")
         scale = float(self.scale)
         if not math.isfinite(scale) or abs(scale) > 1e3:
             raise ConfigurationError(
                 f"layer slot {self!r}: scale must be a finite number within ±1000"
             )
+        object.__setattr__(self, "input", int(self.input))
+        object.__setattr__(self, "layer", int(self.layer))
         object.__setattr__(self, "scale", scale)
 
 
@@ -274,6 +276,8 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> RecipeNode:
         )
         if kind == "merge":
             base = data.get("base")
+            if not isinstance(data.get("params") or {}, Mapping):
+                raise ConfigurationError("'params' must be a mapping of parameter names to values")
             return Merge(
                 technique=data.get("technique", ""),
                 inputs=parsed,
@@ -281,11 +285,14 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> RecipeNode:
                 base=recipe_from_dict(base, f"{where}.base") if base is not None else None,
                 seed=data.get("seed"),
             )
+        if not isinstance(data.get("slots") or (), Sequence) or isinstance(data.get("slots"), str):
+            raise ConfigurationError("'slots' must be a list of layer slots")
         slots = tuple(_slot(s) for s in data.get("slots") or ())
-        head = data.get("head_from")
-        return LayerStack(
-            parsed, slots, int(data.get("embed_from", 0)), int(head) if head is not None else None
-        )
+        embed, head = data.get("embed_from", 0), data.get("head_from")
+        for key, index in (("embed_from", embed), ("head_from", head)):
+            if index is not None and not _integer(index):
+                raise ConfigurationError(f"'{key}' must be an input index, not {index!r}")
+        return LayerStack(parsed, slots, int(embed), int(head) if head is not None else None)
     except ConfigurationError as exc:
         message = str(exc)
         raise ConfigurationError(
@@ -293,8 +300,18 @@ def recipe_from_dict(data: Any, where: str = "recipe") -> RecipeNode:
         ) from None
 
 
+def _integer(value: Any) -> bool:
+    """An integer (numpy's too), and not a bool (JSON ``true`` is no index)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def _slot(value: Any) -> LayerSlot:
     if isinstance(value, Mapping):
+        unknown = sorted(set(value) - {"input", "layer", "scale"})
+        if unknown:
+            raise ConfigurationError(
+                f"layer slot {dict(value)!r}: unknown key {unknown[0]!r}; use input, layer, scale"
+            )
         return LayerSlot(value.get("input", -1), value.get("layer", -1), value.get("scale", 1.0))
     if isinstance(value, Sequence) and len(value) in (2, 3):
         return LayerSlot(*value)

@@ -177,7 +177,10 @@ def from_mergekit(
         raise ConfigurationError(f"{origin}: 'models' lists no models")
     base_path = data.get("base_model")
     base = names(str(base_path)) if base_path else None
-    entries = [(names(str(m["model"])), m.get("parameters") or {}) for m in models]
+    entries = [
+        (names(_model_of(m, f"{origin}: models[{i}]")), _parameters_of(m, f"{origin}: models[{i}]"))
+        for i, m in enumerate(models)
+    ]
     depth = _depth_of(layer_count, base_path or models[0]["model"])
     recipe = _merge_node(method, entries, base, data.get("parameters") or {}, depth, origin)
     return RecipeDocument(recipe, {v: k for k, v in names.by_path.items()}, base, dtype)
@@ -332,6 +335,19 @@ def _depth_of(layer_count: Any, model: str) -> Any:
     return depth
 
 
+def _model_of(entry: Any, where: str) -> str:
+    if not isinstance(entry, Mapping) or not entry.get("model"):
+        raise ConfigurationError(f"{where}: each entry needs 'model' (a path or Hugging Face id)")
+    return str(entry["model"])
+
+
+def _parameters_of(entry: Mapping[str, Any], where: str) -> Mapping[str, Any]:
+    parameters = entry.get("parameters") or {}
+    if not isinstance(parameters, Mapping):
+        raise ConfigurationError(f"{where}: 'parameters' must be a mapping")
+    return parameters
+
+
 def _slices_to_stack(slices: Sequence[Mapping[str, Any]], names: _Names, origin: str) -> LayerStack:
     inputs: list[str] = []
     slots: list[LayerSlot] = []
@@ -341,14 +357,30 @@ def _slices_to_stack(slices: Sequence[Mapping[str, Any]], names: _Names, origin:
             raise ConfigurationError(
                 f"{origin}: slice {i} has {len(sources)} sources; passthrough takes one per slice"
             )
-        model = names(str(sources[0]["model"]))
+        where = f"{origin}: slice {i}"
+        if not isinstance(sources[0], Mapping):
+            raise ConfigurationError(
+                f"{where}: a source is a mapping with 'model' and 'layer_range'"
+            )
+        model = names(_model_of(sources[0], where))
         if model not in inputs:
             inputs.append(model)
         if sources[0].get("parameters") or entry.get("parameters"):
             raise ConfigurationError(
                 f"{origin}: slice {i}: passthrough parameters are not supported"
             )
-        start, stop = sources[0]["layer_range"]
+        layer_range = sources[0].get("layer_range")
+        if (
+            not isinstance(layer_range, Sequence)
+            or len(layer_range) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in layer_range)
+            or not 0 <= layer_range[0] < layer_range[1]
+        ):
+            raise ConfigurationError(
+                f"{where}: layer_range must be [start, stop] with 0 ≤ start < stop, "
+                f"not {layer_range!r}"
+            )
+        start, stop = layer_range
         slots += [
             LayerSlot(inputs.index(model), layer, 1.0) for layer in range(int(start), int(stop))
         ]
