@@ -24,7 +24,7 @@ from agent_forge.evomerge.merger import AdvancedModelMerger
 from agent_forge.evomerge.operators import SearchSpace, mutate_merge
 from agent_forge.evomerge.recipe import Merge, Source
 from agent_forge.evomerge.sources import open_source
-from agent_forge.evomerge.sparsify import keep_top_magnitude
+from agent_forge.evomerge.sparsify import draw_levels, keep_top_magnitude, pack_levels
 
 INPUTS = (Source("m1"), Source("m2"), Source("m3"))
 BASE = Source("base")
@@ -202,6 +202,36 @@ def merger_output(streaming, recipe, tmp_path):
     return load_file(streaming.merge(recipe, tmp_path / "out") / "model.safetensors")
 
 
+@pytest.mark.parametrize("technique", ["ties", "dare_ties", "dare_linear", "task_arithmetic"])
+def test_candidates_with_new_weights_and_densities_reuse_the_compiled_kernels(
+    technique, tiny_family, monkeypatch
+):
+    """Evolution proposes new values for every candidate: after the first two (static shapes,
+    then dynamic ones) no candidate compiles a kernel (a weight baked into the graph as a
+    constant recompiled for every new weight). Large tensors take the threshold path too."""
+    from agent_forge.evomerge import graph, pool
+
+    monkeypatch.setattr(graph, "LARGE_TENSOR", 100)
+    monkeypatch.setattr(pool, "LARGE_TENSOR", 100)
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    merger = AdvancedModelMerger(sources=sources, base="base", resident=True, fused_kernels="on")
+    kernels = merger.graph.fused
+    rng = np.random.default_rng(0)
+
+    def candidate():
+        params = {"weight": rng.uniform(0.1, 1.0, 3).tolist(), "lambda": rng.uniform(0.5, 1.5)}
+        if technique != "task_arithmetic":
+            params["density"] = rng.uniform(0.2, 0.9, 3).astype(np.float32).tolist()
+        return Merge(technique, INPUTS, params, BASE, seed=3)
+
+    for _ in range(2):
+        merger.materialize(candidate())
+    compiled = kernels.compiles
+    for _ in range(4):
+        merger.materialize(candidate())
+    assert kernels.enabled and kernels.compiles == compiled
+
+
 def test_fused_kernel_keeps_signed_zeros_and_ties_as_the_eager_path(tiny_family):
     """Adversarial task vectors: exact zeros, −0.0 in the base, equal magnitudes."""
     from agent_forge.evomerge.graph import RecipeGraph
@@ -231,6 +261,60 @@ def test_fused_kernel_keeps_signed_zeros_and_ties_as_the_eager_path(tiny_family)
         want = eager.compute_into(recipe, names, torch.empty(count))
         assert graph.fused.enabled and graph.fused.calls > before
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), recipe.technique
+
+
+# -- DARE's packed draws ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 5])
+def test_packed_levels_give_back_every_inputs_level(count):
+    """Two 16-bit levels to an int32 word, the high one wrapping into the sign bit."""
+    levels = torch.randint(0, 65536, (count, 1000), dtype=torch.int32)
+    levels[:, :2] = torch.tensor([0, 65535], dtype=torch.int32)  # both ends of the range
+    packed = pack_levels(levels)
+    assert packed.shape == ((count + 1) // 2, 1000) and packed.dtype == torch.int32
+    for i in range(count):
+        word = packed[i // 2]
+        unpacked = word & 0xFFFF if i % 2 == 0 else (word >> 16) & 0xFFFF
+        assert torch.equal(unpacked, levels[i]), i
+
+
+@pytest.mark.parametrize("technique", ["dare_ties", "dare_linear"])
+def test_the_compiled_dare_kernel_gives_the_eager_bits_on_five_inputs(technique):
+    """Inputs in both halves of a word and one alone in the last word; densities on and off
+    the 2⁻¹⁶ grid, 0 and 1; the eager technique draws from the same generator."""
+    from agent_forge.evomerge.fused import merge_kernel
+    from agent_forge.evomerge.techniques import (
+        apply_technique,
+        canonical_params,
+        get_technique,
+        resolved_params,
+    )
+
+    tech = get_technique(technique)
+    gen = torch.Generator().manual_seed(3)
+    deltas = torch.round(torch.randn(5, 3000, generator=gen) * 16) / 64  # zeros and sign ties
+    base = torch.randn(3000, generator=gen)
+    base[:10] = -0.0
+    params = canonical_params(
+        tech,
+        {
+            "weight": [0.3, 1.0, -0.2, 0.7, 0.5],
+            "density": [0.5, 0.3, 1.0, 0.0, 0.9],
+            "lambda": 0.8,
+            "normalize": True,
+        },
+        5,
+    )
+    eager = apply_technique(tech, deltas, params, None, torch.Generator().manual_seed(7))
+    levels = draw_levels(
+        torch.empty(5, 3000, dtype=torch.int32), [(0, 3000)], [torch.Generator().manual_seed(7)]
+    )
+    plan = plan_for(technique, resolved_params(tech, params, None), [3000])
+    assert plan is not None and plan.modes.count("draw") == 4
+    out = torch.empty(3000)
+    torch.compile(merge_kernel)(deltas, base, None, pack_levels(levels), out, *plan.arguments())
+    assert torch.equal(out.view(torch.int32), (eager + base).view(torch.int32))
 
 
 # -- common random numbers -----------------------------------------------------------------------

@@ -217,12 +217,24 @@ def test_dare_mean_over_seeds_approaches_undropped_task_arithmetic():
     assert torch.allclose(mean, expected, atol=0.15)
 
 
-def test_dare_paper_rescale_divides_kept_entries_by_density():
+def test_dare_paper_rescale_divides_kept_entries_by_the_keep_probability():
+    """Density 0.3 keeps a level below round(0.3·2¹⁶) = 19661 of 2¹⁶: p = 19661/65536."""
     delta = torch.randn(50, 50)
     out = run("dare_linear", [delta], generator=torch.Generator().manual_seed(0), density=0.3)
     kept = out != 0
     assert 0.2 < kept.float().mean() < 0.4
-    assert torch.allclose(out[kept], delta[kept] / 0.3)
+    assert torch.allclose(out[kept], delta[kept] / (19661 / 65536), rtol=1e-6, atol=0)
+    assert not torch.allclose(out[kept], delta[kept] / 0.3, rtol=1e-6, atol=0)
+
+
+def test_dare_keeps_an_entry_when_its_16_bit_level_is_below_the_density():
+    """The levels are the generator's ``randint(0, 2¹⁶)``, input after input."""
+    delta = torch.randn(2, 500)
+    out = run("dare_linear", list(delta), torch.Generator().manual_seed(4), density=[0.3, 0.5])
+    gen = torch.Generator().manual_seed(4)
+    levels = [torch.randint(0, 65536, (500,), generator=gen) for _ in range(2)]
+    expected = delta[0] * (levels[0] < 19661) / (19661 / 65536) + delta[1] * (levels[1] < 32768) * 2
+    assert torch.allclose(out, expected, rtol=1e-6, atol=1e-7)
 
 
 def test_dare_l1_rescale_restores_l1_norm():
@@ -257,21 +269,22 @@ def elect_by_hand(rows: list[list[float]], weights: list[float], lam=1.0, normal
 
 
 def test_dare_ties_drops_rescales_then_elects_by_hand():
-    """Seed 0's draws, made here in DARE's order: input after input, density-1 inputs too."""
+    """Seed 0's draws, made here in DARE's order: input after input, density-1 inputs too; a
+    level below density·2¹⁶ keeps the entry."""
     gen = torch.Generator().manual_seed(0)
-    draws = [torch.rand(8, generator=gen) for _ in range(3)]
-    assert (draws[0] < 0.5).tolist() == [True, False, True, True, True, False, True, False]
-    assert (draws[2] < 0.6).tolist() == [False, False, True, True, False, False, True, False]
+    draws = [torch.randint(0, 65536, (8,), generator=gen) for _ in range(3)]
+    assert (draws[0] < 32768).tolist() == [True, False, False, False, False, True, True, True]
+    assert (draws[2] < 40960).tolist() == [True, False, True, True, True, True, False, False]
     a = [1.0, 5.0, -1.5, 0.25, -0.75, 2.0, 0.5, -3.0]  # density 0.5, weight 1
     b = [-4.0, -1.0, 1.0, 0.5, 2.0, 0.0, -0.2, 0.4]  # density 1 (all kept), weight 0.5
-    c = [0.0, -0.5, 1.2, -0.3, 3.0, -1.0, 0.6, -0.9]  # density 0.6, weight 2
-    # weighted survivors y = w·δ/density, column by column:
-    #   0: 2, −2, 0 → a tie, + wins → 2/1          1: a's 5 dropped → only b's −0.5 → −0.5/0.5
-    #   2: −3, 0.5, 4 → + → (0.5+4)/(0.5+2)        3: 0.5, 0.25, −1 → − → −1/2
-    #   4: −1.5, 1, c dropped → − → −1.5/1         5: everything dropped or zero → 0
-    #   6: 1, −0.1, 2 → + → (1+2)/(1+2)            7: only b's 0.2 → 0.2/0.5
-    expected = [2.0, -1.0, 4.5 / 2.5, -0.5, -1.5, 0.0, 1.0, 0.4]
-    params = {"weight": [1.0, 0.5, 2.0], "density": [0.5, 1.0, 0.6]}
+    c = [0.0, -0.5, 1.2, -0.3, 3.0, -1.0, 0.6, -0.9]  # density 0.625, weight 2
+    # weighted survivors y = w·δ/density: a → 2, 0, 0, 0, 0, 4, 1, −6; b → b/2; c → 3.2·c or 0:
+    #   0: 2, −2, 0 → a tie, + wins → 2/1          1: only b's −0.5 → −0.5/0.5
+    #   2: 0, 0.5, 3.84 → + → (0.5+3.84)/(0.5+2)   3: 0, 0.25, −0.96 → − → −0.96/2
+    #   4: 0, 1, 9.6 → + → (1+9.6)/(0.5+2)         5: 4, 0, −3.2 → + → 4/1
+    #   6: 1, −0.1, c dropped → + → 1/1            7: −6, 0.2, c dropped → − → −6/1
+    expected = [2.0, -1.0, 4.34 / 2.5, -0.48, 10.6 / 2.5, 4.0, 1.0, -6.0]
+    params = {"weight": [1.0, 0.5, 2.0], "density": [0.5, 1.0, 0.625]}
     assert close(run("dare_ties", [a, b, c], torch.Generator().manual_seed(0), **params), expected)
     # unnormalised: the agreeing sums, times λ
     merged = run(
@@ -282,7 +295,7 @@ def test_dare_ties_drops_rescales_then_elects_by_hand():
         **params,
         **{"lambda": 0.5},
     )
-    assert close(merged, [1.0, -0.25, 2.25, -0.5, -0.75, 0.0, 1.5, 0.1])
+    assert close(merged, [1.0, -0.25, 2.17, -0.48, 5.3, 2.0, 0.5, -3.0])
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -292,9 +305,9 @@ def test_dare_ties_equals_the_formula_on_draws_made_independently(seed):
     deltas = (values / 4).tolist()
     weights, densities = [1.0, 0.5, 2.0], [0.5, 1.0, 0.25]
     gen = torch.Generator().manual_seed(seed)
-    draws = [torch.rand(12, generator=gen).tolist() for _ in deltas]  # every input draws
+    draws = [torch.randint(0, 65536, (12,), generator=gen).tolist() for _ in deltas]  # all draw
     dropped = [
-        [x / p if u < p else 0.0 for x, u in zip(row, us, strict=True)]
+        [x / p if level < p * 65536 else 0.0 for x, level in zip(row, us, strict=True)]
         for row, us, p in zip(deltas, draws, densities, strict=True)
     ]
     expected = elect_by_hand(dropped, weights, lam=0.75)

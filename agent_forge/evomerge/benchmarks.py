@@ -401,6 +401,7 @@ def fused_contenders(base: Any, deltas: Any, out: Any) -> dict[str, Any]:
     import torch
 
     from .fused import magnitude_order, merge_kernel, plan_for, threshold_at
+    from .sparsify import DRAW_LEVELS, pack_levels
 
     kernel = torch.compile(merge_kernel)
     flat = deltas.reshape(deltas.shape[0], -1)
@@ -410,7 +411,8 @@ def fused_contenders(base: Any, deltas: Any, out: Any) -> dict[str, Any]:
     def cut(i: int, keep: int) -> tuple[float, int, bool]:
         return threshold_at(orders[i], flat[i], keep)
 
-    draws = torch.rand(flat.shape, device=flat.device, generator=torch.Generator(flat.device))
+    levels = torch.randint(0, DRAW_LEVELS, flat.shape, dtype=torch.int32, device=flat.device)
+    draws = pack_levels(levels)  # as the resident pool keeps a seed's draws
     count = flat.shape[0]
     common = {"weight": [1.0] * count, "lam": 1.0}
     plans = {

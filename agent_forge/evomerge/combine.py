@@ -32,14 +32,17 @@ def combine_task_vectors(
     normalize: bool,
     sign_consensus: bool,
     sparsifiers: Sequence[Sparsifier | None] | None = None,
+    shares: Sequence[float] | None = None,
     out: Tensor | None = None,
 ) -> Tensor:
     """``λ · Σᵢ yᵢ / d`` with ``yᵢ = wᵢ·sparsifyᵢ(δᵢ)``; ``deltas`` is ``(M, *shape)``, read only.
 
     With sign consensus (TIES) only the ``yᵢ`` whose sign agrees with the elected sign
     ``g = sign(Σᵢ yᵢ)`` (zero counts as positive) enter the sum, and ``d`` is the sum of the
-    agreeing weights (a zero divisor becomes 1); without it ``d = Σᵢ wᵢ`` (1 if ~0). ``d``
-    divides only when ``normalize``. Sums run over the inputs in order, in float32.
+    agreeing inputs' ``shares`` (a zero divisor becomes 1); without it ``d = Σᵢ sharesᵢ`` (1 if
+    ~0). ``shares`` are the weights unless given (DARE scales its weights by 1/p but normalises
+    by the weights). ``d`` divides only when ``normalize``. Sums run over the inputs in order,
+    in float32.
 
     Returns a ``(*shape)`` tensor: ``out`` when given (contiguous, same dtype and device).
     """
@@ -52,7 +55,14 @@ def combine_task_vectors(
     )
     dest = result.view(-1)
     kind = _ConsensusBlock if sign_consensus else _SumBlock
-    rule = kind(list(weights), list(sparsifiers or [None] * count), normalize, lam, flat.device)
+    rule = kind(
+        list(weights),
+        list(sparsifiers or [None] * count),
+        normalize,
+        lam,
+        flat.device,
+        list(weights if shares is None else shares),
+    )
     size = block_size(flat.shape[1], flat.device)
     rows = scratch(rule.scratch_rows(), size, flat.dtype, flat.device)
     for i, (x, target) in enumerate(zip(flat.split(size, dim=1), dest.split(size), strict=True)):
@@ -73,6 +83,7 @@ class _SumBlock:
         normalize: bool,
         lam: float,
         device: torch.device,
+        shares: list[float],
     ) -> None:
         self.weights, self.sparsifiers, self.normalize, self.lam = (
             weights,
@@ -80,13 +91,14 @@ class _SumBlock:
             normalize,
             lam,
         )
-        total = float(sum(weights))
+        self.shares = shares
+        total = float(sum(shares))
         self.divisor = 1.0 if abs(total) < 1e-8 else total
-        self.positive = all(w > 0 for w in weights)
+        self.positive = all(w > 0 for w in shares)
         self.unit = all(w == 1.0 for w in weights)
-        self.column = torch.tensor(weights, dtype=torch.float32, device=device).reshape(
-            -1, 1
-        )  # (M, 1)
+        self.unit_shares = all(w == 1.0 for w in shares)
+        self.column = _column(weights, device)  # (M, 1)
+        self.share_column = _column(shares, device)
 
     def scratch_rows(self) -> int:
         return len(self.weights)
@@ -137,8 +149,8 @@ class _ConsensusBlock(_SumBlock):
         dest.mul_(sign)
         if self.normalize:
             ys.sign_()
-            if not self.unit:
-                ys.mul_(self.column)
+            if not self.unit_shares:
+                ys.mul_(self.share_column)
             _sum_rows(rows, divisor)
             self._fix_zero(divisor)
             dest.div_(divisor)
@@ -149,10 +161,14 @@ class _ConsensusBlock(_SumBlock):
         """A zero divisor becomes 1. With positive weights it is 0 only where nothing agrees (the
         sum is then 0 too), so raising it to the smallest weight gives the same quotient."""
         if self.positive:
-            divisor.clamp_min_(min(self.weights))
+            divisor.clamp_min_(min(self.shares))
             return
         zero = torch.abs(divisor).sign_().neg_().add_(1.0)  # 1 where d == 0
         divisor.add_(zero)
+
+
+def _column(values: Sequence[float], device: torch.device) -> Tensor:
+    return torch.tensor(values, dtype=torch.float32, device=device).reshape(-1, 1)
 
 
 def _sum_rows(rows: Sequence[Tensor], out: Tensor) -> Tensor:

@@ -16,8 +16,11 @@ single loop (C++/OpenMP on CPUs, Triton on GPUs), over inputs prepared once per 
   that keeps the same counts in every tensor of the batch, and where none does (a huge tensor
   can make that happen) the eager path runs.
 - **Draws** (DARE). A randomised merge draws from generators keyed by its seed and inputs, not
-  by its parameters (:func:`.graph.draw_hash`), so the uniforms of a seed are computed once and
-  reused by every candidate that differs only in weights or densities.
+  by its parameters (:func:`.graph.draw_hash`), so the draws of a seed are computed once and
+  reused by every candidate that differs only in weights or densities. They are 16-bit levels
+  (:func:`.sparsify.draw_levels`), two inputs to an int32 word (:func:`.sparsify.pack_levels`):
+  2 bytes per input and entry to read instead of a float32 uniform's 4, and the ``paper``
+  rescale is a factor of the weight (:func:`.sparsify.dare_weights`), not a division per entry.
 
 The kernel mirrors the streaming code's arithmetic (:mod:`.combine`, :func:`.sparsify.
 dare_drop`) operation for operation: every step is an exactly rounded float32 operation in the
@@ -45,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .sparsify import keep_count
+from .sparsify import DRAW_LEVELS, dare_weights, keep_count, keep_level
 
 logger = logging.getLogger(__name__)
 
@@ -180,9 +183,10 @@ class KernelPlan:
     whole), ``key`` (TIES trim: kept where ``key ≤ density``), ``cut`` (TIES trim of one
     tensor: kept where ``|δ| ≥ density``), ``cut_tie`` (the same when the threshold's ties
     are split: ``|δ| > density``, or ``|δ| = density`` at a flat index ``≤ last``),
-    ``draw`` (DARE: kept where the uniform draw is below ``density``) or ``draw_rescale`` (the
-    same, divided by ``density``).
-    Without sign consensus the weighted sum is divided by ``divisor`` when ``normalize``.
+    or ``draw`` (DARE: kept where the input's drawn level is below ``density``, here the keep
+    level :func:`.sparsify.keep_level`). Inputs enter the sum weighted by ``weights``; the
+    normaliser is made of ``shares`` (the weights, unless DARE folded 1/p into them): without
+    sign consensus the weighted sum is divided by ``divisor`` (their sum) when ``normalize``.
     """
 
     modes: tuple[str, ...]
@@ -193,6 +197,7 @@ class KernelPlan:
     consensus: bool
     divisor: float = 1.0
     last: tuple[int, ...] = ()
+    shares: tuple[float, ...] = ()
 
     def arguments(self) -> tuple[Any, ...]:
         """The plan as :func:`merge_kernel`'s arguments after its tensors."""
@@ -200,6 +205,7 @@ class KernelPlan:
             self.modes,
             list(self.density),
             list(self.weights),
+            list(self.shares or self.weights),
             list(self.last or [0] * len(self.modes)),
             self.lam,
             self.divisor,
@@ -228,7 +234,7 @@ def plan_for(
     """
     if technique not in FUSED_TECHNIQUES:
         return None
-    weights = tuple(float(w) for w in values["weight"])
+    weights = shares = tuple(float(w) for w in values["weight"])
     count = len(weights)
     density = tuple(float(d) for d in values.get("density", [1.0] * count))
     last: tuple[int, ...] = ()
@@ -255,13 +261,12 @@ def plan_for(
         rescale = values["rescale"]
         if rescale not in ("paper", "none"):
             return None
-        modes = tuple(
-            "all" if d >= 1.0 else "draw_rescale" if rescale == "paper" and d > 0.0 else "draw"
-            for d in density
-        )
+        weights = tuple(dare_weights(shares, density, rescale))
+        density = tuple(float(keep_level(d)) for d in density)
+        modes = tuple("all" if level >= DRAW_LEVELS else "draw" for level in density)
     else:
         modes = ("all",) * count
-    total = float(sum(weights))
+    total = float(sum(shares))
     if technique == "linear" and values["normalize"] and abs(total) < 1e-8:
         return None  # the eager path raises the error
     return KernelPlan(
@@ -273,6 +278,7 @@ def plan_for(
         consensus=technique in ("ties", "dare_ties"),
         divisor=1.0 if abs(total) < 1e-8 else total,
         last=last,
+        shares=shares,
     )
 
 
@@ -285,6 +291,7 @@ def merge_kernel(
     modes: tuple[str, ...],
     density: list[float],
     weights: list[float],
+    shares: list[float],
     last: list[int],
     lam: float,
     divisor: float,
@@ -292,7 +299,8 @@ def merge_kernel(
     consensus: bool,
 ) -> None:
     """``out = base + λ·combine(wᵢ·sparsifyᵢ(δᵢ))`` element by element (eager or compiled);
-    without a base (linear) the rows are the models' tensors and nothing is added.
+    without a base (linear) the rows are the models' tensors and nothing is added. ``draws``
+    are DARE's packed levels (:func:`.sparsify.pack_levels`).
 
     The operations and their order are those of :class:`.combine._SumBlock` /
     :class:`.combine._ConsensusBlock` after :func:`.sparsify.dare_drop` or the TIES trim; where
@@ -312,11 +320,11 @@ def merge_kernel(
             index = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
             kept = (size > density[i]) | ((size == density[i]) & (index <= last[i]))
             x = kept.to(x.dtype) * x
-        elif mode != "all":
+        elif mode == "draw":
             assert draws is not None
-            x = torch.clamp_min(torch.sign(density[i] - draws[i]), 0.0) * x
-            if mode == "draw_rescale":
-                x = x / density[i]
+            word = draws[i // 2]
+            level = word & 0xFFFF if i % 2 == 0 else (word >> 16) & 0xFFFF
+            x = (level.to(x.dtype) < density[i]).to(x.dtype) * x  # float32: exact, vectorised
         ys.append(x * weights[i])
     total = ys[0]
     for y in ys[1:]:
@@ -329,9 +337,11 @@ def merge_kernel(
             result = result + part
         result = result * sign
         if normalize:
-            share = torch.where(agreeing[0] > 0, weights[0], 0.0)
-            for part, weight in zip(agreeing[1:], weights[1:], strict=True):
-                share = share + torch.where(part > 0, weight, 0.0)
+            # (a > 0)·w, not where(a > 0, w, 0): torch.where bakes a Python scalar into the
+            # graph, so every new weight would compile a new kernel
+            share = (agreeing[0] > 0).to(result.dtype) * shares[0]
+            for part, weight in zip(agreeing[1:], shares[1:], strict=True):
+                share = share + (part > 0).to(result.dtype) * weight
             result = result / torch.where(share == 0, 1.0, share)
     else:
         result = total / divisor if normalize else total
@@ -341,14 +351,26 @@ def merge_kernel(
 # -- compile, check, fall back ------------------------------------------------------------------
 
 
-def _compile() -> Callable[..., None]:
-    """The compiled kernel. Two process-wide torch settings change, both only loosening:
-    dynamo may keep up to :data:`_VARIANTS` variants of a function (modes × shapes), and
+def _compile(on_compile: Callable[[], None] = lambda: None) -> Callable[..., None]:
+    """The compiled kernel (inductor), calling ``on_compile`` for every graph it compiles.
+
+    Two process-wide torch settings change, both only loosening: dynamo may keep up to
+    :data:`_VARIANTS` variants of a function (modes × static or dynamic shapes), and
     AOTAutograd's on-disk cache is off (see the module docstring); setting them per call
-    would cost ~25 µs a call."""
+    would cost ~25 µs a call. Weights, densities and thresholds are traced as dynamic scalars,
+    so new values reuse a variant: at most two compiles per variant (the first call's static
+    shapes, then dynamic ones).
+    """
+    from torch._inductor.compile_fx import compile_fx
+
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, _VARIANTS)
     torch._functorch.config.enable_autograd_cache = False
-    return torch.compile(merge_kernel)
+
+    def inductor(graph: Any, example_inputs: Any) -> Any:
+        on_compile()
+        return compile_fx(graph, example_inputs)
+
+    return torch.compile(merge_kernel, backend=inductor)
 
 
 def wanted(setting: str, device: torch.device, resident_elements: int) -> bool:
@@ -361,14 +383,20 @@ def wanted(setting: str, device: torch.device, resident_elements: int) -> bool:
 
 
 class FusedKernels:
-    """The run's compiled kernels; each variant is checked against the eager path once."""
+    """The run's compiled kernels; each variant, and each graph compiled, is checked against
+    the eager path on its first call."""
 
     def __init__(self) -> None:
         self.enabled = True
         #: Merges computed by a fused kernel so far.
         self.calls = 0
+        #: Graphs compiled so far (a variant's first call, and its recompile for dynamic shapes).
+        self.compiles = 0
         self._compiled: Callable[..., None] | None = None
         self._checked: set[tuple[Any, ...]] = set()
+
+    def _count_compile(self) -> None:
+        self.compiles += 1
 
     def run(
         self,
@@ -384,20 +412,22 @@ class FusedKernels:
         """Compute ``plan`` into ``out``; False (``out`` untouched) when fusion is off.
 
         ``reference(scratch)`` computes the same values the eager way; the first call of each
-        variant compares against it and turns fusion off on any difference.
+        variant, and any call that compiled a graph, compares against it and turns fusion off
+        on any difference.
         """
         if not self.enabled:
             return False
         args = (deltas, base, keys, draws, out, *plan.arguments())
+        compiled = self.compiles
         try:
             if self._compiled is None:
-                self._compiled = _compile()
+                self._compiled = _compile(self._count_compile)
             self._compiled(*args)
         except Exception as error:  # a missing or failing compiler: the eager path stays
             self._disable(f"torch.compile failed ({type(error).__name__}: {error})")
             return False
         variant = (*plan.variant, out.storage_offset() == 0)  # views at an offset: own check
-        if variant not in self._checked:
+        if variant not in self._checked or self.compiles != compiled:
             expected = reference(torch.empty_like(out))
             if not torch.equal(expected.view(torch.int32), out.view(torch.int32)):
                 out.copy_(expected)

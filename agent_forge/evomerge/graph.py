@@ -37,7 +37,7 @@ from .layout import (
 )
 from .pool import SourcePool
 from .recipe import LayerStack, Merge, RecipeNode, Source
-from .sparsify import draw_uniforms, segment_starts
+from .sparsify import draw_levels, pack_levels, segment_starts
 from .techniques import (
     Technique,
     TensorLocation,
@@ -61,7 +61,8 @@ logger = logging.getLogger(__name__)
 
 #: Most elements of small tensors that one technique call computes together.
 BATCH_ELEMENTS = 1 << 22
-#: Memory for the fused DARE kernel's kept draws, in float32 models (the newest always stays).
+#: Memory for the fused DARE kernel's kept draws, in float32 models (the newest always stays;
+#: a seed's packed draws of three inputs take two).
 _DRAW_CACHE_MODELS = 8
 
 
@@ -438,19 +439,22 @@ class RecipeGraph:
         return self.fused.run(plan, stack, base, out, keys=keys, draws=draws, reference=reference)
 
     def _draws(self, node: Merge, names: Sequence[str]) -> Tensor:
-        """The uniforms a randomised merge draws for ``names``: ``(M, N)``, as the streaming
-        path draws them (per tensor, input after input), kept for the next candidates."""
+        """The levels a randomised merge draws for ``names``, as the streaming path draws them
+        (per tensor, input after input), packed two inputs to a word (``(⌈M/2⌉, N)`` int32,
+        :func:`.sparsify.pack_levels`) and kept for the next candidates. Drawn on the CPU
+        (:meth:`_generators`), so only the packed words travel to a GPU."""
         key = (draw_hash(node), tuple(names))
         found = self._draw_cache.get(key)
         if found is not None:
             self._draw_cache.move_to_end(key)
             return found
         sizes = self._sizes(node, names)
-        draws = draw_uniforms(
-            torch.empty(len(node.inputs), sum(sizes), dtype=torch.float32, device=self.pool.device),
+        levels = draw_levels(
+            torch.empty(len(node.inputs), sum(sizes), dtype=torch.int32),
             segment_starts(sum(sizes), sizes),
             self._generators(node, names),
         )
+        draws = pack_levels(levels).to(self.pool.device)
         self._draw_cache[key] = draws
         budget = _DRAW_CACHE_MODELS * 4 * self.pool.resident_elements()
         held = sum(d.numel() * d.element_size() for d in self._draw_cache.values())
@@ -463,7 +467,7 @@ class RecipeGraph:
         """One generator per tensor, seeded by :func:`draw_hash` (computed once) and its name.
 
         CPU generators on every device, so a recipe's draws do not depend on where it is built
-        (:func:`.sparsify.uniforms`).
+        (:func:`.sparsify.draw_levels`).
         """
         key = draw_hash(node)
         return [torch.Generator().manual_seed(tensor_seed(key, name)) for name in names]

@@ -342,8 +342,8 @@ def drop_outliers_and_small(delta: Tensor, density: float, gamma: float) -> Tens
 def uniforms(
     size: int | Sequence[int], generator: torch.Generator | None, device: torch.device
 ) -> Tensor:
-    """Float32 uniforms in [0, 1) from ``generator``, drawn on the generator's device and
-    returned on ``device``.
+    """Float32 uniforms in [0, 1) from ``generator`` (DELLA's draws), drawn on the generator's
+    device and returned on ``device``.
 
     A recipe's generators are CPU generators on every device (:meth:`.graph.RecipeGraph.
     _generators`): for one seed torch's CUDA generator (Philox) and its CPU generator (Mersenne
@@ -356,24 +356,73 @@ def uniforms(
     return torch.rand(shape, generator=generator, device=where, dtype=torch.float32).to(device)
 
 
-def draw_uniforms(
+#: DARE draws one of this many levels per entry and input, uniformly: 16 bits, so the resident
+#: pool keeps two inputs' draws in one int32 word (:func:`pack_levels`).
+DRAW_LEVELS = 1 << 16
+
+
+def keep_level(density: float) -> int:
+    """DARE keeps an entry whose drawn level is below this: ``density·2¹⁶`` rounded to the
+    nearest level, at least one for a positive density (all for ``density ≥ 1``).
+
+    The keep probability is therefore ``keep_level / 2¹⁶`` (:func:`keep_probability`), within
+    2⁻¹⁷ of the density asked for, and the ``paper`` rescale divides by exactly that
+    probability, so every DARE merge is an unbiased estimate of its task arithmetic.
+    """
+    if density <= 0.0:
+        return 0
+    if density >= 1.0:
+        return DRAW_LEVELS
+    return min(max(round(density * DRAW_LEVELS), 1), DRAW_LEVELS)
+
+
+def keep_probability(density: float) -> float:
+    """The probability with which DARE keeps an entry at ``density`` (see :func:`keep_level`)."""
+    return keep_level(density) / DRAW_LEVELS
+
+
+def dare_weights(weights: Sequence[float], density: Sequence[float], rescale: str) -> list[float]:
+    """The weights DARE's kept entries enter the sum with: ``wᵢ / pᵢ`` for the ``paper``
+    rescale (the division by the keep probability folded into the weight — one multiply per
+    entry, here and in the fused kernel), ``wᵢ`` otherwise. The normaliser stays ``Σ wᵢ``."""
+    return [
+        w * DRAW_LEVELS / level if rescale == "paper" and 0 < level < DRAW_LEVELS else float(w)
+        for w, level in zip(weights, (keep_level(d) for d in density), strict=True)
+    ]
+
+
+def draw_levels(
     out: Tensor,
     segments: Sequence[tuple[int, int]],
     generators: Sequence[torch.Generator | None],
 ) -> Tensor:
-    """DARE's draws into ``out`` ``(M, N)``: segment j from ``generators[j]``, row after row.
+    """DARE's draws into ``out`` ``(M, N)`` (int32, or float32 holding the same integers):
+    levels uniform over ``0 … DRAW_LEVELS − 1``, segment j from ``generators[j]``, row after
+    row — every input, whatever its density, so the draws depend only on the generators.
 
     The one place that fixes the draw order, so streaming and the resident fused kernel
-    (:meth:`.graph.RecipeGraph._draws`) see the same uniforms.
+    (:meth:`.graph.RecipeGraph._draws`) see the same levels. torch draws the same integers for
+    one generator whatever the output dtype.
     """
     for (start, size), generator in zip(segments, generators, strict=True):
         for row in out:
             window = row[start : start + size]
             if generator is None or generator.device == window.device:
-                torch.rand(size, generator=generator, out=window)
+                window.random_(0, DRAW_LEVELS, generator=generator)
             else:  # a CPU generator filling a device tensor: draw on the CPU (see uniforms)
-                window.copy_(uniforms(size, generator, window.device))
+                drawn = torch.empty(size, dtype=window.dtype)
+                window.copy_(drawn.random_(0, DRAW_LEVELS, generator=generator))
     return out
+
+
+def pack_levels(levels: Tensor) -> Tensor:
+    """``(M, N)`` int32 levels as ``(⌈M/2⌉, N)`` int32 words: input 2j in the low 16 bits of row
+    j, input 2j + 1 in the high 16 bits (two's-complement wrap), which halves what the fused
+    DARE kernel reads. Input i's level is ``(word[i // 2] >> 16·(i % 2)) & 0xFFFF``."""
+    packed = levels[0::2].clone()
+    high = levels[1::2]
+    packed[: high.shape[0]] |= high << 16
+    return packed
 
 
 def dare_drop(
@@ -383,25 +432,23 @@ def dare_drop(
     generators: Sequence[torch.Generator | None],
     segments: Sequence[tuple[int, int]],
 ) -> Tensor:
-    """DARE on a stack ``(M, N)``: keep each entry with probability ``density[i]`` and rescale.
+    """DARE's drop on a stack ``(M, N)``: input i keeps an entry when its drawn level
+    (:func:`draw_levels`) is below :func:`keep_level` ``(density[i])``.
 
-    Segment j draws from ``generators[j]``, input after input — every input, whatever its
-    density, so the draws depend only on the generators (the resident pool reuses them for
-    candidates that differ only in densities or weights). Kept entries are divided by the
-    density (``paper``) or scaled to restore the segment's L1 norm (``l1``). Returns the
-    dropped stack in this thread's reused buffer.
+    The ``paper`` rescale (÷ keep probability) is not applied here: it is folded into the
+    weights (:func:`dare_weights`). ``l1`` scales each segment's survivors to restore its L1
+    norm. Returns the dropped stack in this thread's reused buffer.
     """
     dropped = scratch(stack.shape[0], stack.shape[1], stack.dtype, stack.device, "dare")
-    draw_uniforms(dropped, segments, generators)
+    draw_levels(dropped, segments, generators)
     for i, keep in enumerate(density):
-        if keep >= 1.0:
+        level = keep_level(keep)
+        if level >= DRAW_LEVELS:
             dropped[i].copy_(stack[i])
             continue
         for start, stop in blocks(stack.shape[1], stack.device):
-            part = dropped[i, start:stop]  # draws u → x·[u < p] (/ p)
-            part.neg_().add_(keep).sign_().clamp_min_(0.0).mul_(stack[i, start:stop])
-            if rescale == "paper" and keep > 0.0:
-                part.div_(keep)
+            part = dropped[i, start:stop]  # level k → x·[k < K], with float ops only
+            part.neg_().add_(float(level)).sign_().clamp_min_(0.0).mul_(stack[i, start:stop])
         if rescale == "l1":
             for start, size in segments:
                 window = slice(start, start + size)

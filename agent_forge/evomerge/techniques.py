@@ -41,6 +41,7 @@ from .exceptions import ConfigurationError, MergeError
 from .sparsify import (
     MagnitudeBand,
     dare_drop,
+    dare_weights,
     della_keep_probabilities,
     drop_outliers_and_small,
     keep_count,
@@ -477,7 +478,13 @@ def dare_linear(
     """DARE: drop entries at random (keep ``density``), rescale the rest, then task arithmetic."""
     dropped = _dare(deltas, density, rescale, generator, segments)
     return combine_task_vectors(
-        dropped, weight, lam=lam, normalize=normalize, sign_consensus=False, out=out
+        dropped,
+        dare_weights(weight, density, rescale),
+        shares=weight,
+        lam=lam,
+        normalize=normalize,
+        sign_consensus=False,
+        out=out,
     )
 
 
@@ -504,7 +511,13 @@ def dare_ties(
     """DARE-TIES: DARE's random drop and rescale, then TIES sign election."""
     dropped = _dare(deltas, density, rescale, generator, segments)
     return combine_task_vectors(
-        dropped, weight, lam=lam, normalize=normalize, sign_consensus=True, out=out
+        dropped,
+        dare_weights(weight, density, rescale),
+        shares=weight,
+        lam=lam,
+        normalize=normalize,
+        sign_consensus=True,
+        out=out,
     )
 
 
