@@ -24,7 +24,12 @@ from agent_forge.evomerge.merger import AdvancedModelMerger
 from agent_forge.evomerge.operators import SearchSpace, mutate_merge
 from agent_forge.evomerge.recipe import Merge, Source
 from agent_forge.evomerge.sources import open_source
-from agent_forge.evomerge.sparsify import draw_levels, keep_top_magnitude, pack_levels
+from agent_forge.evomerge.sparsify import (
+    draw_levels,
+    draw_packed_levels,
+    keep_top_magnitude,
+    pack_levels,
+)
 
 INPUTS = (Source("m1"), Source("m2"), Source("m3"))
 BASE = Source("base")
@@ -277,6 +282,48 @@ def test_packed_levels_give_back_every_inputs_level(count):
         word = packed[i // 2]
         unpacked = word & 0xFFFF if i % 2 == 0 else (word >> 16) & 0xFFFF
         assert torch.equal(unpacked, levels[i]), i
+
+
+def test_draws_written_packed_are_the_packed_streaming_draws():
+    """Straight into words, in chunks of a 2²⁰-entry buffer: the same numbers as the streaming
+    path's draws, packed afterwards."""
+    segments = [(0, 5), (5, 1_100_000), (1_100_005, 3)]
+    seeds = (1, 2, 3)
+    streamed = draw_levels(
+        torch.empty(3, 1_100_008, dtype=torch.int32),
+        segments,
+        [torch.Generator().manual_seed(s) for s in seeds],
+    )
+    packed = draw_packed_levels(
+        torch.empty(2, 1_100_008, dtype=torch.int32),
+        3,
+        segments,
+        [torch.Generator().manual_seed(s) for s in seeds],
+    )
+    assert torch.equal(packed, pack_levels(streamed))
+
+
+def test_reused_draw_buffers_give_a_seeds_draws_again(tiny_family, monkeypatch):
+    """Past its budget the draws cache recycles its oldest buffer for the next seed; a seed
+    drawn again, into a recycled buffer, gives the same model as the first time."""
+    from agent_forge.evomerge import graph
+
+    monkeypatch.setattr(graph, "_DRAW_CACHE_MODELS", 4)  # two seeds of three inputs
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    merger = AdvancedModelMerger(sources=sources, base="base", resident=True, fused_kernels="on")
+
+    def merged(seed):
+        recipe = Merge("dare_ties", INPUTS, {"density": 0.4}, BASE, seed=seed)
+        return {n: p.detach().clone() for n, p in merger.materialize(recipe).named_parameters()}
+
+    first = merged(1)
+    for seed in (2, 3, 4):
+        other = merged(seed)
+        assert not all(torch.equal(other[n], first[n]) for n in first)
+    assert len(merger.graph._draw_cache) < 4  # seed 1's draws were dropped
+    again = merged(1)
+    assert all(torch.equal(again[n], first[n]) for n in first)
+    assert merger.graph.fused.enabled
 
 
 @pytest.mark.parametrize("technique", ["dare_ties", "dare_linear"])

@@ -37,7 +37,7 @@ from .layout import (
 )
 from .pool import SourcePool
 from .recipe import LayerStack, Merge, RecipeNode, Source
-from .sparsify import draw_levels, pack_levels, segment_starts
+from .sparsify import draw_packed_levels, segment_starts
 from .techniques import (
     Technique,
     TensorLocation,
@@ -449,19 +449,31 @@ class RecipeGraph:
             self._draw_cache.move_to_end(key)
             return found
         sizes = self._sizes(node, names)
-        levels = draw_levels(
-            torch.empty(len(node.inputs), sum(sizes), dtype=torch.int32),
+        shape = ((len(node.inputs) + 1) // 2, sum(sizes))
+        draws = draw_packed_levels(
+            self._draw_buffer(shape),
+            len(node.inputs),
             segment_starts(sum(sizes), sizes),
             self._generators(node, names),
         )
-        draws = pack_levels(levels).to(self.pool.device)
         self._draw_cache[key] = draws
+        return draws
+
+    def _draw_buffer(self, shape: tuple[int, int]) -> Tensor:
+        """Room for new packed draws: the cache drops its oldest entries until the new ones fit
+        its budget, and one of the dropped of the same shape is reused (fresh memory costs a
+        page fault per 4 KiB when first written)."""
         budget = _DRAW_CACHE_MODELS * 4 * self.pool.resident_elements()
         held = sum(d.numel() * d.element_size() for d in self._draw_cache.values())
-        while len(self._draw_cache) > 1 and held > budget:
+        spare = None
+        while self._draw_cache and held + 4 * shape[0] * shape[1] > budget:
             _, dropped = self._draw_cache.popitem(last=False)
             held -= dropped.numel() * dropped.element_size()
-        return draws
+            if tuple(dropped.shape) == shape:
+                spare = dropped
+        if spare is not None:
+            return spare
+        return torch.empty(shape, dtype=torch.int32, device=self.pool.device)
 
     def _generators(self, node: Merge, names: Sequence[str]) -> list[torch.Generator]:
         """One generator per tensor, seeded by :func:`draw_hash` (computed once) and its name.

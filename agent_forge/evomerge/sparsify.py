@@ -425,6 +425,32 @@ def pack_levels(levels: Tensor) -> Tensor:
     return packed
 
 
+def draw_packed_levels(
+    out: Tensor,
+    inputs: int,
+    segments: Sequence[tuple[int, int]],
+    generators: Sequence[torch.Generator],
+) -> Tensor:
+    """:func:`draw_levels` for ``inputs`` rows, written as :func:`pack_levels` packs them into
+    ``out`` (``(⌈inputs/2⌉, N)`` int32) — the same draws in the same order, without an
+    ``(M, N)`` array in between. Draws on the CPU (the generators'), in chunks of a reused
+    buffer; a generator's stream does not depend on how its draws are chunked."""
+    longest = max((size for _, size in segments), default=0)
+    chunk = scratch(1, min(1 << 20, longest), torch.int32, torch.device("cpu"), "levels")[0]
+    for (start, size), generator in zip(segments, generators, strict=True):
+        for i in range(inputs):
+            row = out[i // 2, start : start + size]
+            for offset in range(0, size, chunk.numel()):
+                part = chunk[: min(chunk.numel(), size - offset)]
+                part.random_(0, DRAW_LEVELS, generator=generator)
+                window = row[offset : offset + part.numel()]
+                if i % 2 == 0:
+                    window.copy_(part)
+                else:
+                    window.bitwise_or_(part.bitwise_left_shift_(16).to(window.device))
+    return out
+
+
 def dare_drop(
     stack: Tensor,
     density: Sequence[float],
