@@ -218,13 +218,19 @@ def bench_materialize(
     ``models``: ``default`` (the embedded default) or a size of generated models (``100m``...,
     written under ``workdir``). The contenders run interleaved, one call each per round, so a
     busy machine slows them alike; each figure is the best round (the median is given too).
+    Besides one fixed recipe per technique, three fused contenders change every call as a
+    search does: TIES and DARE-TIES with new weights and densities, and DARE-TIES with a new
+    seed (its draws are made afresh). ``fused_compiles`` counts the kernels compiled during
+    the timed rounds (0: new values reuse the compiled kernels).
     """
+    import numpy as np
     import torch
 
     from .config import create_default_config
     from .merger import AdvancedModelMerger
     from .recipe import Merge, Source
     from .sources import open_source
+    from .techniques import search_grid
 
     if models == "default":
         config = create_default_config()
@@ -260,11 +266,33 @@ def bench_materialize(
             for target, source in zip(params, copies, strict=True):
                 target.copy_(source)
 
+    rng = np.random.default_rng(0)
+    seeds = iter(range(2, 1 << 62))
+
+    def new_values() -> dict[str, Any]:
+        weight = rng.uniform(0.2, 1.0, len(inputs)).tolist()
+        return {
+            "weight": weight,
+            "density": [search_grid("density", d) for d in rng.uniform(0.2, 0.8, len(inputs))],
+        }
+
+    searching = {
+        "ties (fused, new values)": lambda: Merge("ties", inputs, new_values(), base),
+        "dare_ties (fused, new values)": lambda: Merge(
+            "dare_ties", inputs, new_values(), base, seed=1
+        ),
+        "dare_ties (fused, new seed)": lambda: Merge(
+            "dare_ties", inputs, {"density": 0.5}, base, seed=next(seeds)
+        ),
+    }
     compile_seconds = {}
     for name, recipe in recipes.items():  # the one-off compile of each fused variant
         start = time.perf_counter()
         materialize(recipe, fused=True)
         compile_seconds[name] = time.perf_counter() - start
+    for _ in range(3):  # compile the variants' dynamic versions (shapes and values)
+        for make in searching.values():
+            materialize(make(), fused=True)
     contenders: dict[str, Any] = {"copy": copy_floor}
     contenders.update(
         {name: (lambda r=recipe: materialize(r, False)) for name, recipe in recipes.items()}
@@ -275,6 +303,10 @@ def bench_materialize(
             for name, recipe in recipes.items()
         }
     )
+    contenders.update(
+        {name: (lambda m=make: materialize(m(), True)) for name, make in searching.items()}
+    )
+    compiled = kernels.compiles if kernels else 0
     times = _interleaved(contenders, rounds)
     floor = min(times["copy"])
     out: dict[str, Any] = {
@@ -282,6 +314,7 @@ def bench_materialize(
         "copy_floor_median_ms": _median(times["copy"]) * 1e3,
         "model_mb": sum(p.numel() * 4 for p in params) / 1e6,
         "fused_compile_s": compile_seconds,
+        "fused_compiles": (kernels.compiles - compiled) if kernels else None,
         "fused_still_on": bool(kernels and kernels.enabled),
     }
     for name in [n for n in contenders if n != "copy"]:
@@ -290,6 +323,7 @@ def bench_materialize(
             "ms": best * 1e3,
             "median_ms": _median(times[name]) * 1e3,
             "ratio_to_copy": best / floor,
+            "median_ratio_to_copy": _median(times[name]) / _median(times["copy"]),
         }
     return out
 

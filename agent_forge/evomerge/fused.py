@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .sparsify import DRAW_LEVELS, dare_weights, keep_count, keep_level
+from .sparsify import dare_weights, keep_count, keep_level
 
 logger = logging.getLogger(__name__)
 
@@ -231,6 +231,10 @@ def plan_for(
     ``cut`` (TIES on one large tensor): ``cut(i, k)`` gives the magnitude of input i's k-th
     largest entry, that entry's flat index, and whether the next entry has the same magnitude
     (then the ``cut_tie`` mode also compares indices).
+
+    Every input of a plan takes the same mode — a density of 1 keeps everything through its
+    key, level or a zero threshold — so a technique has one or two kernel variants, not one
+    per combination of inputs' modes (each variant compiles, at least once).
     """
     if technique not in FUSED_TECHNIQUES:
         return None
@@ -240,30 +244,23 @@ def plan_for(
     last: tuple[int, ...] = ()
     if technique == "ties" and cut is not None:
         (size,) = sizes
-        keeps = [keep_count(d, size) for d in density]
-        modes = tuple("all" if d >= 1.0 else "cut" for d in density)
-        cuts = [
-            (math.inf, -1, False) if mode == "all" or keep == 0 else cut(i, keep)
-            for i, (mode, keep) in enumerate(zip(modes, keeps, strict=True))
-        ]
-        modes = tuple(
-            "cut_tie" if split else mode for mode, (_, _, split) in zip(modes, cuts, strict=True)
-        )
-        density = tuple(float(t) for t, _, _ in cuts)
-        last = tuple(int(index) for _, index, _ in cuts)
+        cuts = [_large_cut(d, size, lambda k, i=i: cut(i, k)) for i, d in enumerate(density)]
+        modes = ("cut_tie" if any(split for _, _, split in cuts) else "cut",) * count
+        density = tuple(t for t, _, _ in cuts)
+        last = tuple(index for _, index, _ in cuts)
     elif technique == "ties":
         trimmed = [_trim_density(d, sizes) for d in density]
         if any(d is None for d in trimmed):
             return None
         density = tuple(float(d) for d in trimmed)  # type: ignore[arg-type]
-        modes = tuple("all" if d >= 1.0 else "key" for d in density)
+        modes = ("key",) * count  # a density ≥ 1 is above every key
     elif technique.startswith("dare"):
         rescale = values["rescale"]
         if rescale not in ("paper", "none"):
             return None
         weights = tuple(dare_weights(shares, density, rescale))
         density = tuple(float(keep_level(d)) for d in density)
-        modes = tuple("all" if level >= DRAW_LEVELS else "draw" for level in density)
+        modes = ("draw",) * count  # level 2¹⁶ keeps every entry
     else:
         modes = ("all",) * count
     total = float(sum(shares))
@@ -280,6 +277,21 @@ def plan_for(
         last=last,
         shares=shares,
     )
+
+
+def _large_cut(
+    density: float, size: int, cut: Callable[[int], tuple[float, int, bool]]
+) -> tuple[float, int, bool]:
+    """TIES's threshold on one large tensor as ``cut``/``cut_tie`` modes take it: (t, last,
+    split). Without a split tie ``last`` is the last index, so ``cut_tie`` keeps every entry
+    of magnitude t, as ``cut`` does; density 1 is t = 0 (keep all), nothing kept is t = ∞."""
+    if density >= 1.0:
+        return 0.0, size - 1, False
+    keep = keep_count(density, size)
+    if keep == 0:
+        return math.inf, -1, False
+    threshold, index, split = cut(keep)
+    return float(threshold), int(index) if split else size - 1, split
 
 
 def merge_kernel(
