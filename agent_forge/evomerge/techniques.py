@@ -444,15 +444,31 @@ def _row(matrix: Tensor | None, index: int) -> Tensor | None:
 
 def _dare(
     deltas: Tensor,
+    weight: Sequence[float],
     density: Sequence[float],
+    lam: float,
+    normalize: bool,
     rescale: str,
     generator: Generators,
     segments: Segments,
+    out: Tensor | None,
+    sign_consensus: bool,
 ) -> Tensor:
+    """DARE's drop, then the task-vector sum with the ``paper`` rescale in the weights and the
+    weights themselves as the normaliser (:func:`.sparsify.dare_weights`)."""
     flat = deltas.reshape(deltas.shape[0], -1)
     parts = segment_starts(flat.shape[1], segments)
     generators = list(generator) if isinstance(generator, Sequence) else [generator] * len(parts)
-    return dare_drop(flat, density, rescale, generators, parts).view_as(deltas)
+    dropped = dare_drop(flat, density, rescale, generators, parts).view_as(deltas)
+    return combine_task_vectors(
+        dropped,
+        dare_weights(weight, density, rescale),
+        shares=weight,
+        lam=lam,
+        normalize=normalize,
+        sign_consensus=sign_consensus,
+        out=out,
+    )
 
 
 @technique(
@@ -476,16 +492,7 @@ def dare_linear(
     out: Tensor | None = None,
 ) -> Tensor:
     """DARE: drop entries at random (keep ``density``), rescale the rest, then task arithmetic."""
-    dropped = _dare(deltas, density, rescale, generator, segments)
-    return combine_task_vectors(
-        dropped,
-        dare_weights(weight, density, rescale),
-        shares=weight,
-        lam=lam,
-        normalize=normalize,
-        sign_consensus=False,
-        out=out,
-    )
+    return _dare(deltas, weight, density, lam, normalize, rescale, generator, segments, out, False)
 
 
 @technique(
@@ -509,16 +516,7 @@ def dare_ties(
     out: Tensor | None = None,
 ) -> Tensor:
     """DARE-TIES: DARE's random drop and rescale, then TIES sign election."""
-    dropped = _dare(deltas, density, rescale, generator, segments)
-    return combine_task_vectors(
-        dropped,
-        dare_weights(weight, density, rescale),
-        shares=weight,
-        lam=lam,
-        normalize=normalize,
-        sign_consensus=True,
-        out=out,
-    )
+    return _dare(deltas, weight, density, lam, normalize, rescale, generator, segments, out, True)
 
 
 def _breadcrumbs(
