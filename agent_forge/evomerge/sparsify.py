@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -365,20 +365,15 @@ def keep_level(density: float) -> int:
     """DARE keeps an entry whose drawn level is below this: ``density·2¹⁶`` rounded to the
     nearest level, at least one for a positive density (all for ``density ≥ 1``).
 
-    The keep probability is therefore ``keep_level / 2¹⁶`` (:func:`keep_probability`), within
-    2⁻¹⁷ of the density asked for, and the ``paper`` rescale divides by exactly that
-    probability, so every DARE merge is an unbiased estimate of its task arithmetic.
+    The keep probability is therefore ``keep_level / 2¹⁶``, within 2⁻¹⁷ of the density asked
+    for, and the ``paper`` rescale divides by exactly that probability (:func:`dare_weights`),
+    so every DARE merge is an unbiased estimate of its task arithmetic.
     """
     if density <= 0.0:
         return 0
     if density >= 1.0:
         return DRAW_LEVELS
     return min(max(round(density * DRAW_LEVELS), 1), DRAW_LEVELS)
-
-
-def keep_probability(density: float) -> float:
-    """The probability with which DARE keeps an entry at ``density`` (see :func:`keep_level`)."""
-    return keep_level(density) / DRAW_LEVELS
 
 
 def dare_weights(weights: Sequence[float], density: Sequence[float], rescale: str) -> list[float]:
@@ -400,19 +395,30 @@ def draw_levels(
     levels uniform over ``0 … DRAW_LEVELS − 1``, segment j from ``generators[j]``, row after
     row — every input, whatever its density, so the draws depend only on the generators.
 
-    The one place that fixes the draw order, so streaming and the resident fused kernel
-    (:meth:`.graph.RecipeGraph._draws`) see the same levels. torch draws the same integers for
-    one generator whatever the output dtype.
+    Streaming and the resident fused kernel (:func:`draw_packed_levels`) both draw in
+    :func:`_draw_order`, so they see the same levels. torch draws the same integers for one
+    generator whatever the output dtype.
     """
-    for (start, size), generator in zip(segments, generators, strict=True):
-        for row in out:
-            window = row[start : start + size]
-            if generator is None or generator.device == window.device:
-                window.random_(0, DRAW_LEVELS, generator=generator)
-            else:  # a CPU generator filling a device tensor: draw on the CPU (see uniforms)
-                drawn = torch.empty(size, dtype=window.dtype)
-                window.copy_(drawn.random_(0, DRAW_LEVELS, generator=generator))
+    for i, start, size, generator in _draw_order(out.shape[0], segments, generators):
+        window = out[i, start : start + size]
+        if generator is None or generator.device == window.device:
+            window.random_(0, DRAW_LEVELS, generator=generator)
+        else:  # a CPU generator filling a device tensor: draw on the CPU (see uniforms)
+            drawn = torch.empty(size, dtype=window.dtype)
+            window.copy_(drawn.random_(0, DRAW_LEVELS, generator=generator))
     return out
+
+
+def _draw_order(
+    inputs: int,
+    segments: Sequence[tuple[int, int]],
+    generators: Sequence[torch.Generator | None],
+) -> Iterator[tuple[int, int, int, torch.Generator | None]]:
+    """DARE's draw order, the one place it is fixed: ``(input, start, size, generator)``,
+    segment j from ``generators[j]``, input after input."""
+    for (start, size), generator in zip(segments, generators, strict=True):
+        for i in range(inputs):
+            yield i, start, size, generator
 
 
 def pack_levels(levels: Tensor) -> Tensor:
@@ -437,17 +443,16 @@ def draw_packed_levels(
     buffer; a generator's stream does not depend on how its draws are chunked."""
     longest = max((size for _, size in segments), default=0)
     chunk = scratch(1, min(1 << 20, longest), torch.int32, torch.device("cpu"), "levels")[0]
-    for (start, size), generator in zip(segments, generators, strict=True):
-        for i in range(inputs):
-            row = out[i // 2, start : start + size]
-            for offset in range(0, size, chunk.numel()):
-                part = chunk[: min(chunk.numel(), size - offset)]
-                part.random_(0, DRAW_LEVELS, generator=generator)
-                window = row[offset : offset + part.numel()]
-                if i % 2 == 0:
-                    window.copy_(part)
-                else:
-                    window.bitwise_or_(part.bitwise_left_shift_(16).to(window.device))
+    for i, start, size, generator in _draw_order(inputs, segments, generators):
+        row = out[i // 2, start : start + size]
+        for offset in range(0, size, chunk.numel()):
+            part = chunk[: min(chunk.numel(), size - offset)]
+            part.random_(0, DRAW_LEVELS, generator=generator)
+            window = row[offset : offset + part.numel()]
+            if i % 2 == 0:
+                window.copy_(part)
+            else:
+                window.bitwise_or_(part.bitwise_left_shift_(16).to(window.device))
     return out
 
 
