@@ -1,9 +1,10 @@
-"""Fused resident kernels (:mod:`agent_forge.evomerge.fused`): trim keys decide exactly the
+"""Fused resident kernels (:mod:`agent_forge.evomerge.fused`): trims by row keep exactly the
 streaming trim, the compiled kernel gives the streamed bytes, DARE draws are common random
 numbers, and a kernel whose bits differ is switched off."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 
 import numpy as np
@@ -11,17 +12,19 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from agent_forge.evomerge.config import EvolutionSettings, MergeSettings
+from agent_forge.evomerge.config import EvolutionSettings
 from agent_forge.evomerge.fused import (
     AUTO_MIN_ELEMENTS,
     FusedKernels,
-    _keys_by_rank,
+    TrimRows,
+    magnitude_order,
+    merge_kernel,
     plan_for,
-    trim_keys,
+    row_pieces,
+    row_width,
     wanted,
 )
 from agent_forge.evomerge.merger import AdvancedModelMerger
-from agent_forge.evomerge.operators import SearchSpace, mutate_merge
 from agent_forge.evomerge.recipe import Merge, Source
 from agent_forge.evomerge.sources import open_source
 from agent_forge.evomerge.sparsify import (
@@ -47,72 +50,84 @@ def streaming(tiny_family):
     return AdvancedModelMerger(sources=sources, base="base")
 
 
-# -- trim keys -----------------------------------------------------------------------------------
+# -- trims by row ---------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("count", [1, 2, 7, 10, 100, 999, 4096])
-def test_each_rank_key_is_the_smallest_float32_density_that_keeps_the_rank(count):
-    keys = _keys_by_rank(count)
-    assert keys.dtype == np.float32 and np.all(np.diff(keys) >= 0)
-    for rank in range(count):
-        key = keys[rank]
-        kept = max(1, int(float(key) * count))  # TIES keeps max(1, int(d·n))
-        assert kept >= rank + 1
-        if rank:  # one float32 step lower keeps fewer than rank + 1
-            below = float(np.nextafter(key, np.float32(0.0)))
-            assert max(1, int(below * count)) < rank + 1
-
-
-@pytest.mark.parametrize("density", [0.5, 0.1, 0.3, 0.7, 0.29, 0.95, 0.0, 1.0])
-@pytest.mark.parametrize("count", [1, 10, 100, 4097])
-def test_trim_keys_keep_exactly_the_streaming_trim(density, count):
-    torch.manual_seed(count)
-    values = torch.randint(-6, 7, (count,)).float() / 4.0  # many ties and zeros
-    keys = trim_keys(values, torch.empty(count))
+def trimmed_by_rows(values, sizes, density):
+    """One input's TIES trim as the kernel takes it (eagerly): the tensors of ``values`` laid
+    out as rows, cut by the thresholds and tie bounds of :meth:`TrimRows.cuts`."""
+    rows = TrimRows.of(sizes, values.device)
+    starts = [0, *np.cumsum(sizes)]
+    orders = torch.cat([magnitude_order(values[a:b]) for a, b in itertools.pairwise(starts)])
+    cuts = rows.cuts(orders[None].int(), values[None], [density])
     params = {"weight": [1.0], "density": [density], "lam": 1.0, "normalize": True}
-    plan = plan_for("ties", params, [count])
-    expected = keep_top_magnitude(values, density)
-    assert plan is not None  # one tensor: some float32 always keeps the same count
-    compared = plan.density[0]
-    fused = torch.where(keys <= compared, values, 0.0) if plan.modes[0] == "key" else values
-    assert torch.equal(fused, expected)
+    plan = plan_for("ties", params, cuts)
+    assert plan is not None
+    out = torch.empty(len(values))
+    shape = (-1, rows.width)
+    merge_kernel(
+        values[None].unflatten(1, shape),
+        torch.zeros(shape[1:]).expand(len(values) // rows.width, -1),
+        None,
+        out.view(shape),
+        *plan.arguments(),
+    )
+    return out, plan
+
+
+@pytest.mark.parametrize("density", [0.5, 0.1, 0.3, 0.7, 0.29, 0.95, 0.0, 1.0, 0.999])
+@pytest.mark.parametrize("sizes", [[1], [10], [4097], [48, 16, 96, 32], [64, 4096, 128]])
+def test_row_cuts_keep_exactly_the_streaming_trim(density, sizes):
+    """Any density (no float32 grid): each tensor keeps its own max(1, int(d·n)) largest
+    entries, ties by lowest index, whichever row of the layout an entry lies in."""
+    torch.manual_seed(sum(sizes))
+    values = torch.randint(-6, 7, (sum(sizes),)).float() / 4.0  # many ties and zeros
+    got, _ = trimmed_by_rows(values, sizes, density)
+    starts = [0, *np.cumsum(sizes)]
+    expected = torch.cat(
+        [keep_top_magnitude(values[a:b], density) for a, b in itertools.pairwise(starts)]
+    )
+    assert torch.equal(got, expected)
+
+
+def test_trim_keeps_max_one_int_density_count_and_breaks_ties_by_lowest_index():
+    values = torch.tensor([1.0, -3.0, 3.0, 2.0, -3.0, 0.5, 3.0, 1.0, 0.0, 2.0])
+    # by hand: |x| ranks 3,3,3,3 (indices 1,2,4,6) then 2,2 (3,9) then 1,1 (0,7) then .5, 0;
+    # ten entries make two rows of five. A split tie whose first dropped entry lies in a later
+    # row than the last kept one is cut by row (cut: ≥ t up to that row, > t after it); one in
+    # the same row needs the column bound (cut_tie).
+    cases = [
+        (0.25, [1, 2], "cut_tie"),  # 4 is dropped beside 2 in row 0
+        (0.3, [1, 2, 4], "cut"),  # 6 is dropped in row 1: rows ≥ 3, > 3
+        (0.5, [1, 2, 3, 4, 6], "cut"),  # the 2 at 9 is dropped in row 1
+        (0.05, [1], "cut_tie"),
+        (0.4, [1, 2, 4, 6], "cut"),  # no tie split
+        (0.9, [0, 1, 2, 3, 4, 5, 6, 7, 9], "cut"),  # only the 0 goes
+    ]
+    for density, kept, mode in cases:
+        got, plan = trimmed_by_rows(values, [10], density)
+        assert plan.modes == (mode,), density
+        assert torch.nonzero(got).flatten().tolist() == kept, density
+        assert torch.equal(got[kept], values[kept])
+    _, plan = trimmed_by_rows(values, [10], 0.3)
+    assert plan.cuts.thresholds.flatten().tolist() == [3.0, float(np.nextafter(np.float32(3), 4))]
 
 
 def test_magnitude_order_is_descending_with_equal_magnitudes_by_index():
-    from agent_forge.evomerge.fused import magnitude_order
-
     values = torch.tensor([0.5, -0.5, 0.0, -0.0, 2.0, -2.0, 1e-30, float("inf"), -1e-45])
     # by hand: inf; 2 and −2 (index 4 before 5); ±0.5; 1e-30; the denormal; +0 and −0
     assert magnitude_order(values).tolist() == [7, 4, 5, 0, 1, 6, 8, 2, 3]
 
 
-def test_trim_keeps_max_one_int_density_count_and_breaks_ties_by_lowest_index():
-    values = torch.tensor([1.0, -3.0, 3.0, 2.0, -3.0, 0.5, 3.0, 1.0, 0.0, 2.0])
-    keys = trim_keys(values, torch.empty(10))
-    # by hand: |x| ranks 3,3,3,3 (indices 1,2,4,6) then 2,2 (3,9) then 1,1 (0,7) then .5, 0
-    for density, kept in [(0.25, [1, 2]), (0.3, [1, 2, 4]), (0.5, [1, 2, 4, 6, 3]), (0.05, [1])]:
-        values = {"weight": [1.0], "density": [density], "lam": 1.0, "normalize": True}
-        plan = plan_for("ties", values, [10])
-        assert plan is not None
-        mask = keys <= plan.density[0]
-        assert torch.nonzero(mask).flatten().tolist() == sorted(kept), density
-
-
-def test_one_float32_density_must_keep_every_tensors_count_or_the_eager_path_runs():
-    def plan(density, sizes):
-        values = {"weight": [1.0], "density": [density], "lam": 1.0, "normalize": True}
-        return plan_for("ties", values, sizes)
-
-    # 0.7 keeps int(0.7·10) = 7 of 10; float32(0.7) = 0.69999998 would keep 6, so the kernel
-    # compares with the next float32 up, which keeps 7 of 10 and int(0.70000005·3) = 2 of 3
-    found = plan(0.7, [10, 3])
-    assert found is not None and found.density[0] > 0.7
-    assert int(found.density[0] * 10) == 7 and int(found.density[0] * 3) == 2
-    # in a tensor of 2^26 entries float32 steps near 0.9 move the count by 4: 0.9 keeps
-    # int(0.9·2^26) = 60397977, which no float32 density keeps
-    big = 1 << 26
-    assert int(0.9 * big) == 60397977 and plan(0.9, [big]) is None
-    assert plan(float(np.float32(0.9)), [10, 3, big]) is not None  # on the grid: always
+def test_tensors_share_a_kernel_call_when_their_sizes_share_a_row_width():
+    # by hand: gcd(768, 589824) = 768 joins; 5 shares nothing; 64, 128, 32 share 32
+    assert row_pieces([768, 589824, 5, 64, 128, 32]) == [(0, 2), (2, 3), (3, 6)]
+    assert row_pieces([32, 8, 8]) == [(0, 1), (1, 2), (2, 3)]  # a divisor under 16 splits
+    assert row_width(768, 590592) == 768
+    assert row_width(12_288_000, 12_288_000) == 4096  # 2¹⁵·375: the widest row allowed
+    assert row_width(768, 768) == 384  # one tensor alone still has two rows (two threads)
+    assert row_width(4097, 4097) == 241  # 17·241
+    assert row_width(5, 5) == 1 and row_width(1, 1) == 1
 
 
 # -- fused materialisation equals streaming --------------------------------------------------------
@@ -166,38 +181,33 @@ def test_fused_materialisation_gives_the_streamed_bytes(case, fused, streaming, 
         assert torch.equal(tensor.view(torch.int32), got.view(torch.int32)), name
 
 
-@pytest.mark.parametrize(
-    "case", ["ties", "ties mixed", "ties unnormalised", "ties per layer", "ties on a zero"]
-)
-def test_large_tensors_trimmed_by_threshold_give_the_streamed_bytes(
-    case, tiny_family, streaming, tmp_path, monkeypatch
+@pytest.mark.parametrize("case", ["ties mixed", "ties per layer"])
+@pytest.mark.parametrize("task_vectors", ["a third zero", "quantised"])
+def test_ties_with_split_ties_and_zero_thresholds_gives_the_eager_bytes(
+    case, task_vectors, tiny_family
 ):
-    """With the large-tensor bound lowered, the tiny models' matrices take the ``cut`` path
-    (a threshold and the index of the last kept tie) and the norms stay on keys."""
-    from agent_forge.evomerge import graph, pool
-
-    monkeypatch.setattr(graph, "LARGE_TENSOR", 100)
-    monkeypatch.setattr(pool, "LARGE_TENSOR", 100)
-    recipe = CASES.get(case) or Merge("ties", INPUTS, {"density": 0.9}, BASE)
+    """Task vectors a third 0 exactly (thresholds of 0, ties galore) or on a grid of 1/64
+    (ties at every threshold, split inside rows: the kernel compares tie bounds by column)."""
+    recipe = CASES[case]
     sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
     merger = AdvancedModelMerger(sources=sources, base="base", resident=True, fused_kernels="on")
-    if case == "ties on a zero":  # most task-vector entries 0: the threshold is 0, ties galore
-        store = merger.pool._store("base")
-        for name in ("m1", "m2", "m3"):
-            row = store.matrix[store.rows[name]]
-            row[::3] = store.matrix[store.rows["base"], ::3]
+    store = merger.pool._store("base")
+    base = store.matrix[store.rows["base"]]
+    for name in ("m1", "m2", "m3"):
+        row = store.matrix[store.rows[name]]
+        if task_vectors == "quantised":
+            row.copy_(base + torch.round((row - base) * 64) / 64)
+        else:
+            row[::3] = base[::3]
+    eager = AdvancedModelMerger(sources=sources, base="base", resident=True, fused_kernels="off")
+    eager.pool._store("base").matrix.copy_(store.matrix)
     kernels = merger.graph.fused
     assert kernels is not None
     params = dict(merger.materialize(recipe).named_parameters())
     assert kernels.enabled and kernels.calls > 0
-    assert any(len(v) >= 100 for v in merger.pool._store("base")._orders.values())
-    eager = AdvancedModelMerger(sources=sources, base="base", resident=True, fused_kernels="off")
-    if case == "ties on a zero":
-        eager.pool._store("base").matrix.copy_(merger.pool._store("base").matrix)
-        want = dict(eager.materialize(recipe).named_parameters())
-    else:
-        streamed = merger_output(streaming, recipe, tmp_path)
-        want = streamed
+    if task_vectors == "quantised":
+        assert any(variant[0][0] == "cut_tie" for variant in kernels._checked)
+    want = dict(eager.materialize(recipe).named_parameters())
     for name, tensor in want.items():
         got = params[name].detach()
         assert torch.equal(tensor.detach().view(torch.int32), got.view(torch.int32)), name
@@ -209,16 +219,12 @@ def merger_output(streaming, recipe, tmp_path):
 
 @pytest.mark.parametrize("technique", ["ties", "dare_ties", "dare_linear", "task_arithmetic"])
 def test_candidates_with_new_weights_and_densities_reuse_the_compiled_kernels(
-    technique, tiny_family, monkeypatch
+    technique, tiny_family
 ):
     """Evolution proposes new values for every candidate: after the first two (static shapes,
     then dynamic ones) no candidate compiles a kernel — not for a new weight (one baked into
     the graph as a constant recompiled every time), nor for an input at density 1 (one mode
-    per input made a variant per combination). Large tensors take the threshold path too."""
-    from agent_forge.evomerge import graph, pool
-
-    monkeypatch.setattr(graph, "LARGE_TENSOR", 100)
-    monkeypatch.setattr(pool, "LARGE_TENSOR", 100)
+    per input made a variant per combination), nor for TIES's rows of new thresholds."""
     sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
     merger = AdvancedModelMerger(sources=sources, base="base", resident=True, fused_kernels="on")
     kernels = merger.graph.fused
@@ -335,7 +341,6 @@ def test_reused_draw_buffers_give_a_seeds_draws_again(tiny_family, monkeypatch):
 def test_the_compiled_dare_kernel_gives_the_eager_bits_on_five_inputs(technique):
     """Inputs in both halves of a word and one alone in the last word; densities on and off
     the 2⁻¹⁶ grid, 0 and 1; the eager technique draws from the same generator."""
-    from agent_forge.evomerge.fused import merge_kernel
     from agent_forge.evomerge.techniques import (
         apply_technique,
         canonical_params,
@@ -362,10 +367,10 @@ def test_the_compiled_dare_kernel_gives_the_eager_bits_on_five_inputs(technique)
     levels = draw_levels(
         torch.empty(5, 3000, dtype=torch.int32), [(0, 3000)], [torch.Generator().manual_seed(7)]
     )
-    plan = plan_for(technique, resolved_params(tech, params, None), [3000])
+    plan = plan_for(technique, resolved_params(tech, params, None))
     assert plan is not None and plan.modes == ("draw",) * 5
     out = torch.empty(3000)
-    torch.compile(merge_kernel)(deltas, base, None, pack_levels(levels), out, *plan.arguments())
+    torch.compile(merge_kernel)(deltas, base, pack_levels(levels), out, *plan.arguments())
     assert torch.equal(out.view(torch.int32), (eager + base).view(torch.int32))
 
 
@@ -420,23 +425,6 @@ def test_a_randomised_recipe_built_on_a_gpu_has_the_cpus_bytes(tiny_family, tmp_
             torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6)
 
 
-def test_the_search_proposes_float32_densities(tiny_family):
-    space = SearchSpace(
-        models=("m1", "m2", "m3"),
-        base="base",
-        layers=2,
-        merge=MergeSettings(),
-        evolution=EvolutionSettings(mutation_rate=1.0),
-    )
-    rng = np.random.default_rng(0)
-    node = Merge("ties", INPUTS, {"density": 0.3}, BASE)
-    for _ in range(20):
-        node = mutate_merge(node, space, rng)
-        for value in np.ravel(np.array(node.params.get("density", []), dtype=object)):
-            for v in np.ravel(value):
-                assert v == 0.3 or float(np.float32(v)) == v  # unchanged, or proposed on the grid
-
-
 # -- safety net and policy -----------------------------------------------------------------------
 
 
@@ -448,7 +436,7 @@ def test_a_kernel_whose_bits_differ_is_switched_off(tiny_family, caplog):
     assert kernels is not None and eager.graph.fused is None
 
     def off_by_one_ulp(*args):
-        out = args[4]
+        out = args[3]
         out.copy_(torch.nextafter(args[1], torch.tensor(float("inf"))))
 
     kernels._compiled = off_by_one_ulp

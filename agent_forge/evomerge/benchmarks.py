@@ -230,7 +230,6 @@ def bench_materialize(
     from .merger import AdvancedModelMerger
     from .recipe import Merge, Source
     from .sources import open_source
-    from .techniques import search_grid
 
     if models == "default":
         config = create_default_config()
@@ -273,7 +272,7 @@ def bench_materialize(
         weight = rng.uniform(0.2, 1.0, len(inputs)).tolist()
         return {
             "weight": weight,
-            "density": [search_grid("density", d) for d in rng.uniform(0.2, 0.8, len(inputs))],
+            "density": rng.uniform(0.2, 0.8, len(inputs)).tolist(),
         }
 
     searching = {
@@ -430,39 +429,44 @@ def bench_gpu(repeats: int = 10) -> dict[str, Any]:
 def fused_contenders(base: Any, deltas: Any, out: Any) -> dict[str, Any]:
     """Task arithmetic, TIES and DARE-TIES as the fused kernel runs them (:mod:`.fused`) on
     one large tensor: ``deltas`` ``(M, *shape)`` against ``base``, into ``out`` (float32, any
-    device). TIES takes its threshold from the magnitude order, as for a large resident tensor.
+    device). TIES takes its thresholds from the magnitude order and runs on rows, as for a
+    resident tensor.
     """
     import torch
 
-    from .fused import magnitude_order, merge_kernel, plan_for, threshold_at
+    from .fused import TrimRows, magnitude_order, merge_kernel, plan_for
     from .sparsify import DRAW_LEVELS, pack_levels
 
     kernel = torch.compile(merge_kernel)
     flat = deltas.reshape(deltas.shape[0], -1)
     size = flat.shape[1]
-    orders = [magnitude_order(row) for row in flat]
-
-    def cut(i: int, keep: int) -> tuple[float, int, bool]:
-        return threshold_at(orders[i], flat[i], keep)
-
+    rows = TrimRows.of([size], flat.device)
+    orders = torch.stack([magnitude_order(row) for row in flat]).int()
     levels = torch.randint(0, DRAW_LEVELS, flat.shape, dtype=torch.int32, device=flat.device)
     draws = pack_levels(levels)  # as the resident pool keeps a seed's draws
     count = flat.shape[0]
     common = {"weight": [1.0] * count, "lam": 1.0}
+    density = [0.5] * count
     plans = {
-        "task_arithmetic": plan_for("task_arithmetic", {**common, "normalize": False}, [size]),
+        "task_arithmetic": plan_for("task_arithmetic", {**common, "normalize": False}),
         "ties": plan_for(
-            "ties", {**common, "density": [0.5] * count, "normalize": True}, [size], cut
+            "ties",
+            {**common, "density": density, "normalize": True},
+            rows.cuts(orders, flat, density),
         ),
         "dare_ties": plan_for(
             "dare_ties",
-            {**common, "density": [0.5] * count, "normalize": True, "rescale": "paper"},
-            [size],
+            {**common, "density": density, "normalize": True, "rescale": "paper"},
         ),
     }
 
     def runner(plan: Any) -> Any:
-        return lambda: kernel(flat, base.reshape(-1), None, draws, out.view(-1), *plan.arguments())
+        if plan.cuts is None:
+            operands = (flat, base.reshape(-1), draws, out.view(-1))
+        else:
+            shape = (-1, rows.width)
+            operands = (flat.unflatten(1, shape), base.view(shape), None, out.view(shape))
+        return lambda: kernel(*operands, *plan.arguments())
 
     return {name: runner(plan) for name, plan in plans.items() if plan is not None}
 

@@ -3,18 +3,17 @@
 Evaluating a candidate writes its tensors into a resident model (:meth:`.merger.
 AdvancedModelMerger.materialize`). Done with eager torch, TIES is some twenty passes over the
 task vectors plus a threshold search per tensor, and DARE draws fresh random numbers for every
-entry; here each candidate is **one** element-wise pass, compiled by ``torch.compile`` into a
-single loop (C++/OpenMP on CPUs, Triton on GPUs), over inputs prepared once per run:
+entry; here each candidate is **one** element-wise pass per batch of tensors, compiled by
+``torch.compile`` into a single loop (C++/OpenMP on CPUs, Triton on GPUs), over inputs
+prepared once per run:
 
-- **Trim keys** (TIES). For every task-vector entry the pool keeps a float32 ``key``: with r
-  the entry's rank by magnitude within its tensor (ties by lowest flat index, as the streaming
-  trim) and n the tensor's size, the smallest float32 ``d`` with ``int(d·n) ≥ r + 1`` (the
-  rank-0 entry gets the smallest normal float32, as TIES keeps at least one entry). For a
-  float32 density d, "keep" is ``key ≤ d`` — exactly the streaming trim's ``max(1, int(d·n))``
-  largest entries — with no per-tensor threshold. The search proposes densities on the
-  float32 grid (:func:`.techniques.search_grid`); another density is replaced by a float32
-  that keeps the same counts in every tensor of the batch, and where none does (a huge tensor
-  can make that happen) the eager path runs.
+- **Trim rows** (TIES). The pool keeps each task vector's magnitude order per tensor
+  (:func:`magnitude_order`), so a tensor's trim threshold at any density is a lookup. A batch
+  of tensors is laid out as rows of a width that divides every tensor's size
+  (:class:`TrimRows`), each row inside one tensor, and the kernel takes a threshold (and a
+  tie bound) per row and input: one call for many tensors of different thresholds, reading
+  nothing per entry but the task vectors and the base. (One call per tensor cost ~2× more on
+  a 95M-parameter model: call overheads and short loops.)
 - **Draws** (DARE). A randomised merge draws from generators keyed by its seed and inputs, not
   by its parameters (:func:`.graph.draw_hash`), so the draws of a seed are computed once and
   reused by every candidate that differs only in weights or densities. They are 16-bit levels
@@ -26,25 +25,26 @@ The kernel mirrors the streaming code's arithmetic (:mod:`.combine`, :func:`.spa
 dare_drop`) operation for operation: every step is an exactly rounded float32 operation in the
 same order, and inductor compiles without FMA contraction or unsafe math, so the fused result
 equals the streamed one bit for bit. Because that rests on a compiler, :class:`FusedKernels`
-checks it: the first call of every kernel variant is compared with the eager path, and any
-difference (or a compiler that is missing or fails) turns fusion off for the run with one
-warning. The check has caught one real fault: on torch 2.13, AOTAutograd's on-disk cache
-handed back a kernel variant that no longer wrote into ``out`` (a view of the resident model)
-— so kernels are compiled with that cache off (inductor's own code cache stays on).
-``fused_kernels: auto`` fuses where the one-off compile (seconds) pays back: on GPUs and for
-resident models of at least :data:`AUTO_MIN_ELEMENTS` parameters.
+checks it: the first call of every kernel variant, and every call that compiled a graph, is
+compared with the eager path, and any difference (or a compiler that is missing or fails)
+turns fusion off for the run with one warning. The check has caught one real fault: on torch
+2.13, AOTAutograd's on-disk cache handed back a kernel variant that no longer wrote into
+``out`` (a view of the resident model) — so kernels are compiled with that cache off
+(inductor's own code cache stays on). ``fused_kernels: auto`` fuses where the one-off compile
+(seconds) pays back: on GPUs and for resident models of at least :data:`AUTO_MIN_ELEMENTS`
+parameters.
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -54,57 +54,18 @@ logger = logging.getLogger(__name__)
 
 #: ``fused_kernels: auto`` fuses on CPUs from this many resident parameters per model.
 AUTO_MIN_ELEMENTS = 32_000_000
-#: Tensors of at least this many entries are trimmed by a threshold per call (``cut``): one
-#: lookup in their magnitude order instead of a key per entry, so the kernel reads no more
-#: than the task vectors and the base.
-LARGE_TENSOR = 1 << 18
-#: Compiled variants of the kernel (modes per input, normalisation, consensus) kept at once.
+#: Compiled variants of the kernel (modes, normalisation, consensus, shapes) kept at once.
 _VARIANTS = 64
 #: The techniques a fused kernel computes (DARE only with ``rescale`` ``paper`` or ``none``).
 FUSED_TECHNIQUES = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"})
-#: The key of a tensor's largest entry: kept at every density > 0 (a normal float32, so that
-#: flush-to-zero cannot turn it into 0).
-_FIRST_KEY = float(np.finfo(np.float32).tiny)
 
+# -- TIES trims by row -------------------------------------------------------------------------
 
-# -- trim keys -----------------------------------------------------------------------------------
-
-
-def _keys_by_rank(count: int) -> np.ndarray:
-    """:func:`_rank_keys`, cached for tensors of up to 4M entries."""
-    return _cached_rank_keys(count) if count <= 1 << 22 else _rank_keys(count)
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_rank_keys(count: int) -> np.ndarray:
-    return _rank_keys(count)
-
-
-def _rank_keys(count: int) -> np.ndarray:
-    """``key[r]``: the smallest float32 d with ``int(d·count) ≥ r + 1`` (r = 0: any d > 0)."""
-    key = _smallest_keys(np.arange(1, count + 1, dtype=np.float64), count)
-    if count:
-        key[0] = _FIRST_KEY
-    key.setflags(write=False)
-    return key
-
-
-def _smallest_keys(need: np.ndarray, count: int) -> np.ndarray:
-    """The smallest float32 d with ``int(d·count) ≥ need`` for each entry of ``need`` (≥ 1).
-
-    ``d·count`` is exact in float64 for a float32 d (24 + 40 bits), so the test is exact.
-    """
-    key = (need / count).astype(np.float32)
-    low = key.astype(np.float64) * count < need
-    while low.any():  # rounding left d·n below the count: step up
-        key[low] = np.nextafter(key[low], np.float32(np.inf))
-        low = key.astype(np.float64) * count < need
-    while True:  # a smaller d may still reach the count: step down while it does
-        below = np.nextafter(key, np.float32(0.0))
-        lower = below.astype(np.float64) * count >= need
-        if not lower.any():
-            return key
-        key[lower] = below[lower]
+#: Rows of the TIES kernel's layout hold at least this many entries where the tensors allow
+#: (one AVX-512 vector), and at most :data:`MAX_ROW` (so that even one tensor has rows to
+#: share among threads: inductor parallelises over rows).
+MIN_ROW = 16
+MAX_ROW = 4096
 
 
 def magnitude_order(values: Tensor) -> Tensor:
@@ -118,58 +79,128 @@ def magnitude_order(values: Tensor) -> Tensor:
     return torch.sort(torch.neg(values.abs().view(torch.int32)), stable=True).indices
 
 
-def trim_keys(values: Tensor, out: Tensor) -> Tensor:
-    """``out`` (float32) = the trim key of each entry of one flat tensor (see the module
-    docstring).
-
-    The entry ranked r by magnitude (descending; equal magnitudes by lowest index, which a
-    stable sort gives) gets :func:`_keys_by_rank` ``(n)[r]``; TIES at a float32 density d keeps
-    exactly the entries with ``key ≤ d``.
-    """
-    if values.numel():
-        keys = torch.from_numpy(_keys_by_rank(values.numel()).copy()).to(out.device)
-        out.index_put_((magnitude_order(values),), keys)
-    return out
-
-
-def threshold_at(order: Tensor, values: Tensor, keep: int) -> tuple[float, int, bool]:
-    """TIES's cut of one flat tensor at ``keep`` entries, from its :func:`magnitude_order`:
-    the ``keep``-th largest magnitude, that entry's index, and whether the next entry ties with
-    it (then indices decide which equal entries stay)."""
-    on_cpu = order.device.type == "cpu"  # numpy lookups: ~0.1 µs, not a torch op each
-    ranked, row = (order.numpy(), values.numpy()) if on_cpu else (order, values)
-    index = int(ranked[keep - 1])
-    threshold = abs(float(row[index]))
-    split = keep < len(ranked) and abs(float(row[int(ranked[keep])])) == threshold
-    return threshold, index, split
-
-
-def _trim_density(density: float, sizes: Sequence[int]) -> float | None:
-    """A float32 density whose key test keeps what ``density`` keeps in every tensor of
-    ``sizes``, or None when there is none (then the eager path runs).
-
-    It is the smallest float32 that keeps each tensor's count (the largest of the per-tensor
-    smallest keys); it works unless it keeps more in some tensor.
-    """
-    return _trim_density_of(density, frozenset(sizes))
+def row_pieces(sizes: Sequence[int]) -> list[tuple[int, int]]:
+    """Consecutive tensors of ``sizes`` grouped into ``(first, stop)`` runs whose sizes share
+    a divisor of at least :data:`MIN_ROW` (a tensor smaller than that stays alone), so each
+    run is one kernel call over whole rows."""
+    pieces: list[tuple[int, int]] = []
+    common = 0
+    for index, size in enumerate(sizes):
+        joined = math.gcd(common, size)
+        if pieces and joined >= MIN_ROW:
+            pieces[-1] = (pieces[-1][0], index + 1)
+            common = joined
+        else:
+            pieces.append((index, index + 1))
+            common = size
+    return pieces
 
 
 @functools.lru_cache(maxsize=256)
-def _trim_density_of(density: float, sizes: frozenset[int]) -> float | None:
-    if density >= 1.0 or density <= 0.0:
-        return density
-    if density < _FIRST_KEY:
-        return None
-    counts = {size: keep_count(density, size) for size in sizes if size}
-    if not counts:
-        return density
-    chosen = max(
-        float(_smallest_keys(np.array([keep], dtype=np.float64), size)[0])
-        for size, keep in counts.items()
-    )
-    if any(keep_count(chosen, size) != keep for size, keep in counts.items()):
-        return None
-    return chosen
+def row_width(common: int, total: int) -> int:
+    """The row length for tensors whose sizes share the divisor ``common``, ``total`` entries
+    in all: the largest divisor of ``common`` up to :data:`MAX_ROW` that leaves at least two
+    rows, preferring one of at least :data:`MIN_ROW`."""
+    fitting = [d for d in range(1, min(common, MAX_ROW) + 1) if common % d == 0]
+    two_rows = [d for d in fitting if total // d >= 2] or [1]
+    wide = [d for d in two_rows if d >= MIN_ROW]
+    return max(wide or two_rows)
+
+
+@dataclass(frozen=True)
+class TrimRows:
+    """One kernel call's TIES layout: consecutive tensors as ``(R, width)`` rows, each row
+    inside one tensor, so a trim threshold per row and input is a trim per tensor."""
+
+    width: int
+    #: The tensors' sizes, and on the device (int64) each one's first column in the run and
+    #: its size.
+    size_list: tuple[int, ...]
+    starts: Tensor
+    sizes: Tensor
+    #: For each row, the tensor it lies in and its index among that tensor's rows.
+    row_tensor: Tensor
+    row_index: Tensor
+
+    @classmethod
+    def of(cls, sizes: Sequence[int], device: torch.device) -> TrimRows:
+        total = sum(sizes)
+        width = row_width(functools.reduce(math.gcd, sizes), total)
+        counts = torch.tensor([size // width for size in sizes])
+        row_tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
+        first_rows = torch.cumsum(counts, 0) - counts
+        return cls(
+            width=width,
+            size_list=tuple(sizes),
+            starts=torch.tensor([0, *itertools.accumulate(sizes)][:-1], device=device),
+            sizes=torch.tensor(list(sizes), device=device),
+            row_tensor=row_tensor.to(device),
+            row_index=(torch.arange(total // width) - first_rows[row_tensor]).to(device),
+        )
+
+    def cuts(self, orders: Tensor, values: Tensor, density: Sequence[float]) -> TrimCuts:
+        """TIES's trim of every tensor by input at ``density`` (one per input), from the
+        task vectors ``values`` ``(M, N)`` and their per-tensor :func:`magnitude_order`
+        ``orders`` ``(M, N)`` (indices within each tensor), as thresholds per row.
+
+        A tensor keeps its ``keep`` largest entries: those of magnitude ≥ t, the ``keep``-th
+        largest. Where the next entry in the order has magnitude t too, the tie is split (equal
+        magnitudes stay by lowest index): the rows up to the last kept entry's keep ``≥ t``, the
+        rows after it ``> t`` (``≥`` the next float32). Only when a dropped equal entry shares
+        the last kept entry's row does a row need the per-column bound (``cut_tie``). A tie at
+        t = 0 splits nothing that matters: kept zeros add nothing and are never counted as
+        agreeing, so every zero may stay.
+        """
+        keep = torch.tensor(
+            [[keep_count(d, n) for n in self.size_list] for d in density],
+            device=self.sizes.device,
+        )
+        last = self.sizes - 1
+        picked = _gather(orders, self.starts + torch.clamp(keep - 1, min=0))
+        threshold = _gather(values, self.starts + picked).abs()
+        following = _gather(orders, self.starts + torch.minimum(keep, last))
+        split = (
+            (keep > 0)
+            & (keep < self.sizes)
+            & (threshold > 0)
+            & (_gather(values, self.starts + following).abs() == threshold)
+        )
+        threshold = torch.where(keep >= self.sizes, 0.0, threshold)  # keep all: no cut
+        threshold = torch.where(keep == 0, math.inf, threshold)  # keep none
+        last_row = picked // self.width
+        in_row = split & (following // self.width == last_row)
+        by_row = self.row_tensor
+        per_row = threshold[:, by_row]
+        if bool(in_row.any()):
+            bound = torch.where(keep == 0, -1, torch.where(split, picked, last))
+            bounds = bound[:, by_row] - self.row_index * self.width
+            return TrimCuts(per_row.unsqueeze(-1), bounds.to(torch.int32).unsqueeze(-1))
+        after = split[:, by_row] & (self.row_index > last_row[:, by_row])
+        per_row = torch.where(
+            after, torch.nextafter(per_row, per_row.new_tensor(math.inf)), per_row
+        )
+        return TrimCuts(per_row.unsqueeze(-1))
+
+
+@dataclass(frozen=True)
+class TrimCuts:
+    """Per input and row of a :class:`TrimRows` layout: TIES keeps ``|δ| ≥ threshold``; with
+    ``bounds`` (a tie split inside a row), ``|δ| > threshold`` and, at equality, the entries
+    whose column is ``≤ bound`` (equal magnitudes stay by lowest index)."""
+
+    thresholds: Tensor  # (M, R, 1) float32
+    bounds: Tensor | None = None  # (M, R, 1) int32
+
+    @property
+    def split(self) -> bool:
+        """Whether the kernel needs the per-column bounds (mode ``cut_tie``)."""
+        return self.bounds is not None
+
+
+def _gather(rows: Tensor, index: Tensor) -> Tensor:
+    """``rows[i, index[i, t]]`` for every input i and tensor t (orders widened to int64)."""
+    found = torch.gather(rows, 1, index)
+    return found if found.is_floating_point() else found.long()
 
 
 # -- the kernel ----------------------------------------------------------------------------------
@@ -180,13 +211,13 @@ class KernelPlan:
     """One resident task-vector merge, as the fused kernel computes it.
 
     ``modes[i]`` says what happens to input i's task vector before weighting: ``all`` (kept
-    whole), ``key`` (TIES trim: kept where ``key ≤ density``), ``cut`` (TIES trim of one
-    tensor: kept where ``|δ| ≥ density``), ``cut_tie`` (the same when the threshold's ties
-    are split: ``|δ| > density``, or ``|δ| = density`` at a flat index ``≤ last``),
-    or ``draw`` (DARE: kept where the input's drawn level is below ``density``, here the keep
-    level :func:`.sparsify.keep_level`). Inputs enter the sum weighted by ``weights``; the
-    normaliser is made of ``shares`` (the weights, unless DARE folded 1/p into them): without
-    sign consensus the weighted sum is divided by ``divisor`` (their sum) when ``normalize``.
+    whole), ``cut`` (TIES trim: kept where ``|δ| ≥`` its row's threshold, ``cuts``),
+    ``cut_tie`` (the same when some threshold's ties are split: ``|δ| >`` the threshold, or
+    equal to it at a column ``≤`` the row's bound), or ``draw`` (DARE: kept where the input's
+    drawn level is below ``density``, here the keep level :func:`.sparsify.keep_level`).
+    Inputs enter the sum weighted by ``weights``; the normaliser is made of ``shares`` (the
+    weights, unless DARE folded 1/p into them): without sign consensus the weighted sum is
+    divided by ``divisor`` (their sum) when ``normalize``.
     """
 
     modes: tuple[str, ...]
@@ -196,17 +227,18 @@ class KernelPlan:
     normalize: bool
     consensus: bool
     divisor: float = 1.0
-    last: tuple[int, ...] = ()
     shares: tuple[float, ...] = ()
+    cuts: TrimCuts | None = None
 
     def arguments(self) -> tuple[Any, ...]:
         """The plan as :func:`merge_kernel`'s arguments after its tensors."""
+        cuts = self.cuts
         return (
             self.modes,
-            list(self.density),
+            list(self.density) if cuts is None else cuts.thresholds,
             list(self.weights),
             list(self.shares or self.weights),
-            list(self.last or [0] * len(self.modes)),
+            [0] * len(self.modes) if cuts is None or cuts.bounds is None else cuts.bounds,
             self.lam,
             self.divisor,
             self.normalize,
@@ -219,46 +251,34 @@ class KernelPlan:
         return (self.modes, self.normalize, self.consensus)
 
 
+def fusable(technique: str, params: Mapping[str, Any]) -> bool:
+    """Whether a fused kernel computes ``technique`` with these parameters (DARE only with
+    ``rescale`` ``paper`` or ``none``)."""
+    if technique.startswith("dare"):
+        return technique in FUSED_TECHNIQUES and params.get("rescale") in ("paper", "none")
+    return technique in FUSED_TECHNIQUES
+
+
 def plan_for(
-    technique: str,
-    values: Mapping[str, Any],
-    sizes: Sequence[int],
-    cut: Callable[[int, int], tuple[float, int, bool]] | None = None,
+    technique: str, values: Mapping[str, Any], cuts: TrimCuts | None = None
 ) -> KernelPlan | None:
-    """The kernel plan for ``technique`` with resolved ``values`` on tensors of ``sizes``
-    elements (None: not fusable).
+    """The kernel plan for ``technique`` with resolved ``values`` (None: not fusable); TIES
+    needs the ``cuts`` of its tensors (:meth:`TrimRows.cuts`).
 
-    ``cut`` (TIES on one large tensor): ``cut(i, k)`` gives the magnitude of input i's k-th
-    largest entry, that entry's flat index, and whether the next entry has the same magnitude
-    (then the ``cut_tie`` mode also compares indices).
-
-    Every input of a plan takes the same mode — a density of 1 keeps everything through its
-    key, level or a zero threshold — so a technique has one or two kernel variants, not one
-    per combination of inputs' modes (each variant compiles, at least once).
+    Every input of a plan takes the same mode — a density of 1 keeps everything through a zero
+    threshold or the top level — so a technique has one or two kernel variants, not one per
+    combination of inputs' modes (each variant compiles, at least once).
     """
-    if technique not in FUSED_TECHNIQUES:
+    if not fusable(technique, values) or (technique == "ties" and cuts is None):
         return None
     weights = shares = tuple(float(w) for w in values["weight"])
     count = len(weights)
     density = tuple(float(d) for d in values.get("density", [1.0] * count))
-    last: tuple[int, ...] = ()
-    if technique == "ties" and cut is not None:
-        (size,) = sizes
-        cuts = [_large_cut(d, size, lambda k, i=i: cut(i, k)) for i, d in enumerate(density)]
-        modes = ("cut_tie" if any(split for _, _, split in cuts) else "cut",) * count
-        density = tuple(t for t, _, _ in cuts)
-        last = tuple(index for _, index, _ in cuts)
-    elif technique == "ties":
-        trimmed = [_trim_density(d, sizes) for d in density]
-        if any(d is None for d in trimmed):
-            return None
-        density = tuple(float(d) for d in trimmed)  # type: ignore[arg-type]
-        modes = ("key",) * count  # a density ≥ 1 is above every key
+    if technique == "ties":
+        assert cuts is not None
+        modes = ("cut_tie" if cuts.split else "cut",) * count
     elif technique.startswith("dare"):
-        rescale = values["rescale"]
-        if rescale not in ("paper", "none"):
-            return None
-        weights = tuple(dare_weights(shares, density, rescale))
+        weights = tuple(dare_weights(shares, density, values["rescale"]))
         density = tuple(float(keep_level(d)) for d in density)
         modes = ("draw",) * count  # level 2¹⁶ keeps every entry
     else:
@@ -274,37 +294,21 @@ def plan_for(
         normalize=bool(values["normalize"]),
         consensus=technique in ("ties", "dare_ties"),
         divisor=1.0 if abs(total) < 1e-8 else total,
-        last=last,
         shares=shares,
+        cuts=cuts if technique == "ties" else None,
     )
-
-
-def _large_cut(
-    density: float, size: int, cut: Callable[[int], tuple[float, int, bool]]
-) -> tuple[float, int, bool]:
-    """TIES's threshold on one large tensor as ``cut``/``cut_tie`` modes take it: (t, last,
-    split). Without a split tie ``last`` is the last index, so ``cut_tie`` keeps every entry
-    of magnitude t, as ``cut`` does; density 1 is t = 0 (keep all), nothing kept is t = ∞."""
-    if density >= 1.0:
-        return 0.0, size - 1, False
-    keep = keep_count(density, size)
-    if keep == 0:
-        return math.inf, -1, False
-    threshold, index, split = cut(keep)
-    return float(threshold), int(index) if split else size - 1, split
 
 
 def merge_kernel(
     deltas: Tensor,
     base: Tensor | None,
-    keys: Tensor | None,
     draws: Tensor | None,
     out: Tensor,
     modes: tuple[str, ...],
-    density: list[float],
+    density: Any,
     weights: list[float],
     shares: list[float],
-    last: list[int],
+    last: Any,
     lam: float,
     divisor: float,
     normalize: bool,
@@ -312,7 +316,10 @@ def merge_kernel(
 ) -> None:
     """``out = base + λ·combine(wᵢ·sparsifyᵢ(δᵢ))`` element by element (eager or compiled);
     without a base (linear) the rows are the models' tensors and nothing is added. ``draws``
-    are DARE's packed levels (:func:`.sparsify.pack_levels`).
+    are DARE's packed levels (:func:`.sparsify.pack_levels`). For TIES the operands are laid
+    out as rows (``deltas`` ``(M, R, C)``, ``base`` and ``out`` ``(R, C)``) and ``density`` and
+    ``last`` are the per-row thresholds and tie bounds ``(M, R, 1)`` (:class:`TrimCuts`);
+    otherwise the operands are flat and ``density`` a float per input.
 
     The operations and their order are those of :class:`.combine._SumBlock` /
     :class:`.combine._ConsensusBlock` after :func:`.sparsify.dare_drop` or the TIES trim; where
@@ -322,14 +329,11 @@ def merge_kernel(
     ys = []
     for i, mode in enumerate(modes):
         x = deltas[i]
-        if mode == "key":  # 0·x, not +0, for a dropped entry: faster, and under the sign
-            assert keys is not None  # consensus a zero's sign never reaches the result
-            x = (keys[i] <= density[i]).to(x.dtype) * x
-        elif mode == "cut":
-            x = (torch.abs(x) >= density[i]).to(x.dtype) * x
+        if mode == "cut":  # 0·x, not +0, for a dropped entry: faster, and under the sign
+            x = (torch.abs(x) >= density[i]).to(x.dtype) * x  # consensus its sign never counts
         elif mode == "cut_tie":
             size = torch.abs(x)
-            index = torch.arange(x.shape[0], device=x.device, dtype=torch.int32)
+            index = torch.arange(x.shape[-1], device=x.device, dtype=torch.int32)
             kept = (size > density[i]) | ((size == density[i]) & (index <= last[i]))
             x = kept.to(x.dtype) * x
         elif mode == "draw":
@@ -417,7 +421,6 @@ class FusedKernels:
         base: Tensor | None,
         out: Tensor,
         *,
-        keys: Tensor | None,
         draws: Tensor | None,
         reference: Callable[[Tensor], Tensor],
     ) -> bool:
@@ -429,7 +432,7 @@ class FusedKernels:
         """
         if not self.enabled:
             return False
-        args = (deltas, base, keys, draws, out, *plan.arguments())
+        args = (deltas, base, draws, out, *plan.arguments())
         compiled = self.compiles
         try:
             if self._compiled is None:
@@ -440,7 +443,7 @@ class FusedKernels:
             return False
         variant = (*plan.variant, out.storage_offset() == 0)  # views at an offset: own check
         if variant not in self._checked or self.compiles != compiled:
-            expected = reference(torch.empty_like(out))
+            expected = reference(torch.empty_like(out)).view(out.shape)
             if not torch.equal(expected.view(torch.int32), out.view(torch.int32)):
                 out.copy_(expected)
                 self._disable("the compiled kernel's bits differ from the eager path")

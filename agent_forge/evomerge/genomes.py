@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .recipe import LayerSlot, LayerStack, Merge, RecipeNode
-from .techniques import Param, canonical_params, get_technique, repair_params, search_grid
+from .techniques import Param, canonical_params, get_technique, repair_params
 
 
 @dataclass(frozen=True)
@@ -63,9 +63,7 @@ class ParamsGenome:
     def decode(self, x: Sequence[float]) -> Merge:
         values: dict[str, Any] = dict(self.fixed)
         for gene, u in zip(self.genes, x, strict=True):
-            value = search_grid(
-                gene.param, gene.low + float(np.clip(u, 0.0, 1.0)) * (gene.high - gene.low)
-            )
+            value = gene.low + float(np.clip(u, 0.0, 1.0)) * (gene.high - gene.low)
             if gene.input is None:
                 values[gene.param] = value
                 continue

@@ -20,7 +20,6 @@ from .techniques import (
     canonical_params,
     get_technique,
     repair_params,
-    search_grid,
 )
 
 logger = logging.getLogger(__name__)
@@ -352,8 +351,7 @@ def _perturb_at(
     if not path:
         assert param.search is not None and isinstance(value, float)
         low, high = param.search
-        moved = float(np.clip(value + rng.normal(0.0, strength * (high - low)), low, high))
-        return search_grid(param.name, moved)
+        return float(np.clip(value + rng.normal(0.0, strength * (high - low)), low, high))
     head, rest = path[0], path[1:]
     if isinstance(value, dict):
         return {**value, head: _perturb_at(value[head], rest, param, strength, rng)}

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from .blockwise import parallel_map
 from .exceptions import ConfigurationError, MergeError
-from .fused import LARGE_TENSOR, magnitude_order, trim_keys
+from .fused import magnitude_order
 from .layout import order_names
 from .sources import ModelSource
 from .sparsify import sort_segments
@@ -144,24 +144,17 @@ class SourcePool:
             return None
         return self._store(sources[0]).ranked(self.base, sources, names)  # type: ignore[arg-type]
 
-    def trim_keys(self, sources: Sequence[str], names: Sequence[str]) -> Tensor | None:
-        """Resident: the TIES trim keys (float32, see :mod:`.fused`) of consecutive tensors
-        ``names``, each smaller than :data:`.fused.LARGE_TENSOR`; ``(M, N)`` rows as
-        :meth:`stack` gives the task vectors (None where it gives none).
+    def trim_orders(self, sources: Sequence[str], names: Sequence[str]) -> Tensor | None:
+        """Resident: each task vector's entries by descending magnitude within each tensor,
+        equal magnitudes by index (:func:`.fused.magnitude_order`; int32 indices within the
+        tensor), ``(M, N)`` rows and columns as :meth:`stack` gives the task vectors (None
+        where it gives none). TIES at ``k`` keeps a tensor's first ``k``.
 
-        Made on first use, one stable sort per tensor.
+        Made on first use: one stable sort per tensor and task vector, on threads.
         """
         if self.stack(sources, names, deltas=True) is None:
             return None
-        return self._store(sources[0]).trim_keys(self.base, sources, names)  # type: ignore[arg-type]
-
-    def trim_order(self, source: str, name: str) -> Tensor | None:
-        """Resident: the flat indices of tensor ``name`` of ``source``'s task vector by
-        descending magnitude, equal magnitudes by index (int32; tensors of at least
-        :data:`.fused.LARGE_TENSOR` entries). TIES at ``k`` keeps ``order[:k]``."""
-        if self.stack([source], [name], deltas=True) is None:
-            return None
-        return self._store(source).trim_order(self.base, source, name)  # type: ignore[arg-type]
+        return self._store(sources[0]).trim_orders(self.base, sources, names)  # type: ignore[arg-type]
 
     def resident_elements(self) -> int:
         """Parameters per resident model (the largest layout); 0 when streaming."""
@@ -210,9 +203,7 @@ class _Store:
         self._deltas: Tensor | None = None
         self._delta_rows: dict[str, int] = {}
         self._ranked: Tensor | None = None
-        self._keys: Tensor | None = None
-        self._key_offsets: dict[str, tuple[int, int]] = {}
-        self._orders: dict[tuple[str, str], Tensor] = {}
+        self._orders: Tensor | None = None
         self._spans: dict[tuple[str, ...], slice | None] = {}
 
     def shape(self, name: str) -> tuple[int, ...]:
@@ -263,51 +254,25 @@ class _Store:
                 sort_segments(deltas[row], list(self.offsets.values()), self._ranked[row])
         return _rows(self._ranked, [self._delta_rows[s] for s in sources], self._columns(names))
 
-    def trim_keys(self, base: str, sources: Sequence[str], names: Sequence[str]) -> Tensor:
-        """Like :meth:`deltas` for small tensors, holding each entry's trim key
-        (:func:`.fused.trim_keys`); the keys of all small tensors lie side by side."""
-        if self._keys is None:
-            self._key_offsets, total = {}, 0
-            for name, (_, size) in self.offsets.items():
-                if size < LARGE_TENSOR:
-                    self._key_offsets[name] = (total, size)
-                    total += size
+    def trim_orders(self, base: str, sources: Sequence[str], names: Sequence[str]) -> Tensor:
+        """:meth:`SourcePool.trim_orders`, made for every tensor of every task vector at once."""
+        if self._orders is None:
             deltas = self._delta_matrix(base)
-            self._keys = torch.empty(
-                (deltas.shape[0], total), dtype=torch.float32, device=deltas.device
-            )
-            for row in range(deltas.shape[0]):
-                for name, (start, size) in self._key_offsets.items():
-                    offset = self.offsets[name][0]
-                    trim_keys(
-                        deltas[row, offset : offset + size], self._keys[row, start : start + size]
-                    )
-        start = self._key_offsets[names[0]][0]
-        stop = start + sum(self._key_offsets[name][1] for name in names)
-        return _rows(self._keys, [self._delta_rows[s] for s in sources], slice(start, stop))
-
-    def trim_order(self, base: str, source: str, name: str) -> Tensor:
-        """:meth:`SourcePool.trim_order`: one large tensor's stable descending magnitude order.
-
-        The first call sorts every large tensor of every task vector, on threads.
-        """
-        self._offset(name)
-        if not self._orders:
-            deltas = self._delta_matrix(base)
+            orders = torch.empty(deltas.shape, dtype=torch.int32, device=deltas.device)
             jobs = [
-                (member, tensor)
-                for member in self._delta_rows
-                for tensor, (_, size) in self.offsets.items()
-                if size >= LARGE_TENSOR
+                (row, start, size)
+                for row in range(deltas.shape[0])
+                for start, size in self.offsets.values()
             ]
 
-            def order_of(job: tuple[str, str]) -> Tensor:
-                offset, size = self.offsets[job[1]]
-                delta = deltas[self._delta_rows[job[0]], offset : offset + size]
-                return magnitude_order(delta).int()
+            def sort(job: tuple[int, int, int]) -> None:
+                row, start, size = job
+                columns = slice(start, start + size)
+                orders[row, columns] = magnitude_order(deltas[row, columns])
 
-            self._orders = dict(zip(jobs, parallel_map(order_of, jobs), strict=True))
-        return self._orders[(source, name)]
+            parallel_map(sort, jobs)
+            self._orders = orders
+        return _rows(self._orders, [self._delta_rows[s] for s in sources], self._columns(names))
 
     def _delta_matrix(self, base: str) -> Tensor:
         if self._deltas is None:

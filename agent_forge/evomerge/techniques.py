@@ -32,7 +32,6 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -61,7 +60,6 @@ __all__ = [
     "apply_technique",
     "canonical_params",
     "resolved_params",
-    "search_grid",
     "combine_task_vectors",
     "della_keep_probabilities",
     "drop_outliers_and_small",
@@ -232,13 +230,6 @@ LAMBDA = Param("lambda", 1.0, -_BIG, _BIG, search=(0.2, 1.5))
 GAMMA = Param("gamma", 0.01, 0.0, 1.0, per_input=True, search=(0.0, 0.1))
 EPSILON = Param("epsilon", 0.15, 0.0, 0.5, per_input=True, search=(0.01, 0.2))
 RESCALE = Param("rescale", "paper", choices=("paper", "l1", "none"))
-
-
-def search_grid(param_name: str, value: float) -> float:
-    """A value the search proposes, as it enters a recipe: densities are rounded to float32, so
-    the resident fused TIES kernel (:mod:`.fused`) decides every trim exactly with float32
-    keys; other values are kept."""
-    return float(np.float32(value)) if param_name == "density" else value
 
 
 def _normalize(default: bool) -> Param:
