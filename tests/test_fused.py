@@ -56,7 +56,7 @@ def streaming(tiny_family):
 def trimmed_by_rows(values, sizes, density):
     """One input's TIES trim as the kernel takes it (eagerly): the tensors of ``values`` laid
     out as rows, cut by the thresholds and tie bounds of :meth:`TrimRows.cuts`."""
-    rows = TrimRows.of(sizes, values.device)
+    rows = TrimRows.of(sizes)
     starts = [0, *np.cumsum(sizes)]
     orders = torch.cat([magnitude_order(values[a:b]) for a, b in itertools.pairwise(starts)])
     cuts = rows.cuts(orders[None].int(), values[None], [density])

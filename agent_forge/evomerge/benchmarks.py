@@ -440,7 +440,7 @@ def fused_contenders(base: Any, deltas: Any, out: Any) -> dict[str, Any]:
     kernel = torch.compile(merge_kernel)
     flat = deltas.reshape(deltas.shape[0], -1)
     size = flat.shape[1]
-    rows = TrimRows.of([size], flat.device)
+    rows = TrimRows.of([size])
     orders = torch.stack([magnitude_order(row) for row in flat]).int()
     levels = torch.randint(0, DRAW_LEVELS, flat.shape, dtype=torch.int32, device=flat.device)
     draws = pack_levels(levels)  # as the resident pool keeps a seed's draws

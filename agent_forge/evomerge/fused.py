@@ -38,13 +38,13 @@ parameters.
 from __future__ import annotations
 
 import functools
-import itertools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -110,32 +110,35 @@ def row_width(common: int, total: int) -> int:
 @dataclass(frozen=True)
 class TrimRows:
     """One kernel call's TIES layout: consecutive tensors as ``(R, width)`` rows, each row
-    inside one tensor, so a trim threshold per row and input is a trim per tensor."""
+    inside one tensor, so a trim threshold per row and input is a trim per tensor.
+
+    The per-tensor arithmetic is numpy (a few µs an operation, where torch takes ~15 µs on
+    tensors this small): only the lookups into the task vectors and orders, and the finished
+    per-row tables, touch the device.
+    """
 
     width: int
-    #: The tensors' sizes, and on the device (int64) each one's first column in the run and
-    #: its size.
-    size_list: tuple[int, ...]
-    starts: Tensor
-    sizes: Tensor
+    #: The tensors' sizes and each one's first column in the run (int64).
+    sizes: np.ndarray
+    starts: np.ndarray
     #: For each row, the tensor it lies in and its index among that tensor's rows.
-    row_tensor: Tensor
-    row_index: Tensor
+    row_tensor: np.ndarray
+    row_index: np.ndarray
 
     @classmethod
-    def of(cls, sizes: Sequence[int], device: torch.device) -> TrimRows:
+    def of(cls, sizes: Sequence[int]) -> TrimRows:
         total = sum(sizes)
         width = row_width(functools.reduce(math.gcd, sizes), total)
-        counts = torch.tensor([size // width for size in sizes])
-        row_tensor = torch.repeat_interleave(torch.arange(len(sizes)), counts)
-        first_rows = torch.cumsum(counts, 0) - counts
+        size_array = np.asarray(sizes, dtype=np.int64)
+        counts = size_array // width
+        row_tensor = np.repeat(np.arange(len(sizes)), counts)
+        first_rows = np.cumsum(counts) - counts
         return cls(
             width=width,
-            size_list=tuple(sizes),
-            starts=torch.tensor([0, *itertools.accumulate(sizes)][:-1], device=device),
-            sizes=torch.tensor(list(sizes), device=device),
-            row_tensor=row_tensor.to(device),
-            row_index=(torch.arange(total // width) - first_rows[row_tensor]).to(device),
+            sizes=size_array,
+            starts=np.cumsum(size_array) - size_array,
+            row_tensor=row_tensor,
+            row_index=np.arange(total // width) - first_rows[row_tensor],
         )
 
     def cuts(self, orders: Tensor, values: Tensor, density: Sequence[float]) -> TrimCuts:
@@ -151,35 +154,26 @@ class TrimRows:
         t = 0 splits nothing that matters: kept zeros add nothing and are never counted as
         agreeing, so every zero may stay.
         """
-        keep = torch.tensor(
-            [[keep_count(d, n) for n in self.size_list] for d in density],
-            device=self.sizes.device,
-        )
-        last = self.sizes - 1
-        picked = _gather(orders, self.starts + torch.clamp(keep - 1, min=0))
-        threshold = _gather(values, self.starts + picked).abs()
-        following = _gather(orders, self.starts + torch.minimum(keep, last))
-        split = (
-            (keep > 0)
-            & (keep < self.sizes)
-            & (threshold > 0)
-            & (_gather(values, self.starts + following).abs() == threshold)
-        )
-        threshold = torch.where(keep >= self.sizes, 0.0, threshold)  # keep all: no cut
-        threshold = torch.where(keep == 0, math.inf, threshold)  # keep none
-        last_row = picked // self.width
-        in_row = split & (following // self.width == last_row)
-        by_row = self.row_tensor
-        per_row = threshold[:, by_row]
-        if bool(in_row.any()):
-            bound = torch.where(keep == 0, -1, torch.where(split, picked, last))
-            bounds = bound[:, by_row] - self.row_index * self.width
-            return TrimCuts(per_row.unsqueeze(-1), bounds.to(torch.int32).unsqueeze(-1))
-        after = split[:, by_row] & (self.row_index > last_row[:, by_row])
-        per_row = torch.where(
-            after, torch.nextafter(per_row, per_row.new_tensor(math.inf)), per_row
-        )
-        return TrimCuts(per_row.unsqueeze(-1))
+        sizes, starts = self.sizes, self.starts
+        keep = np.array([[keep_count(d, int(n)) for n in sizes] for d in density], np.int64)
+        last = sizes - 1
+        picked = _lookup(orders, starts + np.maximum(keep - 1, 0)).astype(np.int64)
+        following = _lookup(orders, starts + np.minimum(keep, last)).astype(np.int64)
+        found = np.abs(_lookup(values, np.concatenate([starts + picked, starts + following], 1)))
+        threshold, next_size = np.split(found, 2, axis=1)
+        split = (keep > 0) & (keep < sizes) & (threshold > 0) & (next_size == threshold)
+        threshold[keep >= sizes] = 0.0  # keep all: no cut
+        threshold[keep == 0] = np.inf  # keep none
+        per_row = threshold[:, self.row_tensor]
+        if split.any():
+            last_row = picked // self.width
+            if (split & (following // self.width == last_row)).any():  # a split inside a row
+                bound = np.where(keep == 0, -1, np.where(split, picked, last))
+                bounds = bound[:, self.row_tensor] - self.row_index * self.width
+                return TrimCuts(_table(per_row, values), _table(bounds.astype(np.int32), values))
+            after = split[:, self.row_tensor] & (self.row_index > last_row[:, self.row_tensor])
+            per_row[after] = np.nextafter(per_row[after], np.float32(np.inf))
+        return TrimCuts(_table(per_row, values))
 
 
 @dataclass(frozen=True)
@@ -197,10 +191,16 @@ class TrimCuts:
         return self.bounds is not None
 
 
-def _gather(rows: Tensor, index: Tensor) -> Tensor:
-    """``rows[i, index[i, t]]`` for every input i and tensor t (orders widened to int64)."""
-    found = torch.gather(rows, 1, index)
-    return found if found.is_floating_point() else found.long()
+def _lookup(rows: Tensor, index: np.ndarray) -> np.ndarray:
+    """``rows[i, index[i, t]]`` for every input i and column t, as numpy."""
+    if rows.device.type == "cpu":
+        return rows.numpy()[np.arange(rows.shape[0])[:, None], index]
+    return torch.gather(rows, 1, torch.from_numpy(index).to(rows.device)).cpu().numpy()
+
+
+def _table(per_row: np.ndarray, like: Tensor) -> Tensor:
+    """A per-row table ``(M, R)`` as the kernel's ``(M, R, 1)`` operand on ``like``'s device."""
+    return torch.from_numpy(np.ascontiguousarray(per_row[..., None])).to(like.device)
 
 
 # -- the kernel ----------------------------------------------------------------------------------

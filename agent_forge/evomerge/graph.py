@@ -425,7 +425,7 @@ class RecipeGraph:
                 (
                     slice(first, stop),
                     slice(starts[first], starts[stop]),
-                    TrimRows.of(sizes[first:stop], self.pool.device),
+                    TrimRows.of(sizes[first:stop]),
                 )
                 for first, stop in row_pieces(sizes)
             ]
