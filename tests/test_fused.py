@@ -425,6 +425,29 @@ def test_a_randomised_recipe_built_on_a_gpu_has_the_cpus_bytes(tiny_family, tmp_
             torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("case", ["ties mixed", "ties per layer"])
+def test_fused_ties_on_a_gpu_gives_the_cpus_values(tiny_family, tmp_path, case):
+    """The row layout on the device: thresholds looked up there, tables moved there, the
+    kernel in Triton (up to float rounding: CUDA kernels may contract multiply-adds)."""
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    recipe = CASES[case]
+    cpu = load_file(
+        AdvancedModelMerger(sources=sources, base="base").merge(recipe, tmp_path / "cpu")
+        / "model.safetensors"
+    )
+    gpu = AdvancedModelMerger(
+        sources=sources, base="base", device="cuda", resident=True, fused_kernels="on"
+    )
+    held = {n: p.detach().cpu() for n, p in gpu.materialize(recipe).named_parameters()}
+    kernels = gpu.graph.fused
+    assert kernels is not None and kernels.calls > 0
+    for name, tensor in cpu.items():
+        if name in held:
+            torch.testing.assert_close(held[name], tensor, rtol=1e-5, atol=1e-6)
+
+
 # -- safety net and policy -----------------------------------------------------------------------
 
 
