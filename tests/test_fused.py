@@ -113,6 +113,20 @@ def test_trim_keeps_max_one_int_density_count_and_breaks_ties_by_lowest_index():
     assert plan.cuts.thresholds.flatten().tolist() == [3.0, float(np.nextafter(np.float32(3), 4))]
 
 
+def test_a_tie_split_across_rows_is_cut_by_row_in_the_right_tensor():
+    """Two tensors (16 and 32 entries) in rows of 16: the second keeps one entry and its two
+    3s fall in different rows, so its first row keeps ≥ 3 and its second > 3, by hand."""
+    first = torch.arange(1.0, 17.0) / 8  # distinct magnitudes; keeps its largest, 2.0
+    second = torch.full((32,), 0.5)
+    second[2], second[20] = -3.0, 3.0
+    values = torch.cat([first, second])
+    got, plan = trimmed_by_rows(values, [16, 32], 1 / 32)
+    assert plan.modes == ("cut",)
+    above_three = float(np.nextafter(np.float32(3), np.float32(4)))
+    assert plan.cuts.thresholds.flatten().tolist() == [2.0, 3.0, above_three]
+    assert torch.nonzero(got).flatten().tolist() == [15, 16 + 2]
+
+
 def test_magnitude_order_is_descending_with_equal_magnitudes_by_index():
     values = torch.tensor([0.5, -0.5, 0.0, -0.0, 2.0, -2.0, 1e-30, float("inf"), -1e-45])
     # by hand: inf; 2 and −2 (index 4 before 5); ±0.5; 1e-30; the denormal; +0 and −0

@@ -118,12 +118,14 @@ class TrimRows:
     """
 
     width: int
-    #: The tensors' sizes and each one's first column in the run (int64).
+    #: The tensors' sizes, each one's first column in the run, its number of rows and its
+    #: first row (int64).
     sizes: np.ndarray
     starts: np.ndarray
-    #: For each row, the tensor it lies in and its index among that tensor's rows.
-    row_tensor: np.ndarray
-    row_index: np.ndarray
+    rows: np.ndarray
+    first_rows: np.ndarray
+    #: For each row, the flat index (within its tensor) of its first entry.
+    row_starts: np.ndarray
 
     @classmethod
     def of(cls, sizes: Sequence[int]) -> TrimRows:
@@ -131,14 +133,14 @@ class TrimRows:
         width = row_width(functools.reduce(math.gcd, sizes), total)
         size_array = np.asarray(sizes, dtype=np.int64)
         counts = size_array // width
-        row_tensor = np.repeat(np.arange(len(sizes)), counts)
         first_rows = np.cumsum(counts) - counts
         return cls(
             width=width,
             sizes=size_array,
             starts=np.cumsum(size_array) - size_array,
-            row_tensor=row_tensor,
-            row_index=np.arange(total // width) - first_rows[row_tensor],
+            rows=counts,
+            first_rows=first_rows,
+            row_starts=(np.arange(total // width) - np.repeat(first_rows, counts)) * width,
         )
 
     def cuts(self, orders: Tensor, values: Tensor, density: Sequence[float]) -> TrimCuts:
@@ -164,15 +166,17 @@ class TrimRows:
         split = (keep > 0) & (keep < sizes) & (threshold > 0) & (next_size == threshold)
         threshold[keep >= sizes] = 0.0  # keep all: no cut
         threshold[keep == 0] = np.inf  # keep none
-        per_row = threshold[:, self.row_tensor]
+        per_row = np.repeat(threshold, self.rows, axis=1)
         if split.any():
             last_row = picked // self.width
             if (split & (following // self.width == last_row)).any():  # a split inside a row
                 bound = np.where(keep == 0, -1, np.where(split, picked, last))
-                bounds = bound[:, self.row_tensor] - self.row_index * self.width
+                bounds = np.repeat(bound, self.rows, axis=1) - self.row_starts
                 return TrimCuts(_table(per_row, values), _table(bounds.astype(np.int32), values))
-            after = split[:, self.row_tensor] & (self.row_index > last_row[:, self.row_tensor])
-            per_row[after] = np.nextafter(per_row[after], np.float32(np.inf))
+            above = np.nextafter(threshold, np.float32(np.inf))
+            for i, t in zip(*np.nonzero(split), strict=True):  # the rows after the last kept
+                after = self.first_rows[t] + last_row[i, t] + 1
+                per_row[i, after : self.first_rows[t] + self.rows[t]] = above[i, t]
         return TrimCuts(_table(per_row, values))
 
 
