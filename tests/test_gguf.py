@@ -692,3 +692,52 @@ def assert_linear_merge(original: dict[str, torch.Tensor], root: Path, merged_di
     merged = next(safe_open(f, "pt") for f in files if name in safe_open(f, "pt").keys())
     expected = (original[name] + variants[0] + variants[1]) / 3
     torch.testing.assert_close(merged.get_tensor(name), expected, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.network
+def test_fused_merges_of_smollm2_fine_tunes_give_the_streamed_bytes(tmp_path):
+    """A real architecture for the fused kernels' row layout (hidden 576, grouped-query k/v of
+    192 rows, a tied head): three "fine-tunes" of SmolLM2 (task vectors on a grid of 1/2048,
+    so thresholds tie everywhere) merged in memory equal the streamed merge bit for bit."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from agent_forge.evomerge.merger import AdvancedModelMerger
+    from agent_forge.evomerge.recipe import Merge, Source
+    from agent_forge.evomerge.sources import open_source
+
+    folders = {"base": tmp_path / "base"}
+    shutil.copytree(gguf_to_hf(fetch_smollm2()), folders["base"])
+    weights = load_file(str(folders["base"] / "model.safetensors"))
+    for seed, name in enumerate(("m1", "m2", "m3")):
+        folders[name] = tmp_path / name
+        shutil.copytree(folders["base"], folders[name])
+        noise = torch.Generator().manual_seed(seed)
+        tuned = {
+            k: v + torch.round(torch.randn(v.shape, generator=noise) * 8) / 2048
+            for k, v in weights.items()
+        }
+        save_file(tuned, str(folders[name] / "model.safetensors"), metadata={"format": "pt"})
+
+    def opened():
+        return {n: open_source(n, str(p)) for n, p in folders.items()}
+
+    fused = AdvancedModelMerger(sources=opened(), base="base", resident=True, fused_kernels="on")
+    streaming = AdvancedModelMerger(sources=opened(), base="base")
+    inputs, base = [Source(n) for n in ("m1", "m2", "m3")], Source("base")
+    recipes = [
+        Merge("ties", inputs, {"density": [0.2, 0.61, 1.0], "weight": [0.3, 0.5, 0.9]}, base),
+        Merge("dare_ties", inputs, {"density": 0.4}, base, seed=3),
+    ]
+    for recipe in recipes:
+        streamed = load_file(
+            str(streaming.merge(recipe, tmp_path / recipe.technique) / "model.safetensors")
+        )
+        held = dict(fused.materialize(recipe).named_parameters())
+        assert set(streamed) <= set(held) and weights.keys() == streamed.keys()
+        for name, tensor in streamed.items():
+            got = held[name].detach()
+            assert torch.equal(tensor.view(torch.int32), got.view(torch.int32)), name
+    kernels = fused.graph.fused
+    assert kernels is not None and kernels.enabled and kernels.calls > 0
