@@ -293,6 +293,32 @@ def test_fused_kernel_keeps_signed_zeros_and_ties_as_the_eager_path(tiny_family)
         assert torch.equal(got.view(torch.int32), want.view(torch.int32)), recipe.technique
 
 
+def test_the_pools_ranked_magnitudes_read_off_its_orders_are_the_sorted_magnitudes(
+    tiny_family,
+):
+    """The eager trims' sorted magnitudes come from the fused path's magnitude orders, not a
+    second sort: equal to sorting |δ| per tensor, with exact zeros, −0.0 and ties."""
+    from agent_forge.evomerge.pool import SourcePool
+    from agent_forge.evomerge.sparsify import sort_segments
+
+    sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
+    pool = SourcePool(sources, "base", resident=True)
+    store = pool._store("base")
+    base = store.matrix[store.rows["base"]]
+    for name in ("m1", "m2", "m3"):
+        row = store.matrix[store.rows[name]]
+        row.copy_(base + torch.round((row - base) * 64) / 64)  # ties at every magnitude
+        row[::5] = base[::5]  # exact zeros
+    names = list(store.offsets)
+    deltas = pool.stack(["m1", "m2", "m3"], names, deltas=True)
+    deltas[:, 1::7] = -0.0
+    ranked = pool.ranked(["m1", "m2", "m3"], names)
+    segments = list(store.offsets.values())
+    for i in range(3):
+        want = sort_segments(deltas[i], segments, torch.empty_like(deltas[i]))
+        assert torch.equal(ranked[i].view(torch.int32), want.view(torch.int32))
+
+
 # -- DARE's packed draws ----------------------------------------------------------------------
 
 

@@ -258,9 +258,9 @@ class KernelPlan:
 def fusable(technique: str, params: Mapping[str, Any]) -> bool:
     """Whether a fused kernel computes ``technique`` with these parameters (DARE only with
     ``rescale`` ``paper`` or ``none``)."""
-    if technique.startswith("dare"):
-        return technique in FUSED_TECHNIQUES and params.get("rescale") in ("paper", "none")
-    return technique in FUSED_TECHNIQUES
+    if technique not in FUSED_TECHNIQUES:
+        return False
+    return not technique.startswith("dare") or params.get("rescale") in ("paper", "none")
 
 
 def plan_for(

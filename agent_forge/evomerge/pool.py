@@ -22,7 +22,6 @@ from .exceptions import ConfigurationError, MergeError
 from .fused import magnitude_order
 from .layout import order_names
 from .sources import ModelSource
-from .sparsify import sort_segments
 
 logger = logging.getLogger(__name__)
 
@@ -246,33 +245,50 @@ class _Store:
         return _rows(matrix, [self._delta_rows[s] for s in sources], self._columns(names))
 
     def ranked(self, base: str, sources: Sequence[str], names: Sequence[str]) -> Tensor:
-        """Like :meth:`deltas`, holding the magnitudes sorted ascending within each tensor."""
+        """Like :meth:`deltas`, holding the magnitudes sorted ascending within each tensor.
+
+        Read off the magnitude orders (:meth:`trim_orders`) rather than sorted again: the fused
+        TIES kernel's first call needs both, and one sort per tensor is the costly part.
+        """
         if self._ranked is None:
             deltas = self._delta_matrix(base)
-            self._ranked = torch.empty_like(deltas)
-            for row in range(deltas.shape[0]):
-                sort_segments(deltas[row], list(self.offsets.values()), self._ranked[row])
+            orders = self._order_matrix(base)
+            ranked = torch.empty_like(deltas)
+
+            def fill(job: tuple[int, int, int]) -> None:
+                row, start, size = job
+                columns = slice(start, start + size)
+                magnitudes, ascending = deltas[row, columns].abs(), orders[row, columns].flip(0)
+                torch.index_select(magnitudes, 0, ascending, out=ranked[row, columns])
+
+            parallel_map(fill, self._tensor_jobs())
+            self._ranked = ranked
         return _rows(self._ranked, [self._delta_rows[s] for s in sources], self._columns(names))
 
     def trim_orders(self, base: str, sources: Sequence[str], names: Sequence[str]) -> Tensor:
         """:meth:`SourcePool.trim_orders`, made for every tensor of every task vector at once."""
+        orders = self._order_matrix(base)
+        return _rows(orders, [self._delta_rows[s] for s in sources], self._columns(names))
+
+    def _order_matrix(self, base: str) -> Tensor:
         if self._orders is None:
             deltas = self._delta_matrix(base)
             orders = torch.empty(deltas.shape, dtype=torch.int32, device=deltas.device)
-            jobs = [
-                (row, start, size)
-                for row in range(deltas.shape[0])
-                for start, size in self.offsets.values()
-            ]
 
             def sort(job: tuple[int, int, int]) -> None:
                 row, start, size = job
                 columns = slice(start, start + size)
                 orders[row, columns] = magnitude_order(deltas[row, columns])
 
-            parallel_map(sort, jobs)
+            parallel_map(sort, self._tensor_jobs())
             self._orders = orders
-        return _rows(self._orders, [self._delta_rows[s] for s in sources], self._columns(names))
+        return self._orders
+
+    def _tensor_jobs(self) -> list[tuple[int, int, int]]:
+        """``(task-vector row, first column, size)`` of every tensor of every task vector."""
+        assert self._deltas is not None
+        rows = range(self._deltas.shape[0])
+        return [(row, start, size) for row in rows for start, size in self.offsets.values()]
 
     def _delta_matrix(self, base: str) -> Tensor:
         if self._deltas is None:
