@@ -27,12 +27,7 @@ from agent_forge.evomerge.fused import (
 from agent_forge.evomerge.merger import AdvancedModelMerger
 from agent_forge.evomerge.recipe import Merge, Source
 from agent_forge.evomerge.sources import open_source
-from agent_forge.evomerge.sparsify import (
-    draw_levels,
-    draw_packed_levels,
-    keep_top_magnitude,
-    pack_levels,
-)
+from agent_forge.evomerge.sparsify import draw_words, keep_top_magnitude, level_of
 
 INPUTS = (Source("m1"), Source("m2"), Source("m3"))
 BASE = Source("base")
@@ -323,35 +318,42 @@ def test_the_pools_ranked_magnitudes_read_off_its_orders_are_the_sorted_magnitud
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5])
-def test_packed_levels_give_back_every_inputs_level(count):
-    """Two 16-bit levels to an int32 word, the high one wrapping into the sign bit."""
-    levels = torch.randint(0, 65536, (count, 1000), dtype=torch.int32)
-    levels[:, :2] = torch.tensor([0, 65535], dtype=torch.int32)  # both ends of the range
-    packed = pack_levels(levels)
-    assert packed.shape == ((count + 1) // 2, 1000) and packed.dtype == torch.int32
+@pytest.mark.parametrize("shared", [False, True])
+def test_draw_words_hold_three_10_bit_levels_drawn_by_each_segments_generator(count, shared):
+    """Per segment, word row after word row, the segment generator's ``randint(0, 2³⁰)``
+    (segments with generators of their own draw on threads; one generator shared by every
+    segment draws them in order); input i's level is bits 10·(i % 3) … of row i // 3."""
+    segments = [(0, 5), (5, 100_000), (100_005, 3)]
+    rows = -(-count // 3)
+    if shared:
+        one = torch.Generator().manual_seed(1)
+        generators = [one] * 3
+    else:
+        generators = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    words = draw_words(torch.empty(rows, 100_008, dtype=torch.int32), segments, generators)
+    gen = torch.Generator().manual_seed(1)
+    for (start, size), seed in zip(segments, (1, 2, 3), strict=True):
+        gen = gen if shared else torch.Generator().manual_seed(seed)
+        for row in range(rows):
+            expected = torch.randint(0, 2**30, (size,), generator=gen, dtype=torch.int32)
+            assert torch.equal(words[row, start : start + size], expected), (row, start)
     for i in range(count):
-        word = packed[i // 2]
-        unpacked = word & 0xFFFF if i % 2 == 0 else (word >> 16) & 0xFFFF
-        assert torch.equal(unpacked, levels[i]), i
+        level = level_of(words, i)
+        assert torch.equal(level, (words[i // 3] // 1024 ** (i % 3)) % 1024), i
+        assert 0 <= int(level.min()) and int(level.max()) < 1024
 
 
-def test_draws_written_packed_are_the_packed_streaming_draws():
-    """Straight into words, in chunks of a 2²⁰-entry buffer: the same numbers as the streaming
-    path's draws, packed afterwards."""
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_draw_words_on_a_gpu_are_the_cpu_generators_across_chunks():
+    """A CPU generator fills a device tensor in chunks of 2²⁰: the same words as on the CPU."""
     segments = [(0, 5), (5, 1_100_000), (1_100_005, 3)]
-    seeds = (1, 2, 3)
-    streamed = draw_levels(
-        torch.empty(3, 1_100_008, dtype=torch.int32),
-        segments,
-        [torch.Generator().manual_seed(s) for s in seeds],
-    )
-    packed = draw_packed_levels(
-        torch.empty(2, 1_100_008, dtype=torch.int32),
-        3,
-        segments,
-        [torch.Generator().manual_seed(s) for s in seeds],
-    )
-    assert torch.equal(packed, pack_levels(streamed))
+
+    def words(device):
+        out = torch.empty(2, 1_100_008, dtype=torch.int32, device=device)
+        return draw_words(out, segments, [torch.Generator().manual_seed(s) for s in (1, 2, 3)])
+
+    assert torch.equal(words("cuda").cpu(), words("cpu"))
 
 
 def test_reused_draw_buffers_give_a_seeds_draws_again(tiny_family, monkeypatch):
@@ -359,7 +361,7 @@ def test_reused_draw_buffers_give_a_seeds_draws_again(tiny_family, monkeypatch):
     drawn again, into a recycled buffer, gives the same model as the first time."""
     from agent_forge.evomerge import graph
 
-    monkeypatch.setattr(graph, "_DRAW_CACHE_MODELS", 4)  # two seeds of three inputs
+    monkeypatch.setattr(graph, "_DRAW_CACHE_MODELS", 2)  # two seeds of three inputs
     sources = {n: open_source(n, str(p)) for n, p in tiny_family.items()}
     merger = AdvancedModelMerger(sources=sources, base="base", resident=True, fused_kernels="on")
 
@@ -379,8 +381,8 @@ def test_reused_draw_buffers_give_a_seeds_draws_again(tiny_family, monkeypatch):
 
 @pytest.mark.parametrize("technique", ["dare_ties", "dare_linear"])
 def test_the_compiled_dare_kernel_gives_the_eager_bits_on_five_inputs(technique):
-    """Inputs in both halves of a word and one alone in the last word; densities on and off
-    the 2⁻¹⁶ grid, 0 and 1; the eager technique draws from the same generator."""
+    """Inputs in all three fields of a word and two in the last word; densities on and off
+    the 2⁻¹⁰ grid, 0 and 1; the eager technique draws from the same generator."""
     from agent_forge.evomerge.techniques import (
         apply_technique,
         canonical_params,
@@ -404,13 +406,13 @@ def test_the_compiled_dare_kernel_gives_the_eager_bits_on_five_inputs(technique)
         5,
     )
     eager = apply_technique(tech, deltas, params, None, torch.Generator().manual_seed(7))
-    levels = draw_levels(
-        torch.empty(5, 3000, dtype=torch.int32), [(0, 3000)], [torch.Generator().manual_seed(7)]
+    draws = draw_words(
+        torch.empty(2, 3000, dtype=torch.int32), [(0, 3000)], [torch.Generator().manual_seed(7)]
     )
     plan = plan_for(technique, resolved_params(tech, params, None))
     assert plan is not None and plan.modes == ("draw",) * 5
     out = torch.empty(3000)
-    torch.compile(merge_kernel)(deltas, base, pack_levels(levels), out, *plan.arguments())
+    torch.compile(merge_kernel)(deltas, base, draws, out, *plan.arguments())
     assert torch.equal(out.view(torch.int32), (eager + base).view(torch.int32))
 
 

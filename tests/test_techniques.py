@@ -218,22 +218,29 @@ def test_dare_mean_over_seeds_approaches_undropped_task_arithmetic():
 
 
 def test_dare_paper_rescale_divides_kept_entries_by_the_keep_probability():
-    """Density 0.3 keeps a level below round(0.3·2¹⁶) = 19661 of 2¹⁶: p = 19661/65536."""
+    """Density 0.3 keeps a level below round(0.3·2¹⁰) = 307 of 2¹⁰: p = 307/1024."""
     delta = torch.randn(50, 50)
     out = run("dare_linear", [delta], generator=torch.Generator().manual_seed(0), density=0.3)
     kept = out != 0
     assert 0.2 < kept.float().mean() < 0.4
-    assert torch.allclose(out[kept], delta[kept] / (19661 / 65536), rtol=1e-6, atol=0)
+    assert torch.allclose(out[kept], delta[kept] / (307 / 1024), rtol=1e-6, atol=0)
     assert not torch.allclose(out[kept], delta[kept] / 0.3, rtol=1e-6, atol=0)
 
 
-def test_dare_keeps_an_entry_when_its_16_bit_level_is_below_the_density():
-    """The levels are the generator's ``randint(0, 2¹⁶)``, input after input."""
+def levels_by_hand(seed: int, count: int, size: int) -> list[torch.Tensor]:
+    """DARE's levels for ``count`` (≤ 3) inputs: one ``randint(0, 2³⁰)`` word per entry from the
+    seed's generator, input i's level the word's bits 10·i … 10·i + 9."""
+    words = torch.randint(0, 2**30, (size,), generator=torch.Generator().manual_seed(seed))
+    return [(words // 1024**i) % 1024 for i in range(count)]
+
+
+def test_dare_keeps_an_entry_when_its_10_bit_level_is_below_the_density():
+    """The levels are three 10-bit fields of the generator's ``randint(0, 2³⁰)``."""
     delta = torch.randn(2, 500)
     out = run("dare_linear", list(delta), torch.Generator().manual_seed(4), density=[0.3, 0.5])
-    gen = torch.Generator().manual_seed(4)
-    levels = [torch.randint(0, 65536, (500,), generator=gen) for _ in range(2)]
-    expected = delta[0] * (levels[0] < 19661) / (19661 / 65536) + delta[1] * (levels[1] < 32768) * 2
+    levels = levels_by_hand(4, 2, 500)
+    assert 0.25 < (levels[0] < 307).float().mean() < 0.35
+    expected = delta[0] * (levels[0] < 307) / (307 / 1024) + delta[1] * (levels[1] < 512) * 2
     assert torch.allclose(out, expected, rtol=1e-6, atol=1e-7)
 
 
@@ -269,33 +276,33 @@ def elect_by_hand(rows: list[list[float]], weights: list[float], lam=1.0, normal
 
 
 def test_dare_ties_drops_rescales_then_elects_by_hand():
-    """Seed 0's draws, made here in DARE's order: input after input, density-1 inputs too; a
-    level below density·2¹⁶ keeps the entry."""
-    gen = torch.Generator().manual_seed(0)
-    draws = [torch.randint(0, 65536, (8,), generator=gen) for _ in range(3)]
-    assert (draws[0] < 32768).tolist() == [True, False, False, False, False, True, True, True]
-    assert (draws[2] < 40960).tolist() == [True, False, True, True, True, True, False, False]
+    """Seed 1's draws, made here: one word per entry holds the three inputs' levels, density-1
+    inputs' too; a level below density·2¹⁰ keeps the entry."""
+    draws = levels_by_hand(1, 3, 8)
+    assert (draws[0] < 512).tolist() == [True, True, False, False, False, True, False, True]
+    assert (draws[2] < 640).tolist() == [False, False, True, False, False, True, True, False]
     a = [1.0, 5.0, -1.5, 0.25, -0.75, 2.0, 0.5, -3.0]  # density 0.5, weight 1
     b = [-4.0, -1.0, 1.0, 0.5, 2.0, 0.0, -0.2, 0.4]  # density 1 (all kept), weight 0.5
     c = [0.0, -0.5, 1.2, -0.3, 3.0, -1.0, 0.6, -0.9]  # density 0.625, weight 2
-    # weighted survivors y = w·δ/density: a → 2, 0, 0, 0, 0, 4, 1, −6; b → b/2; c → 3.2·c or 0:
-    #   0: 2, −2, 0 → a tie, + wins → 2/1          1: only b's −0.5 → −0.5/0.5
-    #   2: 0, 0.5, 3.84 → + → (0.5+3.84)/(0.5+2)   3: 0, 0.25, −0.96 → − → −0.96/2
-    #   4: 0, 1, 9.6 → + → (1+9.6)/(0.5+2)         5: 4, 0, −3.2 → + → 4/1
-    #   6: 1, −0.1, c dropped → + → 1/1            7: −6, 0.2, c dropped → − → −6/1
-    expected = [2.0, -1.0, 4.34 / 2.5, -0.48, 10.6 / 2.5, 4.0, 1.0, -6.0]
+    # weighted survivors y = w·δ/density: a → 2, 10, 0, 0, 0, 4, 0, −6; b → b/2;
+    # c → 0, 0, 3.84, 0, 0, −3.2, 1.92, 0:
+    #   0: 2, −2, 0 → a tie, + wins → 2/1          1: 10, −0.5, 0 → + → 10/1
+    #   2: 0, 0.5, 3.84 → + → (0.5+3.84)/(0.5+2)   3: only b's 0.25 → 0.25/0.5
+    #   4: only b's 1 → 1/0.5                      5: 4, 0, −3.2 → + → 4/1
+    #   6: 0, −0.1, 1.92 → + → 1.92/2              7: −6, 0.2, 0 → − → −6/1
+    expected = [2.0, 10.0, 4.34 / 2.5, 0.5, 2.0, 4.0, 0.96, -6.0]
     params = {"weight": [1.0, 0.5, 2.0], "density": [0.5, 1.0, 0.625]}
-    assert close(run("dare_ties", [a, b, c], torch.Generator().manual_seed(0), **params), expected)
+    assert close(run("dare_ties", [a, b, c], torch.Generator().manual_seed(1), **params), expected)
     # unnormalised: the agreeing sums, times λ
     merged = run(
         "dare_ties",
         [a, b, c],
-        torch.Generator().manual_seed(0),
+        torch.Generator().manual_seed(1),
         normalize=False,
         **params,
         **{"lambda": 0.5},
     )
-    assert close(merged, [1.0, -0.25, 2.17, -0.48, 5.3, 2.0, 0.5, -3.0])
+    assert close(merged, [1.0, 5.0, 2.17, 0.125, 0.5, 2.0, 0.96, -3.0])
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -304,10 +311,9 @@ def test_dare_ties_equals_the_formula_on_draws_made_independently(seed):
     values = torch.randint(-8, 9, (3, 12), generator=torch.Generator().manual_seed(100 + seed))
     deltas = (values / 4).tolist()
     weights, densities = [1.0, 0.5, 2.0], [0.5, 1.0, 0.25]
-    gen = torch.Generator().manual_seed(seed)
-    draws = [torch.randint(0, 65536, (12,), generator=gen).tolist() for _ in deltas]  # all draw
+    draws = [d.tolist() for d in levels_by_hand(seed, 3, 12)]  # all draw
     dropped = [
-        [x / p if level < p * 65536 else 0.0 for x, level in zip(row, us, strict=True)]
+        [x / p if level < p * 1024 else 0.0 for x, level in zip(row, us, strict=True)]
         for row, us, p in zip(deltas, draws, densities, strict=True)
     ]
     expected = elect_by_hand(dropped, weights, lam=0.75)

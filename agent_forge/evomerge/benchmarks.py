@@ -435,16 +435,19 @@ def fused_contenders(base: Any, deltas: Any, out: Any) -> dict[str, Any]:
     import torch
 
     from .fused import TrimRows, magnitude_order, merge_kernel, plan_for
-    from .sparsify import DRAW_LEVELS, pack_levels
+    from .sparsify import draw_words, word_rows
 
     kernel = torch.compile(merge_kernel)
     flat = deltas.reshape(deltas.shape[0], -1)
     size = flat.shape[1]
     rows = TrimRows.of([size])
     orders = torch.stack([magnitude_order(row) for row in flat]).int()
-    levels = torch.randint(0, DRAW_LEVELS, flat.shape, dtype=torch.int32, device=flat.device)
-    draws = pack_levels(levels)  # as the resident pool keeps a seed's draws
     count = flat.shape[0]
+    draws = draw_words(  # as the resident pool keeps a seed's draws
+        torch.empty(word_rows(count), size, dtype=torch.int32, device=flat.device),
+        [(0, size)],
+        [torch.Generator(flat.device).manual_seed(0)],
+    )
     common = {"weight": [1.0] * count, "lam": 1.0}
     density = [0.5] * count
     plans = {

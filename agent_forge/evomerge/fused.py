@@ -16,10 +16,10 @@ prepared once per run:
   a 95M-parameter model: call overheads and short loops.)
 - **Draws** (DARE). A randomised merge draws from generators keyed by its seed and inputs, not
   by its parameters (:func:`.graph.draw_hash`), so the draws of a seed are computed once and
-  reused by every candidate that differs only in weights or densities. They are 16-bit levels
-  (:func:`.sparsify.draw_levels`), two inputs to an int32 word (:func:`.sparsify.pack_levels`):
-  2 bytes per input and entry to read instead of a float32 uniform's 4, and the ``paper``
-  rescale is a factor of the weight (:func:`.sparsify.dare_weights`), not a division per entry.
+  reused by every candidate that differs only in weights or densities. They are 10-bit levels,
+  three inputs to an int32 word (:func:`.sparsify.draw_words`): 4 bytes per entry to read for
+  three inputs, where float32 uniforms would take 12, and the ``paper`` rescale is a factor of
+  the weight (:func:`.sparsify.dare_weights`), not a division per entry.
 
 The kernel mirrors the streaming code's arithmetic (:mod:`.combine`, :func:`.sparsify.
 dare_drop`) operation for operation: every step is an exactly rounded float32 operation in the
@@ -48,7 +48,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .sparsify import dare_weights, keep_count, keep_level
+from .sparsify import dare_weights, keep_count, keep_level, level_of
 
 logger = logging.getLogger(__name__)
 
@@ -284,7 +284,7 @@ def plan_for(
     elif technique.startswith("dare"):
         weights = tuple(dare_weights(shares, density, values["rescale"]))
         density = tuple(float(keep_level(d)) for d in density)
-        modes = ("draw",) * count  # level 2¹⁶ keeps every entry
+        modes = ("draw",) * count  # level 2¹⁰ keeps every entry
     else:
         modes = ("all",) * count
     total = float(sum(shares))
@@ -320,7 +320,7 @@ def merge_kernel(
 ) -> None:
     """``out = base + λ·combine(wᵢ·sparsifyᵢ(δᵢ))`` element by element (eager or compiled);
     without a base (linear) the rows are the models' tensors and nothing is added. ``draws``
-    are DARE's packed levels (:func:`.sparsify.pack_levels`). For TIES the operands are laid
+    are DARE's draw words (:func:`.sparsify.draw_words`). For TIES the operands are laid
     out as rows (``deltas`` ``(M, R, C)``, ``base`` and ``out`` ``(R, C)``) and ``density`` and
     ``last`` are the per-row thresholds and tie bounds ``(M, R, 1)`` (:class:`TrimCuts`);
     otherwise the operands are flat and ``density`` a float per input.
@@ -342,9 +342,8 @@ def merge_kernel(
             x = kept.to(x.dtype) * x
         elif mode == "draw":
             assert draws is not None
-            word = draws[i // 2]
-            level = word & 0xFFFF if i % 2 == 0 else (word >> 16) & 0xFFFF
-            x = (level.to(x.dtype) < density[i]).to(x.dtype) * x  # float32: exact, vectorised
+            level = level_of(draws, i).to(x.dtype)  # float32: exact, vectorised
+            x = (level < density[i]).to(x.dtype) * x
         ys.append(x * weights[i])
     total = ys[0]
     for y in ys[1:]:

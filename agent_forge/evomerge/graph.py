@@ -38,7 +38,7 @@ from .layout import (
 )
 from .pool import SourcePool
 from .recipe import LayerStack, Merge, RecipeNode, Source
-from .sparsify import draw_packed_levels, segment_starts
+from .sparsify import draw_words, segment_starts, word_rows
 from .techniques import (
     Technique,
     TensorLocation,
@@ -68,8 +68,8 @@ BATCH_ELEMENTS = 1 << 22
 #: path's temporaries when the first call of a kernel variant is checked.
 FUSED_BATCH_ELEMENTS = 1 << 25
 #: Memory for the fused DARE kernel's kept draws, in float32 models (the newest always stays;
-#: a seed's packed draws of three inputs take two).
-_DRAW_CACHE_MODELS = 8
+#: a seed's draws of up to three inputs take one).
+_DRAW_CACHE_MODELS = 4
 
 
 def tensor_seed(node_hash: str, tensor_name: str) -> int:
@@ -456,20 +456,18 @@ class RecipeGraph:
         return self.fused.run(plan, stack, base, out, draws=draws, reference=reference)
 
     def _draws(self, node: Merge, names: Sequence[str]) -> Tensor:
-        """The levels a randomised merge draws for ``names``, as the streaming path draws them
-        (per tensor, input after input), packed two inputs to a word (``(⌈M/2⌉, N)`` int32,
-        :func:`.sparsify.pack_levels`) and kept for the next candidates. Drawn on the CPU
-        (:meth:`_generators`), so only the packed words travel to a GPU."""
+        """The words a randomised merge draws for ``names``, as the streaming path draws them
+        (:func:`.sparsify.draw_words`: per tensor, three inputs' levels to an int32 word,
+        ``(⌈M/3⌉, N)``), kept for the next candidates. Drawn on the CPU (:meth:`_generators`),
+        so only the words travel to a GPU."""
         key = (draw_hash(node), tuple(names))
         found = self._draw_cache.get(key)
         if found is not None:
             self._draw_cache.move_to_end(key)
             return found
         sizes = self._sizes(node, names)
-        shape = ((len(node.inputs) + 1) // 2, sum(sizes))
-        draws = draw_packed_levels(
-            self._draw_buffer(shape),
-            len(node.inputs),
+        draws = draw_words(
+            self._draw_buffer((word_rows(len(node.inputs)), sum(sizes))),
             segment_starts(sum(sizes), sizes),
             self._generators(node, names),
         )
@@ -496,7 +494,7 @@ class RecipeGraph:
         """One generator per tensor, seeded by :func:`draw_hash` (computed once) and its name.
 
         CPU generators on every device, so a recipe's draws do not depend on where it is built
-        (:func:`.sparsify.draw_levels`).
+        (:func:`.sparsify.draw_words`).
         """
         key = draw_hash(node)
         return [torch.Generator().manual_seed(tensor_seed(key, name)) for name in names]

@@ -21,7 +21,7 @@ from __future__ import annotations
 import bisect
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -356,16 +356,21 @@ def uniforms(
     return torch.rand(shape, generator=generator, device=where, dtype=torch.float32).to(device)
 
 
-#: DARE draws one of this many levels per entry and input, uniformly: 16 bits, so the resident
-#: pool keeps two inputs' draws in one int32 word (:func:`pack_levels`).
-DRAW_LEVELS = 1 << 16
+#: DARE draws one of this many levels per entry and input, uniformly: 10 bits, so one int32
+#: word holds three inputs' levels (:func:`draw_words`) and the fused kernel reads 4 bytes per
+#: entry for three inputs. The keep probability moves in steps of 2⁻¹⁰, far below what a
+#: merge's quality notices, and ``rescale: paper`` divides by it exactly.
+LEVEL_BITS = 10
+DRAW_LEVELS = 1 << LEVEL_BITS
+#: Levels per int32 word: input i's level is bits ``10·(i % 3)`` … of word row ``i // 3``.
+LEVELS_PER_WORD = 3
 
 
 def keep_level(density: float) -> int:
-    """DARE keeps an entry whose drawn level is below this: ``density·2¹⁶`` rounded to the
+    """DARE keeps an entry whose drawn level is below this: ``density·2¹⁰`` rounded to the
     nearest level, at least one for a positive density (all for ``density ≥ 1``).
 
-    The keep probability is therefore ``keep_level / 2¹⁶``, within 2⁻¹⁷ of the density asked
+    The keep probability is therefore ``keep_level / 2¹⁰``, within 2⁻¹¹ of the density asked
     for, and the ``paper`` rescale divides by exactly that probability (:func:`dare_weights`),
     so every DARE merge is an unbiased estimate of its task arithmetic.
     """
@@ -386,73 +391,55 @@ def dare_weights(weights: Sequence[float], density: Sequence[float], rescale: st
     ]
 
 
-def draw_levels(
+def word_rows(inputs: int) -> int:
+    """Rows of draw words for ``inputs`` inputs: ``⌈inputs / 3⌉``."""
+    return -(-inputs // LEVELS_PER_WORD)
+
+
+def level_of(words: Tensor, i: int) -> Tensor:
+    """Input i's levels from the draw words ``(rows, …)`` int32 (:func:`draw_words`)."""
+    shift = LEVEL_BITS * (i % LEVELS_PER_WORD)
+    return (words[i // LEVELS_PER_WORD] >> shift) & (DRAW_LEVELS - 1)
+
+
+def draw_words(
     out: Tensor,
     segments: Sequence[tuple[int, int]],
     generators: Sequence[torch.Generator | None],
 ) -> Tensor:
-    """DARE's draws into ``out`` ``(M, N)`` (int32, or float32 holding the same integers):
-    levels uniform over ``0 … DRAW_LEVELS − 1``, segment j from ``generators[j]``, row after
-    row — every input, whatever its density, so the draws depend only on the generators.
+    """DARE's draws into ``out`` ``(⌈M/3⌉, N)`` int32: per entry and word row, one
+    ``random_(0, 2³⁰)`` of the segment's generator — three 10-bit levels (:func:`level_of`),
+    one draw (one Mersenne Twister output) for three inputs. Segment j draws from
+    ``generators[j]``, word row after word row — for every input, whatever its density, so
+    the draws depend only on the generators.
 
-    Streaming and the resident fused kernel (:func:`draw_packed_levels`) both draw in
-    :func:`_draw_order`, so they see the same levels. torch draws the same integers for one
-    generator whatever the output dtype.
+    The streaming path and the resident fused kernel both draw here, so they see the same
+    levels. A generator on another device than ``out`` (a recipe's CPU generator filling a GPU
+    tensor, see :func:`uniforms`) draws on the CPU, in chunks of a reused buffer; a generator's
+    stream does not depend on how its draws are chunked. Segments with generators of their own
+    draw on threads (one generator's draws keep their order).
     """
-    for i, start, size, generator in _draw_order(out.shape[0], segments, generators):
-        window = out[i, start : start + size]
-        if generator is None or generator.device == window.device:
-            window.random_(0, DRAW_LEVELS, generator=generator)
-        else:  # a CPU generator filling a device tensor: draw on the CPU (see uniforms)
-            drawn = torch.empty(size, dtype=window.dtype)
-            window.copy_(drawn.random_(0, DRAW_LEVELS, generator=generator))
-    return out
-
-
-def _draw_order(
-    inputs: int,
-    segments: Sequence[tuple[int, int]],
-    generators: Sequence[torch.Generator | None],
-) -> Iterator[tuple[int, int, int, torch.Generator | None]]:
-    """DARE's draw order, the one place it is fixed: ``(input, start, size, generator)``,
-    segment j from ``generators[j]``, input after input."""
-    for (start, size), generator in zip(segments, generators, strict=True):
-        for i in range(inputs):
-            yield i, start, size, generator
-
-
-def pack_levels(levels: Tensor) -> Tensor:
-    """``(M, N)`` int32 levels as ``(⌈M/2⌉, N)`` int32 words: input 2j in the low 16 bits of row
-    j, input 2j + 1 in the high 16 bits (two's-complement wrap), which halves what the fused
-    DARE kernel reads. Input i's level is ``(word[i // 2] >> 16·(i % 2)) & 0xFFFF``."""
-    packed = levels[0::2].clone()
-    high = levels[1::2]
-    packed[: high.shape[0]] |= high << 16
-    return packed
-
-
-def draw_packed_levels(
-    out: Tensor,
-    inputs: int,
-    segments: Sequence[tuple[int, int]],
-    generators: Sequence[torch.Generator],
-) -> Tensor:
-    """:func:`draw_levels` for ``inputs`` rows, written as :func:`pack_levels` packs them into
-    ``out`` (``(⌈inputs/2⌉, N)`` int32) — the same draws in the same order, without an
-    ``(M, N)`` array in between. Draws on the CPU (the generators'), in chunks of a reused
-    buffer; a generator's stream does not depend on how its draws are chunked."""
+    top = DRAW_LEVELS**LEVELS_PER_WORD
     longest = max((size for _, size in segments), default=0)
-    chunk = scratch(1, min(1 << 20, longest), torch.int32, torch.device("cpu"), "levels")[0]
-    for i, start, size, generator in _draw_order(inputs, segments, generators):
-        row = out[i // 2, start : start + size]
-        for offset in range(0, size, chunk.numel()):
-            part = chunk[: min(chunk.numel(), size - offset)]
-            part.random_(0, DRAW_LEVELS, generator=generator)
-            window = row[offset : offset + part.numel()]
-            if i % 2 == 0:
-                window.copy_(part)
-            else:
-                window.bitwise_or_(part.bitwise_left_shift_(16).to(window.device))
+
+    def draw(job: tuple[tuple[int, int], torch.Generator | None]) -> None:
+        (start, size), generator = job
+        for row in out[:, start : start + size]:
+            if generator is None or generator.device == row.device:
+                row.random_(0, top, generator=generator)
+                continue
+            chunk = scratch(1, min(1 << 20, longest), torch.int32, generator.device, "draws")[0]
+            for offset in range(0, size, chunk.numel()):
+                part = chunk[: min(chunk.numel(), size - offset)]
+                row[offset : offset + part.numel()].copy_(part.random_(0, top, generator=generator))
+
+    jobs = list(zip(segments, generators, strict=True))
+    own = None not in generators and len({id(g) for g in generators}) == len(generators)
+    if own:
+        parallel_map(draw, jobs)
+    else:
+        for job in jobs:
+            draw(job)
     return out
 
 
@@ -464,21 +451,24 @@ def dare_drop(
     segments: Sequence[tuple[int, int]],
 ) -> Tensor:
     """DARE's drop on a stack ``(M, N)``: input i keeps an entry when its drawn level
-    (:func:`draw_levels`) is below :func:`keep_level` ``(density[i])``.
+    (:func:`draw_words`, :func:`level_of`) is below :func:`keep_level` ``(density[i])``.
 
     The ``paper`` rescale (÷ keep probability) is not applied here: it is folded into the
     weights (:func:`dare_weights`). ``l1`` scales each segment's survivors to restore its L1
     norm. Returns the dropped stack in this thread's reused buffer.
     """
-    dropped = scratch(stack.shape[0], stack.shape[1], stack.dtype, stack.device, "dare")
-    draw_levels(dropped, segments, generators)
+    count, width = stack.shape
+    words = scratch(word_rows(count), width, torch.int32, stack.device, "dare draws")
+    draw_words(words, segments, generators)
+    dropped = scratch(count, width, stack.dtype, stack.device, "dare")
     for i, keep in enumerate(density):
         level = keep_level(keep)
         if level >= DRAW_LEVELS:
             dropped[i].copy_(stack[i])
             continue
-        for start, stop in blocks(stack.shape[1], stack.device):
+        for start, stop in blocks(width, stack.device):
             part = dropped[i, start:stop]  # level k → x·[k < K], with float ops only
+            part.copy_(level_of(words[:, start:stop], i))
             part.neg_().add_(float(level)).sign_().clamp_min_(0.0).mul_(stack[i, start:stop])
         if rescale == "l1":
             for start, size in segments:
