@@ -314,7 +314,7 @@ def test_the_pools_ranked_magnitudes_read_off_its_orders_are_the_sorted_magnitud
         assert torch.equal(ranked[i].view(torch.int32), want.view(torch.int32))
 
 
-# -- DARE's packed draws ----------------------------------------------------------------------
+# -- DARE's draw words -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5])

@@ -475,7 +475,7 @@ class RecipeGraph:
         return draws
 
     def _draw_buffer(self, shape: tuple[int, int]) -> Tensor:
-        """Room for new packed draws: the cache drops its oldest entries until the new ones fit
+        """Room for new draw words: the cache drops its oldest entries until the new ones fit
         its budget, and one of the dropped of the same shape is reused (fresh memory costs a
         page fault per 4 KiB when first written)."""
         budget = _DRAW_CACHE_MODELS * 4 * self.pool.resident_elements()
