@@ -53,15 +53,32 @@ def default_run(tmp_path_factory) -> Path:
     assert (
         "test split" in result.stdout and f"best model: {out.resolve() / 'best'}" in result.stdout
     )
-    for row in (*MODEL_NAMES, "base", "average", "best"):
+    for row in (*MODEL_NAMES, "base", "average", "ties", "best"):
         assert row in result.stdout
+    table_end = result.stdout.index("└")
+    assert result.stdout[table_end:].splitlines()[1].startswith("verdict: best ")
     return out
 
 
 def test_run_with_the_embedded_default(default_run):
     summary = json.loads((default_run / "summary.json").read_text())
     assert (default_run / "best" / "model.safetensors").is_file()
-    assert set(summary["test"]) == {*MODEL_NAMES, "base", "average", "best"}
+    assert set(summary["test"]) == {*MODEL_NAMES, "base", "average", "ties", "best"}
+    test = summary["test"]
+    over_average = 100 * (test["best"]["mean"] - test["average"]["mean"])
+    assert f"{abs(over_average):.1f}" in summary["verdict"]
+    assert summary["verdict"] in (default_run / "report.md").read_text()
+    references = summary["reference_fitness"]
+    top = max([*MODEL_NAMES, "base"], key=lambda name: test[name]["mean"])
+    assert set(references) == {"plain average", "default TIES", f"best input ({top})"} or (
+        # the best input on fitness may differ from the best on test
+        set(references) - {"plain average", "default TIES"}
+        <= {f"best input ({name})" for name in [*MODEL_NAMES, "base"]}
+        and len(references) == 3
+    )
+    records = [json.loads(line) for line in (default_run / "evaluations.jsonl").open()]
+    average = next(r for r in records if r["label"] == "linear" and r["generation"] == 0)
+    assert references["plain average"] == average["fitness"]  # the same split and subset
 
 
 def test_merge_rebuilds_the_best_model_from_its_recipe(default_run, tmp_path):

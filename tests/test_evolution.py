@@ -21,6 +21,7 @@ from agent_forge.evomerge.evolutionary_tournament import (
 )
 from agent_forge.evomerge.exceptions import ConfigurationError, RunInterrupted
 from agent_forge.evomerge.executors import SerialExecutor
+from agent_forge.evomerge.recipe import Merge
 
 
 def small_config(tmp_path: Path, name: str = "run", **evolution) -> Configuration:
@@ -109,7 +110,10 @@ def test_cmaes_run_is_reproducible(tmp_path):
         evolution = EvolutionaryMerger(config, config.output_dir)
         evolution.evolve()
         hashes.append(list(evolution.records))
-    assert hashes[0] == hashes[1] and len(hashes[0]) == 8
+        average = Merge("linear", evolution.space.sources, {})
+        assert average.hash in evolution.records  # the anchor joins the first generation
+        assert evolution.best_fitness >= evolution.records[average.hash]["fitness"]
+    assert hashes[0] == hashes[1] and len(hashes[0]) == 2 * 4 + 1
 
 
 def digest(folder: str | Path) -> str:
@@ -227,3 +231,26 @@ def test_lower_performers_are_merged_into_new_nodes(counted_run):
         assert record["recipe"]["type"] == "merge"
         parents = {p: evolution.records[p] for p in record["parents"]}
         assert all(p["generation"] < record["generation"] for p in parents.values())
+
+
+def test_the_spec_methods_are_views_that_never_change_the_run(tmp_path):
+    """``create_merged_models()``, ``tournament_selection()`` and ``mutate_model()`` called
+    before ``evolve()`` leave it exactly as an untouched run: same candidates, same order."""
+    runs = []
+    for name, poke in (("plain", False), ("poked", True)):
+        config = small_config(tmp_path, name, num_generations=2)
+        evolution = EvolutionaryMerger(config, config.output_dir)
+        if poke:
+            population = evolution.create_merged_models()
+            scored = [(r, float(i)) for i, r in enumerate(population)]
+            for _ in range(3):
+                evolution.mutate_model(evolution.tournament_selection(scored))
+        evolution.evolve()
+        runs.append(list(evolution.records))
+    assert runs[0] == runs[1]
+
+
+def test_a_default_run_scores_a_layer_stack(counted_run):
+    evolution, _, _ = counted_run
+    kinds = [r["recipe"]["type"] for r in evolution.records.values()]
+    assert "layer_stack" in kinds

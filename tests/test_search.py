@@ -117,6 +117,9 @@ def test_mutation_stays_in_range_and_is_seed_deterministic():
         child = mutate_recipe(recipe, sp, np.random.default_rng(seed))
         assert child.hash == mutate_recipe(recipe, sp, np.random.default_rng(seed)).hash
         assert child.hash != recipe.hash
+        if isinstance(child, LayerStack):  # the switch into data-flow space wraps the recipe
+            assert child.inputs[0] == recipe
+            continue
         tech = get_technique(child.technique)
         for param in tech.params:
             if param.is_numeric and param.search:
@@ -129,7 +132,7 @@ def test_mutation_stays_in_range_and_is_seed_deterministic():
 
 
 def test_mutation_of_a_layer_stack_keeps_valid_slots_and_scales():
-    sp = space(mutation_rate=0.8)
+    sp = space(mutation_rate=0.8, technique_switch_rate=0.0)
     stack = LayerStack((Source("a"), Source("b")), ((0, 0, 1.0), (1, 1, 1.0), (0, 1, 1.0)))
     rng = np.random.default_rng(1)
     for _ in range(50):
@@ -143,18 +146,22 @@ def test_initial_mixed_population_covers_the_techniques():
     kinds = [r.technique if isinstance(r, Merge) else "dfs" for r in population]
     assert kinds == [
         "linear",
-        "slerp",
-        "task_arithmetic",
         "ties",
+        "dare_ties",  # the PS merge (ps_technique dare_ties, per-layer values)
+        "dfs",
+        "task_arithmetic",
         "dare_ties",
-        "dare_linear",
-        "breadcrumbs",
-        "dare_ties",
-    ]  # the 8th is the PS merge (ps_technique dare_ties, per-layer values)
-    ps = population[7]
+        "slerp",
+        "della",
+    ]
+    ps = population[2]
     assert (
         isinstance(ps.params["weight"][0], list) and len(ps.params["weight"][0]) == 4
     )  # 2 layers + 2
+    assert population[0].params == {"weight": [1.0] * 3, "normalize": True}  # the plain average
+    small = initial_population("mixed", space(), np.random.default_rng(0), 4)
+    # DFS even in a population of four
+    assert [type(r).__name__ for r in small].count("LayerStack") == 1
     assert len({r.hash for r in population}) == 8
     without_base = SearchSpace(("a", "b", "c"), None, 2, MergeSettings(), EvolutionSettings())
     kinds = {

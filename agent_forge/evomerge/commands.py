@@ -184,6 +184,8 @@ def print_summary(summary: dict[str, Any], task_names: list[str], console: Any) 
     for row in rows[1:]:
         table.add_row(*row, style="bold" if row[0] == "best" else None)
     console.print(table)
+    if "verdict" in summary:
+        console.print(f"verdict: {summary['verdict']}")
     if 0 in weights.values():
         console.print(UNWEIGHTED_NOTE)
     console.print(f"fitness–test gap of the best: {summary['fitness_test_gap']:+.4f}")

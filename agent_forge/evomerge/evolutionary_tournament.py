@@ -100,7 +100,7 @@ class EvolutionaryMerger:
         self.stage_inputs: list[RecipeNode] = []
         self._strategy_state: dict[str, Any] | None = None
         self._strategy: SearchStrategy | None = None
-        self._helper_tournament: TournamentSearch | None = None  # spec methods under CMA-ES
+        self._helper_tournament: TournamentSearch | None = None  # the spec methods' own
         if resume:
             self._load_checkpoint()
         self.executor = executor
@@ -115,20 +115,19 @@ class EvolutionaryMerger:
 
     def tournament_selection(self, scored: Sequence[tuple[RecipeNode, float]]) -> RecipeNode:
         """The winner of one tournament of ``tournament_size`` among ``scored`` (recipe,
-        fitness)."""
-        strategy = self._tournament()
-        strategy.scored = list(scored)
-        return strategy.tournament_selection()
+        fitness). A view: it draws from a generator of its own, never the run's."""
+        helper = self._helper()
+        helper.scored = list(scored)
+        return helper.tournament_selection()
 
     def mutate_model(self, recipe: RecipeNode) -> RecipeNode:
         """A mutated copy of ``recipe`` (parameters perturbed within range; sometimes a new
-        technique)."""
-        return self._tournament().mutate_model(recipe)
+        technique or a layer stack). A view: the run's own search is not touched."""
+        return self._helper().mutate_model(recipe)
 
-    def _tournament(self) -> TournamentSearch:
-        strategy = self._stage_strategy()
-        if isinstance(strategy, TournamentSearch):
-            return strategy
+    def _helper(self) -> TournamentSearch:
+        """The spec methods' own tournament, seeded apart from every search stage, so that
+        calling them before or during ``evolve()`` never changes what it does."""
         if self._helper_tournament is None:
             self._helper_tournament = TournamentSearch(
                 self.space, "mixed", stage_seed(self.config.seed, 99)
@@ -223,6 +222,8 @@ class EvolutionaryMerger:
             return [Evaluation(recipes[0].hash, -1.0, {}, 0.0, 0.0, raw={"error": str(exc)})]
 
     def _record(self, recipe: RecipeNode, evaluation: Evaluation, parents: list[str]) -> None:
+        if not parents:  # e.g. a DFS stage's first layer stacks over the PS stage's best
+            parents = [c.hash for c in recipe.children() if c.hash in self.records]
         record = {
             "generation": len(self.history),
             "stage": self.stages[self.stage_index],

@@ -14,7 +14,7 @@ from .exceptions import ConfigurationError
 from .executors import CandidateScorer, SerialExecutor
 from .merger import RECIPE_FILE, AdvancedModelMerger, describe
 from .recipe import Merge, RecipeNode, Source
-from .report import write_report
+from .report import verdict, write_report
 from .storage import atomic_write_text
 
 if TYPE_CHECKING:
@@ -43,23 +43,61 @@ def write_best(evolution: EvolutionaryMerger, best: RecipeNode) -> Path:
 
 def test_scores(evolution: EvolutionaryMerger, best: RecipeNode) -> dict[str, dict[str, float]]:
     """Per-task test scores (and their weighted ``mean``) of each parent, the base (when there is
-    one), the plain average and the best."""
-    executor = evolution.executor
-    scorer = (
-        executor.scorer
-        if isinstance(executor, SerialExecutor)
-        else CandidateScorer(evolution.config)
-    )
+    one), the plain average, default TIES (with a base) and the best."""
+    scorer = _scorer(evolution)
     contenders: dict[str, RecipeNode] = {name: Source(name) for name in evolution.space.models}
     if evolution.space.base is not None:
         contenders["base"] = Source(evolution.space.base)
-    contenders["average"] = Merge("linear", evolution.space.sources, {})
+    contenders.update(simple_merges(evolution))
     contenders["best"] = best
     table = {}
     for name, recipe in contenders.items():
         evaluation = scorer.score(recipe, split="test")
         table[name] = {**evaluation.scores, "mean": evaluation.fitness}
     return table
+
+
+def simple_merges(evolution: EvolutionaryMerger) -> dict[str, RecipeNode]:
+    """The yardsticks an evolved merge must beat: the plain average and, with a base, default
+    TIES (density 0.5, λ 1) over the sources."""
+    merges: dict[str, RecipeNode] = {"average": Merge("linear", evolution.space.sources, {})}
+    if evolution.space.base is not None:
+        merges["ties"] = Merge("ties", evolution.space.sources, {}, Source(evolution.space.base))
+    return merges
+
+
+def reference_fitness(evolution: EvolutionaryMerger) -> dict[str, float]:
+    """Fitness-split scores of the best input model, the plain average and default TIES, for the
+    fitness plot's reference lines (from the run's records where the search scored them)."""
+    scorer = _scorer(evolution)
+    inputs = [Source(n) for n in evolution.space.models]
+    if evolution.space.base is not None:
+        inputs.append(Source(evolution.space.base))
+
+    def fitness(recipe: RecipeNode) -> float:
+        record = evolution.records.get(recipe.hash)
+        return record["fitness"] if record else scorer.score(recipe, split="fitness").fitness
+
+    scored = {r.name: fitness(r) for r in inputs}
+    top = max(scored, key=lambda n: scored[n])
+    out = {f"best input ({top})": scored[top]}
+    for name, recipe in simple_merges(evolution).items():
+        out["plain average" if name == "average" else "default TIES"] = fitness(recipe)
+    return out
+
+
+def _scorer(evolution: EvolutionaryMerger) -> CandidateScorer:
+    executor = evolution.executor
+    if isinstance(executor, SerialExecutor):
+        return executor.scorer
+    if getattr(evolution, "_final_scorer", None) is None:
+        evolution._final_scorer = CandidateScorer(evolution.config)  # type: ignore[attr-defined]
+    return evolution._final_scorer  # type: ignore[attr-defined]
+
+
+def input_names(evolution: EvolutionaryMerger) -> list[str]:
+    """The rows of the test table that are input models: the sources and the base."""
+    return [*evolution.space.models, *(["base"] if evolution.space.base is not None else [])]
 
 
 def task_weights(evolution: EvolutionaryMerger) -> dict[str, float]:
@@ -82,6 +120,7 @@ def finish_run(
     written = time.perf_counter()
     progress("finishing", step="scoring parents, average and best on the test split")
     test = test_scores(evolution, best)
+    references = reference_fitness(evolution)
     tested = time.perf_counter()
     records = evolution.records
     best_record = records[best.hash]
@@ -92,6 +131,8 @@ def finish_run(
         "best_fitness": best_record["fitness"],
         "test": test,
         "fitness_test_gap": best_record["fitness"] - test["best"]["mean"],
+        "verdict": verdict(test, input_names(evolution)),
+        "reference_fitness": references,
         "task_weights": task_weights(evolution),
         "generations": len(evolution.history),
         "timings": {

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from .recipe import LayerSlot, LayerStack, Merge, RecipeNode
-from .techniques import Param, canonical_params, get_technique, repair_params
+from .techniques import Param, get_technique, searched_params
 
 
 @dataclass(frozen=True)
@@ -74,12 +74,7 @@ class ParamsGenome:
                 if per_input[gene.input] is None:
                     per_input[gene.input] = [0.0] * (self.groups or 1)
                 per_input[gene.input][gene.group] = value
-        values = repair_params(
-            self.technique,
-            canonical_params(
-                get_technique(self.technique), values, len(self.inputs), joint_check=False
-            ),
-        )
+        values = searched_params(get_technique(self.technique), values, len(self.inputs))
         return Merge(self.technique, tuple(self.inputs), values, self.base, self.seed)
 
     def initial(self) -> np.ndarray:

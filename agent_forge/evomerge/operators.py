@@ -17,31 +17,35 @@ from .techniques import (
     MERGE_TECHNIQUES,
     Param,
     Technique,
-    canonical_params,
     get_technique,
-    repair_params,
+    searched_params,
 )
 
 logger = logging.getLogger(__name__)
 
-#: The mixed population's techniques, in the order the first generation takes them.
+#: The mixed population's kinds, in the order the first generation takes them: the plain
+#: average first (the yardstick), then one of each family — sign election, the per-layer PS
+#: merge, the DFS layer stack, plain task arithmetic, random drops — so that even a population
+#: of four holds every kind of search space.
 MIXED_ORDER = (
     "linear",
-    "slerp",
-    "task_arithmetic",
     "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
     "ps",
     "dfs",
+    "task_arithmetic",
+    "dare_ties",
+    "slerp",
     "della",
+    "breadcrumbs",
     "model_stock",
+    "dare_linear",
     "breadcrumbs_ties",
     "della_linear",
 )
 #: Techniques used to merge lower performers (their recipes become the new node's inputs).
 LOWER_MERGE_TECHNIQUES = ("linear", "task_arithmetic", "ties", "dare_ties")
+#: Chance that merging lower performers stacks their layers (a DFS node) instead.
+LOWER_STACK_RATE = 0.25
 SCALE_RANGE = (0.5, 2.0)
 
 
@@ -250,6 +254,10 @@ def mutate_recipe(recipe: RecipeNode, space: SearchSpace, rng: np.random.Generat
     nodes = mutable_nodes(recipe)
     if not nodes:
         return technique_recipe("linear", space, rng, exact_defaults=False)
+    if rng.random() < space.evolution.technique_switch_rate / 2:
+        stacked = stack_recipe(recipe, space, rng)
+        if stacked is not None:
+            return stacked
     target = nodes[int(rng.integers(len(nodes)))]
     if isinstance(target, Merge):
         changed: RecipeNode = mutate_merge(target, space, rng)
@@ -257,6 +265,20 @@ def mutate_recipe(recipe: RecipeNode, space: SearchSpace, rng: np.random.Generat
         assert isinstance(target, LayerStack)
         changed = mutate_layer_stack(target, space, rng)
     return replace_node(recipe, target, changed)
+
+
+def stack_recipe(
+    recipe: RecipeNode, space: SearchSpace, rng: np.random.Generator
+) -> LayerStack | None:
+    """The technique switch into data-flow space: ``recipe``'s own layer path with a few
+    indicator bits flipped, over ``recipe`` and the sources, so that layers of the sources (or a
+    second pass of its own) can enter (None when that tree would exceed ``max_depth``)."""
+    if recipe.depth() + 1 > space.merge.max_depth:
+        return None
+    inputs = [recipe, *(s for s in space.sources if s != recipe)]
+    layers = [recipe_layers(r, space) for r in inputs]
+    bits = space.merge.dfs_repetitions * sum(layers)
+    return dfs_recipe(space, rng, inputs, layers, identity_of=0, flip=2.0 / bits)
 
 
 def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> Merge:
@@ -305,9 +327,7 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
     base = node.base if tech.needs_base else None
     if tech.needs_base and base is None:
         base = space.base_node
-    params = repair_params(
-        technique, canonical_params(tech, params, len(node.inputs), joint_check=False)
-    )
+    params = searched_params(tech, params, len(node.inputs))
     return Merge(technique, node.inputs, params, base, seed)
 
 
@@ -418,9 +438,10 @@ def recipe_layers(recipe: RecipeNode, space: SearchSpace) -> int:
 def merge_lower(
     recipes: Sequence[RecipeNode], space: SearchSpace, rng: np.random.Generator
 ) -> tuple[RecipeNode, list[RecipeNode]] | None:
-    """A new Merge node over 2–3 lower performers of equal depth, with the performers it merged
-    (None when none can be made within ``max_depth``). Task-vector techniques apply only where
-    the base has that depth; linear-of-linear nodes are collapsed."""
+    """A new node over 2–3 lower performers of equal depth, with the performers it merged
+    (None when none can be made within ``max_depth``): a Merge, or (at ``LOWER_STACK_RATE``) a
+    layer stack of their layers. Task-vector techniques apply only where the base has that
+    depth; linear-of-linear nodes are collapsed."""
     by_layers: dict[int, list[RecipeNode]] = {}
     for recipe in recipes:
         by_layers.setdefault(recipe_layers(recipe, space), []).append(recipe)
@@ -431,6 +452,11 @@ def merge_lower(
     count = min(len(group), int(rng.integers(2, 4)))
     picks = sorted(rng.choice(len(group), size=count, replace=False))
     inputs = [group[i] for i in picks]
+    if rng.random() < LOWER_STACK_RATE:
+        depth = recipe_layers(inputs[0], space)
+        stacked = dfs_recipe(space, rng, inputs, [depth] * count, identity_of=0, flip=0.15)
+        if stacked.depth() <= space.merge.max_depth:
+            return stacked, inputs
     same_depth = recipe_layers(inputs[0], space) == space.layers
     options = [
         t

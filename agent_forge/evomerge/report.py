@@ -39,6 +39,26 @@ def score_table(
     return rows
 
 
+def verdict(test: Mapping[str, Mapping[str, float]], inputs: Sequence[str]) -> str:
+    """One line on what the search earned, in test-split points: the best against the plain
+    average, the best input model and (when scored) default TIES — or plainly that it did not."""
+    best = test["best"]["mean"]
+    top = max(inputs, key=lambda name: test[name]["mean"])
+    over_average = 100 * (best - test["average"]["mean"])
+    over_input = 100 * (best - test[top]["mean"])
+    ties = f"; default TIES {100 * (best - test['ties']['mean']):+.1f}" if "ties" in test else ""
+    if over_average > 0 and over_input > 0:
+        return (
+            f"best beats the plain average by {over_average:.1f} points and the best input "
+            f"model ({top}) by {over_input:.1f}{ties}"
+        )
+    return (
+        f"best does not beat {'the plain average' if over_average <= 0 else 'the best input'}: "
+        f"{over_average:+.1f} points against the plain average, {over_input:+.1f} against the "
+        f"best input model ({top}){ties}"
+    )
+
+
 def markdown_table(rows: Sequence[Sequence[str]]) -> str:
     header, *body = rows
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -46,7 +66,13 @@ def markdown_table(rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
-def plot_fitness(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
+def plot_fitness(
+    history: Sequence[Mapping[str, Any]],
+    path: Path,
+    references: Mapping[str, float] | None = None,
+) -> Path:
+    """Best and mean fitness per generation, with a dashed line per reference (the best input
+    model, the plain average, default TIES) on the same fitness split."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -62,11 +88,14 @@ def plot_fitness(history: Sequence[Mapping[str, Any]], path: Path) -> Path:
         label="best of generation",
     )
     ax.plot(generations, [h["mean"] for h in history], linestyle="--", label="generation mean")
+    colors = ("tab:gray", "tab:green", "tab:purple", "tab:brown")
+    for (name, value), color in zip((references or {}).items(), colors, strict=False):
+        ax.axhline(value, color=color, linestyle="-.", linewidth=1, label=f"{name} {value:.3f}")
     ax.set_xlabel("generation")
     ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_ylabel("fitness")
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right")
+    ax.legend(loc="lower right", fontsize=7)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -90,6 +119,8 @@ def lineage(
 
 
 def plot_lineage(best_hash: str, records: Mapping[str, Mapping[str, Any]], path: Path) -> Path:
+    """The ancestry of the best: one column per generation, nodes labelled to their right (the
+    figure grows with the widest generation, so labels never overlap), stages shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -100,29 +131,42 @@ def plot_lineage(best_hash: str, records: Mapping[str, Mapping[str, Any]], path:
     by_generation: dict[int, list[str]] = {}
     for node in sorted(nodes, key=lambda h: (records[h]["generation"], h)):
         by_generation.setdefault(records[node]["generation"], []).append(node)
+    columns = sorted(by_generation)
+    column = {gen: k for k, gen in enumerate(columns)}
     position = {
-        node: (gen, i - (len(group) - 1) / 2)
+        node: (float(column[gen]), float(i))
         for gen, group in by_generation.items()
         for i, node in enumerate(group)
     }
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    tallest = max(len(group) for group in by_generation.values())
+    fig, ax = plt.subplots(figsize=(2.0 + 1.6 * len(columns), 1.2 + 0.45 * tallest), dpi=100)
+    stages: dict[str, list[float]] = {}
+    for node, (x, _) in position.items():
+        stages.setdefault(str(records[node].get("stage", "")), []).append(x)
+    shades = ("#f2f2f2", "#e3ecf7")
+    for k, (stage, xs) in enumerate(sorted(stages.items(), key=lambda item: min(item[1]))):
+        if len(stages) > 1 and stage:
+            ax.axvspan(min(xs) - 0.4, max(xs) + 0.9, color=shades[k % 2], zorder=0)
+            ax.text(min(xs) - 0.35, tallest - 0.4, f"stage: {stage}", fontsize=8, va="top")
     for parent, child in edges:
         (x0, y0), (x1, y1) = position[parent], position[child]
-        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops={"arrowstyle": "->", "alpha": 0.5})
+        ax.annotate("", xy=(x1, y1), xytext=(x0, y0), arrowprops={"arrowstyle": "->", "alpha": 0.4})
     for node, (x, y) in position.items():
         record = records[node]
-        color = "tab:red" if node == best_hash else "tab:blue"
-        ax.scatter([x], [y], color=color, zorder=3)
+        ax.scatter([x], [y], color="tab:red" if node == best_hash else "tab:blue", zorder=3)
         ax.annotate(
-            f"{record['label']}\n{record['fitness']:.3f}",
+            f"{record['label']} {record['fitness']:.3f}",
             (x, y),
             textcoords="offset points",
-            xytext=(0, 7),
-            ha="center",
+            xytext=(5, 4),
+            va="bottom",
             fontsize=7,
+            zorder=4,
         )
+    ax.set_xticks(range(len(columns)), [str(g) for g in columns])
+    ax.set_xlim(-0.5, len(columns) - 0.1)
+    ax.set_ylim(-0.7, tallest - 0.2)
     ax.set_xlabel("generation")
-    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.set_yticks([])
     ax.set_title("lineage of the best candidate")
     fig.tight_layout()
@@ -140,7 +184,11 @@ def write_report(
     best_description: str,
 ) -> Path:
     """Write ``report.md`` and its plots into ``run_dir``; returns the report's path."""
-    fitness_png = plot_fitness(history, run_dir / "fitness.png") if history else None
+    fitness_png = (
+        plot_fitness(history, run_dir / "fitness.png", summary.get("reference_fitness"))
+        if history
+        else None
+    )
     lineage_png = plot_lineage(summary["best_recipe_hash"], records, run_dir / "lineage.png")
     timings = summary["timings"]
     lines = [
@@ -155,6 +203,7 @@ def write_report(
         "",
         markdown_table(score_table(summary["test"], task_names, summary.get("task_weights"))),
         "",
+        *([f"**Verdict:** {summary['verdict']}.", ""] if "verdict" in summary else []),
         *([UNWEIGHTED_NOTE, ""] if 0 in summary.get("task_weights", {}).values() else []),
         "## Fitness per generation",
         "",

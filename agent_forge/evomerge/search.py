@@ -30,7 +30,7 @@ from .operators import (
     mutate_recipe,
     tournament_selection,
 )
-from .recipe import RecipeNode, recipe_from_dict
+from .recipe import Merge, RecipeNode, recipe_from_dict
 from .techniques import MERGE_TECHNIQUES
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,13 @@ class _Progress:
     def load(self, state: dict[str, Any]) -> None:
         self.best = state["best"] if state["best"] is not None else float("-inf")
         self.stall = state["stall"]
+
+
+def lower_merge_slots(size: int, elites: int, wanted: int) -> int:
+    """How many children of a generation merge lower performers: ``wanted``, but never more
+    than half of the places the elites leave, so every generation holds mutated children
+    (population 4 with 2 elites: one merge, one mutant)."""
+    return max(0, min(wanted, (size - elites) // 2))
 
 
 class TournamentSearch:
@@ -120,14 +127,12 @@ class TournamentSearch:
             self.scored, key=lambda item: -item[1]
         )  # stable: ties keep population order
         size = self.evolution.population_size
-        elites = [recipe for recipe, _ in ranked[: self.evolution.elite_size]]
+        elites = [recipe for recipe, _ in ranked[: min(self.evolution.elite_size, size - 1)]]
         chosen = {r.hash for r in elites}
         nxt = list(elites)
         self.parents = {}
         lower = [recipe for recipe, _ in ranked[len(ranked) // 2 :]]
-        for _ in range(self.evolution.lower_merge_count):
-            if len(nxt) >= size:
-                break
+        for _ in range(lower_merge_slots(size, len(elites), self.evolution.lower_merge_count)):
             made = merge_lower(lower, self.space, self.rng)
             if made is not None and made[0].hash not in chosen:
                 nxt.append(made[0])
@@ -180,14 +185,22 @@ class CMAESSearch:
 
     Resuming replays the recorded (x, fitness) history into a fresh optimiser with the same seed,
     which reproduces its internal state exactly without pickling it.
+
+    ``anchors`` (e.g. the plain average) join the first generation outside the optimiser: the
+    run's best is then never below them on fitness, however short the run or poor the start.
     """
 
     def __init__(
-        self, genome: ParamsGenome | LayerPathGenome, evolution: EvolutionSettings, seed: int
+        self,
+        genome: ParamsGenome | LayerPathGenome,
+        evolution: EvolutionSettings,
+        seed: int,
+        anchors: Sequence[RecipeNode] = (),
     ) -> None:
         self.genome = genome
         self.evolution = evolution
         self.seed = seed
+        self.anchors = list(anchors)
         self.history: list[list[tuple[list[float], float]]] = []
         self.pending: list[np.ndarray] = []
         self.progress = _Progress(evolution)
@@ -212,19 +225,22 @@ class CMAESSearch:
 
     def ask(self) -> list[RecipeNode]:
         self.pending = [self.optimizer.ask() for _ in range(self.optimizer.population_size)]
-        return [self.genome.decode(x) for x in self.pending]
+        decoded = [self.genome.decode(x) for x in self.pending]
+        return decoded if self.history else [*decoded, *self.anchors]
 
     def tell(self, scored: Sequence[tuple[RecipeNode, float]]) -> None:
-        if len(scored) != len(self.pending):
+        extra = 0 if self.history else len(self.anchors)
+        if len(scored) != len(self.pending) + extra:
             raise ConfigurationError(
                 "CMA-ES was told a different number of candidates than it asked for"
             )
-        fitness = [float(f) for _, f in scored]
+        everything = [float(f) for _, f in scored]
+        fitness = everything[: len(self.pending)]
         # cmaes minimises
         self.optimizer.tell([(x, -f) for x, f in zip(self.pending, fitness, strict=True)])
         self.history.append([(x.tolist(), f) for x, f in zip(self.pending, fitness, strict=True)])
         self.pending = []
-        self.progress.update(fitness)
+        self.progress.update(everything)
 
     def should_stop(self) -> bool:
         return self.progress.patience_exhausted or bool(self.optimizer.should_stop())
@@ -265,8 +281,11 @@ def make_strategy(
     ``dfs``)."""
     if strategy == "tournament":
         return TournamentSearch(space, method, seed, dfs_inputs, dfs_layers)
+    anchors = [Merge("linear", space.sources, {})]
     if method == "dfs":
         inputs = list(dfs_inputs) or list(space.sources)
+        if dfs_inputs:
+            anchors.append(dfs_inputs[0])  # the previous stage's best
         layers = list(dfs_layers) or [space.layers] * len(inputs)
         genome: ParamsGenome | LayerPathGenome = LayerPathGenome(
             inputs, layers, space.merge.dfs_repetitions, SCALE_RANGE
@@ -291,4 +310,4 @@ def make_strategy(
         genome = ParamsGenome(
             method, inputs, space.base_node if tech.needs_base else None, seed=seed
         )
-    return CMAESSearch(genome, space.evolution, seed)
+    return CMAESSearch(genome, space.evolution, seed, anchors)

@@ -66,6 +66,7 @@ __all__ = [
     "get_technique",
     "keep_top_magnitude",
     "resolve_value",
+    "searched_params",
     "technique",
 ]
 
@@ -141,6 +142,8 @@ class Technique:
     check: Callable[[dict[str, Any], str], None] | None = None
     segmented: bool = False
     ranked: bool = False
+    #: Moves search-made params into the joint constraints ``check`` enforces (None: none).
+    repair: Callable[[dict[str, Any]], dict[str, Any]] | None = None
 
     def param(self, name: str) -> Param:
         for param in self.params:
@@ -171,6 +174,7 @@ def technique(
     check: Callable[[dict[str, Any], str], None] | None = None,
     segmented: bool = False,
     ranked: bool = False,
+    repair: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register a technique function under ``name`` (see the module docstring for the contract).
 
@@ -195,6 +199,7 @@ def technique(
             check,
             segmented,
             ranked,
+            repair,
         )
         return fn
 
@@ -254,29 +259,51 @@ def _check_della(params: dict[str, Any], name: str) -> None:
                 )
 
 
+_DELLA_MARGIN = 0.01
+
+
+def _della_epsilon_bound(density: float) -> float:
+    """The largest epsilon (less a margin) with density ± epsilon inside (0, 1)."""
+    return max(0.0, min(density - _DELLA_MARGIN, 0.99 - density))
+
+
+def _fit_epsilon(density: Any, epsilon: Any) -> Any:
+    """``epsilon`` shrunk to fit every density it can meet (as :func:`_della_pairs` pairs them)."""
+    if isinstance(density, list) and isinstance(epsilon, list) and len(density) == len(epsilon):
+        return [_fit_epsilon(d, e) for d, e in zip(density, epsilon, strict=True)]
+    if isinstance(epsilon, Mapping):
+        return {k: _fit_epsilon(density, v) for k, v in epsilon.items()}
+    if isinstance(epsilon, list):
+        return [_fit_epsilon(density, e) for e in epsilon]
+    bounds = [_della_epsilon_bound(d) for d in _as_list(density) if d < 1.0]
+    return min([float(epsilon), *bounds])
+
+
+def _lift_density(density: Any) -> Any:
+    """Densities of 0 (or within the margin of it) raised so that some epsilon fits."""
+    if isinstance(density, Mapping):
+        return {k: _lift_density(v) for k, v in density.items()}
+    if isinstance(density, list):
+        return [_lift_density(d) for d in density]
+    return max(float(density), 2 * _DELLA_MARGIN)
+
+
 def _repair_della(params: dict[str, Any]) -> dict[str, Any]:
-    """Shrink each epsilon so that density ± epsilon stays inside (0, 1) (used by the search)."""
-
-    def fit(density: Any, epsilon: Any) -> Any:
-        if isinstance(density, list) and isinstance(epsilon, list) and len(density) == len(epsilon):
-            return [fit(d, e) for d, e in zip(density, epsilon, strict=True)]
-        if isinstance(density, list):
-            return min(fit(d, epsilon) for d in density)
-        if isinstance(density, float) and isinstance(epsilon, float) and density < 1.0:
-            return max(0.0, min(epsilon, density - 0.01, 0.99 - density))
-        return epsilon
-
+    """DELLA's joint rule made to hold: each input's epsilon shrinks until density ± epsilon
+    lies inside (0, 1) wherever the two meet, whatever mix of scalars, per-layer lists and
+    component mappings they are (used by the search, which perturbs one value at a time)."""
     out = dict(params)
-    if isinstance(params.get("density"), list) and isinstance(params.get("epsilon"), list):
-        out["epsilon"] = [
-            fit(d, e) for d, e in zip(params["density"], params["epsilon"], strict=True)
-        ]
+    densities = [_lift_density(d) for d in params["density"]]
+    out["density"] = densities
+    out["epsilon"] = [_fit_epsilon(d, e) for d, e in zip(densities, params["epsilon"], strict=True)]
     return out
 
 
 def repair_params(technique: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Params moved into the technique's joint constraints (e.g. DELLA's density ± epsilon)."""
-    return _repair_della(params) if technique in ("della", "della_linear") else params
+    """Canonical ``params`` moved into the technique's joint constraints (its registry entry's
+    ``repair``; unchanged for techniques without one)."""
+    repair = get_technique(technique).repair
+    return repair(params) if repair is not None else params
 
 
 def _as_list(value: Any) -> list[float]:
@@ -631,6 +658,7 @@ _DELLA_PARAMS = [WEIGHT, DENSITY, EPSILON, LAMBDA]
     randomized=True,
     paper="arXiv:2406.11617",
     check=_check_della,
+    repair=_repair_della,
 )
 def della(
     deltas: Tensor,
@@ -655,6 +683,7 @@ def della(
     randomized=True,
     paper="arXiv:2406.11617",
     check=_check_della,
+    repair=_repair_della,
 )
 def della_linear(
     deltas: Tensor,
@@ -805,6 +834,16 @@ def canonical_params(
     if tech.check is not None and joint_check:
         tech.check(out, tech.name)
     return out
+
+
+def searched_params(tech: Technique, params: Mapping[str, Any], n_inputs: int) -> dict[str, Any]:
+    """Canonical params for a recipe the search made: defaults filled, the technique's
+    ``repair`` applied, then every rule checked (a failure here is a bug in the search, not the
+    user's mistake)."""
+    fixed = canonical_params(tech, params, n_inputs, joint_check=False)
+    if tech.repair is not None:
+        fixed = tech.repair(fixed)
+    return canonical_params(tech, fixed, n_inputs)
 
 
 def resolved_params(

@@ -1,0 +1,203 @@
+"""The evolutionary operators' behaviour, pinned: every operator chain yields a valid recipe, the
+weaker candidates are the ones merged, patience resets on improvement, switches happen at their
+rate, scale genes reach the recipe, layers get inserted, small populations still mutate."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from agent_forge.evomerge.config import EvolutionSettings, MergeSettings
+from agent_forge.evomerge.genomes import LayerPathGenome
+from agent_forge.evomerge.operators import (
+    SearchSpace,
+    merge_lower,
+    mutate_layer_stack,
+    mutate_merge,
+    mutate_recipe,
+    recipe_layers,
+    stack_recipe,
+    technique_recipe,
+)
+from agent_forge.evomerge.recipe import LayerStack, Merge, RecipeNode, Source, recipe_from_dict
+from agent_forge.evomerge.search import TournamentSearch, lower_merge_slots
+from agent_forge.evomerge.techniques import MERGE_TECHNIQUES, model_stock
+
+LAYERS = 3
+
+
+def space(**evolution) -> SearchSpace:
+    return SearchSpace(
+        ("a", "b", "c"), "base", LAYERS, MergeSettings(), EvolutionSettings(**evolution)
+    )
+
+
+def assert_valid(recipe: RecipeNode, sp: SearchSpace) -> None:
+    """Valid as a user's recipe file would be checked: every node rebuilt from its dict (which
+    runs every parameter rule, DELLA's joint one included), depth bounded, every layer slot
+    naming a layer its input has."""
+    again = recipe_from_dict(recipe.to_dict())
+    assert again.hash == recipe.hash
+    assert recipe.depth() <= sp.merge.max_depth
+    stack: list[RecipeNode] = [recipe]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, LayerStack):
+            for slot in node.slots:
+                assert slot.layer < recipe_layers(node.inputs[slot.input], sp)
+                assert 0.5 <= slot.scale <= 2.0
+        stack.extend(node.children())
+
+
+SEARCHED = [t for t in MERGE_TECHNIQUES if t != "passthrough"]
+
+
+@pytest.mark.parametrize("technique", SEARCHED)
+def test_every_operator_chain_yields_a_valid_recipe(technique):
+    """Hundreds of random mutation / technique-switch / layer-refine / stack / merge steps from
+    each technique, with every rate turned up: each result passes the recipe checks."""
+    sp = space(
+        mutation_rate=1.0,
+        mutation_strength=1.0,
+        technique_switch_rate=0.5,
+        layer_refine_rate=0.5,
+    )
+    rng = np.random.default_rng(SEARCHED.index(technique))
+    pool = [technique_recipe(technique, sp, rng, exact_defaults=False) for _ in range(4)]
+    for step in range(300):
+        op = step % 3
+        if op == 0 or len(pool) < 2:
+            child = mutate_recipe(pool[int(rng.integers(len(pool)))], sp, rng)
+        elif op == 1:
+            made = merge_lower(pool, sp, rng)
+            child = made[0] if made else mutate_recipe(pool[0], sp, rng)
+        else:
+            child = stack_recipe(pool[int(rng.integers(len(pool)))], sp, rng) or pool[0]
+        assert_valid(child, sp)
+        pool = [*pool[-5:], child]
+
+
+def test_della_with_per_layer_epsilons_stays_valid_when_its_density_moves():
+    """The failure the issue reports: ``epsilon`` refined per layer while ``density`` stays a
+    scalar; a density perturbed towards 1 must shrink every epsilon of that input."""
+    sp = space(
+        mutation_rate=1.0, mutation_strength=1.0, layer_refine_rate=0.0, technique_switch_rate=0.0
+    )
+    for technique in ("della", "della_linear"):
+        node = Merge(
+            technique,
+            sp.sources,
+            {"density": 0.5, "epsilon": [[0.2] * (LAYERS + 2)] * 3},
+            Source("base"),
+        )
+        for seed in range(200):
+            child = mutate_merge(node, sp, np.random.default_rng(seed))
+            assert_valid(child, sp)
+            for d, eps in zip(child.params["density"], child.params["epsilon"], strict=True):
+                for e in eps:
+                    assert d >= 1.0 or (0 < d - e and d + e < 1)
+
+
+def test_the_weaker_candidates_are_the_ones_merged():
+    sp = space(population_size=8, elite_size=2, lower_merge_count=2)
+    rng = np.random.default_rng(0)
+    recipes = [technique_recipe("ties", sp, rng, exact_defaults=False) for _ in range(8)]
+    merged_parents: list[str] = []
+    for seed in range(12):
+        strategy = TournamentSearch(sp, "mixed", seed)
+        strategy.population = list(recipes)
+        strategy.tell([(r, float(i)) for i, r in enumerate(recipes)])  # fitness = index
+        strategy.ask()
+        merged_parents += [h for hs in strategy.parents.values() if len(hs) > 1 for h in hs]
+    weaker = {r.hash for r in recipes[:4]}
+    assert merged_parents and set(merged_parents) <= weaker
+
+
+def test_patience_resets_on_improvement():
+    sp = space(patience=2, min_delta=0.01)
+    strategy = TournamentSearch(sp, "mixed", 0)
+    recipe = technique_recipe("linear", sp, np.random.default_rng(0), exact_defaults=True)
+    for fitness, stops in [(0.5, False), (0.5, False), (0.6, False), (0.6, False), (0.6, True)]:
+        strategy.tell([(recipe, fitness)])
+        assert strategy.should_stop() is stops
+    strategy.tell([(recipe, 0.605)])  # within min_delta: no improvement
+    assert strategy.should_stop()
+
+
+@pytest.mark.parametrize("rate", [0.0, 0.3])
+def test_technique_switches_happen_at_their_rate(rate):
+    sp = space(technique_switch_rate=rate)
+    node = Merge("ties", sp.sources, {"density": 0.5}, Source("base"))
+    trials = 2000
+    switched = sum(
+        mutate_merge(node, sp, np.random.default_rng(seed)).technique != "ties"
+        for seed in range(trials)
+    )
+    assert abs(switched / trials - rate) < 0.04
+
+
+def test_scale_genes_reach_the_recipe():
+    genome = LayerPathGenome([Source("a"), Source("b")], [2, 2], repetitions=1)
+    count = len(genome.candidates)  # 4 bits, then 4 scales
+    x = [1.0, 0.0, 1.0, 1.0] + [0.0, 0.9, 0.5, 1.0]
+    stack = genome.decode(x)
+    assert [(s.input, s.layer) for s in stack.slots] == [(0, 0), (1, 0), (1, 1)]
+    # scale = 0.5 · (2.0 / 0.5) ** u, by hand: u = 0 → 0.5, u = 0.5 → 1.0, u = 1 → 2.0
+    assert [s.scale for s in stack.slots] == [0.5, 1.0, 2.0]
+    assert count == 4
+
+
+def test_layer_stack_mutation_inserts_layers():
+    sp = space(mutation_rate=1.0)
+    stack = LayerStack(sp.sources, ((0, 0, 1.0), (0, 1, 1.0), (0, 2, 1.0)))
+    inserted = 0
+    for seed in range(100):
+        child = mutate_layer_stack(stack, sp, np.random.default_rng(seed))
+        parent_slots = {(s.input, s.layer) for s in stack.slots}
+        inserted += any((s.input, s.layer) not in parent_slots for s in child.slots)
+    assert inserted > 30
+
+
+def test_operators_create_layer_stacks():
+    sp = space(technique_switch_rate=0.5)
+    rng = np.random.default_rng(3)
+    ties = Merge("ties", sp.sources, {"density": 0.5}, Source("base"))
+    mutants = [mutate_recipe(ties, sp, rng) for _ in range(200)]
+    stacks = [m for m in mutants if isinstance(m, LayerStack)]
+    assert stacks and all(s.inputs[0] == ties for s in stacks)
+    lower = [technique_recipe("ties", sp, rng, exact_defaults=False) for _ in range(4)]
+    made = [merge_lower(lower, sp, rng) for _ in range(200)]
+    assert any(isinstance(m[0], LayerStack) for m in made if m)
+
+
+def test_small_populations_mutate_every_generation():
+    assert lower_merge_slots(4, 2, 2) == 1 and lower_merge_slots(8, 2, 2) == 2
+    sp = space(population_size=4, elite_size=2, lower_merge_count=2, tournament_size=2)
+    strategy = TournamentSearch(sp, "mixed", 7)
+    rng = np.random.default_rng(1)
+    for _ in range(6):
+        population = strategy.ask()
+        strategy.tell([(r, float(rng.random())) for r in population])
+    for generation in range(5):
+        population = strategy.ask()
+        mutants = [h for h, parents in strategy.parents.items() if len(parents) == 1]
+        assert mutants, f"generation {generation} holds no mutated candidate"
+        strategy.tell([(r, float(rng.random())) for r in population])
+
+
+def test_model_stock_filter_wise_takes_a_ratio_per_row():
+    """Row 0 of the two task vectors point the same way (cos 1, t = 1), row 1 are orthogonal
+    (cos 0, t = 0): per row, the result is the mean in row 0 and zero in row 1; over the whole
+    tensor (cos 2/3 here), t = 2·(2/3) / (1 + 2/3) = 0.8 everywhere."""
+    deltas = torch.tensor([[[1.0, 1.0], [1.0, 0.0]], [[1.0, 1.0], [0.0, 1.0]]])
+    mean = deltas.mean(dim=0)
+    per_row = model_stock(deltas, filter_wise=True)
+    assert torch.allclose(per_row[0], mean[0]) and torch.allclose(per_row[1], torch.zeros(2))
+    whole = model_stock(deltas, filter_wise=False)
+    cos = 2.0 / (math.sqrt(3) * math.sqrt(3))  # (1·1 + 1·1 + 1·0 + 0·1) / (|a| |b|)
+    t = 2 * cos / (1 + cos)
+    assert math.isclose(t, 0.8)
+    assert torch.allclose(whole, t * mean)
