@@ -167,7 +167,7 @@ def test_run_folder_holds_summary_report_plots_and_best(tmp_path):
     summary = json.loads((run / "summary.json").read_text())
     assert summary["best_model"] == str(Path(best).resolve())
     names = {m.name for m in create_default_config().models}
-    assert set(summary["test"]) == names | {"base", "average", "best"}
+    assert set(summary["test"]) == names | {"base", "average", "ties", "best"}
     assert all("mean" in scores for scores in summary["test"].values())
     assert summary["fitness_test_gap"] == pytest.approx(
         summary["best_fitness"] - summary["test"]["best"]["mean"]

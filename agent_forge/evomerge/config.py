@@ -108,7 +108,7 @@ class EvolutionSettings(_Strict):
 
     strategy: Literal["tournament", "cmaes"] = "tournament"
     population_size: int = Field(default=8, ge=2, le=1024)
-    num_generations: int = Field(default=20, ge=1, le=100_000)
+    num_generations: int = Field(default=30, ge=1, le=100_000)
     tournament_size: int = Field(default=3, ge=1)
     elite_size: int = Field(default=2, ge=0)
     mutation_rate: float = Field(default=0.5, ge=0.0, le=1.0)
@@ -116,7 +116,7 @@ class EvolutionSettings(_Strict):
     technique_switch_rate: float = Field(default=0.1, ge=0.0, le=1.0)
     layer_refine_rate: float = Field(default=0.2, ge=0.0, le=1.0)
     lower_merge_count: int = Field(default=2, ge=0)
-    patience: int = Field(default=6, ge=1)
+    patience: int = Field(default=10, ge=1)
     min_delta: float = Field(default=0.001, ge=0.0)
     cmaes_sigma: float = Field(default=0.2, gt=0.0, le=1.0)
 
