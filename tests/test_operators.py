@@ -49,6 +49,8 @@ def assert_valid(recipe: RecipeNode, sp: SearchSpace) -> None:
             for slot in node.slots:
                 assert slot.layer < recipe_layers(node.inputs[slot.input], sp)
                 assert 0.5 <= slot.scale <= 2.0
+        if isinstance(node, Merge):
+            assert len({recipe_layers(i, sp) for i in node.inputs}) == 1, "inputs of unequal depth"
         stack.extend(node.children())
 
 
@@ -159,6 +161,26 @@ def test_layer_stack_mutation_inserts_layers():
         parent_slots = {(s.input, s.layer) for s in stack.slots}
         inserted += any((s.input, s.layer) not in parent_slots for s in child.slots)
     assert inserted > 30
+
+
+@pytest.mark.parametrize("parent", ["layer_stack", "merge"])
+def test_mutating_a_nested_layer_stack_keeps_its_depth(parent):
+    """A stack inside another stack (whose slots name its layers) or inside a merge (whose
+    inputs must have equal depth) keeps its layer count; only the root may grow or shrink."""
+    sp = space(mutation_rate=0.5, technique_switch_rate=0.0)
+    inner = LayerStack(sp.sources, tuple((0, i, 1.0) for i in range(LAYERS)))
+    if parent == "layer_stack":
+        outer: RecipeNode = LayerStack((inner, Source("b")), tuple((0, i, 1.0) for i in range(3)))
+    else:
+        outer = Merge("linear", (inner, Source("b")), {"weight": [0.5, 0.5]})
+    resized = 0
+    for seed in range(60):
+        child = mutate_recipe(outer, sp, np.random.default_rng(seed))
+        assert_valid(child, sp)
+        assert recipe_layers(child.children()[0], sp) == LAYERS
+        resized += recipe_layers(child, sp) != LAYERS
+    if parent == "layer_stack":
+        assert resized > 0  # the root itself still grows and shrinks
 
 
 def test_operators_create_layer_stacks():

@@ -263,7 +263,9 @@ def mutate_recipe(recipe: RecipeNode, space: SearchSpace, rng: np.random.Generat
         changed: RecipeNode = mutate_merge(target, space, rng)
     else:
         assert isinstance(target, LayerStack)
-        changed = mutate_layer_stack(target, space, rng)
+        # Only the root may change its layer count: a nested stack's layers are named by the
+        # slots of the stacks above it and must match the depth of the inputs merged beside it.
+        changed = mutate_layer_stack(target, space, rng, resize=target is recipe)
     return replace_node(recipe, target, changed)
 
 
@@ -382,9 +384,10 @@ def _perturb_at(
 
 
 def mutate_layer_stack(
-    node: LayerStack, space: SearchSpace, rng: np.random.Generator
+    node: LayerStack, space: SearchSpace, rng: np.random.Generator, *, resize: bool = True
 ) -> LayerStack:
-    """Perturb slot scales (log-normal), and sometimes drop a slot or insert a random layer."""
+    """Perturb slot scales (log-normal), and (when ``resize``) sometimes drop a slot or insert a
+    random layer."""
     evo = space.evolution
     slots = list(node.slots)
     for k, slot in enumerate(slots):
@@ -394,11 +397,11 @@ def mutate_layer_stack(
             )
             slots[k] = LayerSlot(slot.input, slot.layer, round(scale, 6))
     limit = space.merge.dfs_repetitions * space.layers * len(node.inputs)
-    if len(slots) > 1 and rng.random() < evo.mutation_rate:
+    if resize and len(slots) > 1 and rng.random() < evo.mutation_rate:
         del slots[int(rng.integers(len(slots)))]
-    if len(slots) < limit and rng.random() < evo.mutation_rate:
+    if resize and len(slots) < limit and rng.random() < evo.mutation_rate:
         source = int(rng.integers(len(node.inputs)))
-        layer = int(rng.integers(_layers_of(node, source, space)))
+        layer = int(rng.integers(recipe_layers(node.inputs[source], space)))
         slots.insert(int(rng.integers(len(slots) + 1)), LayerSlot(source, layer, 1.0))
     if tuple(slots) == node.slots:
         k = int(rng.integers(len(slots)))
@@ -416,13 +419,6 @@ def mutate_layer_stack(
             ),
         )
     return LayerStack(node.inputs, tuple(slots), node.embed_from, node.head_from)
-
-
-def _layers_of(node: LayerStack, index: int, space: SearchSpace) -> int:
-    child = node.inputs[index]
-    if isinstance(child, LayerStack):
-        return len(child.slots)
-    return space.layers
 
 
 # -- merging the lower performers ------------------------------------------------------------------
