@@ -14,6 +14,7 @@ from agent_forge.evomerge.config import EvolutionSettings, MergeSettings
 from agent_forge.evomerge.genomes import LayerPathGenome
 from agent_forge.evomerge.operators import (
     SearchSpace,
+    initial_population,
     merge_lower,
     mutate_layer_stack,
     mutate_merge,
@@ -181,6 +182,49 @@ def test_mutating_a_nested_layer_stack_keeps_its_depth(parent):
         resized += recipe_layers(child, sp) != LAYERS
     if parent == "layer_stack":
         assert resized > 0  # the root itself still grows and shrinks
+
+
+def _kinds(recipe: RecipeNode) -> set[str]:
+    """The technique names of a tree's merges, ``dfs`` for its stacks, ``ps`` for per-layer
+    values."""
+    if isinstance(recipe, Source):
+        return set()
+    found = {"dfs"} if isinstance(recipe, LayerStack) else {recipe.technique}  # type: ignore[union-attr]
+    if isinstance(recipe, Merge) and any(
+        isinstance(v, list) and any(isinstance(x, list) for x in v) for v in recipe.params.values()
+    ):
+        found.add("ps")
+    return found.union(*(_kinds(c) for c in recipe.children()))
+
+
+def test_merge_techniques_limit_what_the_search_builds():
+    """With ``techniques`` set, the first generation, switches, refinement, stacks and merges of
+    weaker candidates stay inside it (every rate turned up so each operator would leave it)."""
+    allowed = {"linear", "ties", "slerp"}
+    sp = SearchSpace(
+        ("a", "b", "c"),
+        "base",
+        LAYERS,
+        MergeSettings(techniques=sorted(allowed)),
+        EvolutionSettings(technique_switch_rate=0.5, layer_refine_rate=0.5),
+    )
+    rng = np.random.default_rng(0)
+    pool = initial_population("mixed", sp, rng, 8)
+    assert {r.technique for r in pool} == allowed  # type: ignore[union-attr]
+    seen: set[str] = set()
+    for step in range(300):
+        if step % 2:
+            made = merge_lower(pool, sp, rng)
+            child = made[0] if made else pool[0]
+        else:
+            child = mutate_recipe(pool[int(rng.integers(len(pool)))], sp, rng)
+        seen |= _kinds(child)
+        pool = [*pool[-7:], child]
+    assert seen <= allowed
+    assert len(seen) == 3  # switches did happen
+    open_space = space(technique_switch_rate=0.5, layer_refine_rate=0.5)
+    unlimited = {k for r in initial_population("mixed", open_space, rng, 8) for k in _kinds(r)}
+    assert {"dfs", "ps"} <= unlimited  # the check above can see stacks and per-layer values
 
 
 def test_operators_create_layer_stacks():

@@ -139,6 +139,26 @@ def test_validate_merge_config_requires_a_base_where_needed(tiny_family):
         validate_merge_config(config)
 
 
+def test_validate_merge_config_refuses_techniques_that_all_need_a_missing_base(tiny_family):
+    config = family_config(tiny_family, merge_method="mixed", techniques=["ties", "ps"])
+    config.base_model = None
+    with pytest.raises(ConfigurationError, match="techniques .* all merge task vectors"):
+        validate_merge_config(config)
+    config.merge_settings.techniques = ["ties", "slerp"]
+    validate_merge_config(config)  # slerp needs no base
+
+
+def test_unknown_search_technique_is_named_with_a_hint():
+    from pydantic import ValidationError
+
+    from agent_forge.evomerge.config import MergeSettings
+
+    with pytest.raises(ValidationError, match="unknown technique 'tise'.*ties"):
+        MergeSettings(techniques=["linear", "tise"])
+    with pytest.raises(ValidationError, match="techniques is empty"):
+        MergeSettings(techniques=[])
+
+
 def test_validate_merge_config_reports_incompatible_models(tiny_family, tiny_tokenizer, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

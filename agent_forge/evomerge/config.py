@@ -68,6 +68,10 @@ class MergeSettings(_Strict):
     """
 
     merge_method: str = "mixed"
+    #: What the search may build (None: everything): technique names, ``ps`` (per-layer values)
+    #: and ``dfs`` (layer stacks). It limits mixed's first generation, technique switches,
+    #: per-layer refinement and the merging of weaker candidates; e.g. ``[linear, ties, slerp]``.
+    techniques: list[str] | None = None
     parameters: dict[str, Any] = Field(default_factory=dict)
     ps_technique: str = "dare_ties"
     ps_layer_groups: int | None = Field(default=None, ge=1)
@@ -95,6 +99,22 @@ class MergeSettings(_Strict):
                 f"{value!r} needs no base model; a PS merge needs a task-vector technique"
             )
         return value
+
+    @field_validator("techniques")
+    @classmethod
+    def _known_techniques(cls, value: list[str] | None) -> list[str] | None:
+        from .techniques import MERGE_TECHNIQUES, closest_names
+
+        if value is None:
+            return None
+        if not value:
+            raise ValueError("techniques is empty; name at least one, or leave it out for all")
+        allowed = [t for t in MERGE_TECHNIQUES if t != "passthrough"] + ["ps", "dfs"]
+        for name in value:
+            if name not in allowed:
+                hint = closest_names(name, allowed)
+                raise ValueError(f"unknown technique {name!r}{hint}; allowed: {', '.join(allowed)}")
+        return list(dict.fromkeys(value))
 
     @field_validator("max_shard_size")
     @classmethod

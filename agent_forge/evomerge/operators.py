@@ -71,6 +71,11 @@ class SearchSpace:
     def groups(self) -> int:
         return self.merge.ps_layer_groups or self.layers + 2
 
+    def allows(self, kind: str) -> bool:
+        """Whether ``merge.techniques`` lets the search build ``kind`` (a technique, ``ps`` for
+        per-layer values or ``dfs`` for layer stacks)."""
+        return self.merge.techniques is None or kind in self.merge.techniques
+
     def usable(self, technique: str, n_inputs: int) -> bool:
         tech = MERGE_TECHNIQUES[technique]
         if tech.needs_base and self.base is None:
@@ -149,7 +154,9 @@ def dfs_recipe(
 def _mixed_kinds(space: SearchSpace) -> list[str]:
     kinds = []
     for kind in MIXED_ORDER:
-        if kind == "ps":
+        if not space.allows(kind):
+            usable = False
+        elif kind == "ps":
             usable = space.base is not None
         elif kind == "dfs":
             usable = True
@@ -254,7 +261,7 @@ def mutate_recipe(recipe: RecipeNode, space: SearchSpace, rng: np.random.Generat
     nodes = mutable_nodes(recipe)
     if not nodes:
         return technique_recipe("linear", space, rng, exact_defaults=False)
-    if rng.random() < space.evolution.technique_switch_rate / 2:
+    if space.allows("dfs") and rng.random() < space.evolution.technique_switch_rate / 2:
         stacked = stack_recipe(recipe, space, rng)
         if stacked is not None:
             return stacked
@@ -294,6 +301,7 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
             t
             for t in MERGE_TECHNIQUES
             if t not in ("passthrough", technique)
+            and space.allows(t)
             and space.usable(t, len(node.inputs))
             and (base_depth or not MERGE_TECHNIQUES[t].needs_base)
         ]
@@ -305,7 +313,7 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
                 if any(p.name == k for p in get_technique(technique).params)
             }
     tech = get_technique(technique)
-    if rng.random() < evo.layer_refine_rate:
+    if space.allows("ps") and rng.random() < evo.layer_refine_rate:
         params = refine_by_layer(params, tech, space, rng)
     leaves = [
         (p, path)
@@ -448,7 +456,7 @@ def merge_lower(
     count = min(len(group), int(rng.integers(2, 4)))
     picks = sorted(rng.choice(len(group), size=count, replace=False))
     inputs = [group[i] for i in picks]
-    if rng.random() < LOWER_STACK_RATE:
+    if space.allows("dfs") and rng.random() < LOWER_STACK_RATE:
         depth = recipe_layers(inputs[0], space)
         stacked = dfs_recipe(space, rng, inputs, [depth] * count, identity_of=0, flip=0.15)
         if stacked.depth() <= space.merge.max_depth:
@@ -457,8 +465,8 @@ def merge_lower(
     options = [
         t
         for t in LOWER_MERGE_TECHNIQUES
-        if t == "linear" or (same_depth and space.usable(t, count))
-    ]
+        if space.allows(t) and (t == "linear" or (same_depth and space.usable(t, count)))
+    ] or ["linear"]  # linear over the performers' recipes is always a valid merge of them
     technique = options[int(rng.integers(len(options)))]
     merged = collapse_linear(
         technique_recipe(technique, space, rng, exact_defaults=False, inputs=inputs)

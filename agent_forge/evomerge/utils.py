@@ -98,6 +98,17 @@ def validate_merge_config(
             f"merge_settings.merge_method = {method!r} merges task vectors; "
             "set base_model (or --base)"
         )
+    if method == "mixed" and settings.techniques is not None and config.base_model is None:
+        baseless = [
+            t
+            for t in settings.techniques
+            if t == "dfs" or (t != "ps" and not get_technique(t).needs_base)
+        ]
+        if not baseless:
+            raise ConfigurationError(
+                f"merge_settings.techniques = {settings.techniques} all merge task vectors; "
+                "set base_model (or --base), or add a technique that needs none (linear, slerp)"
+            )
     refs = list(config.models) + ([config.base_model] if config.base_model else [])
     opened = (
         list(sources)
