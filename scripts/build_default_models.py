@@ -35,6 +35,7 @@ import shutil
 import string
 import time
 from collections.abc import Callable, Iterator
+from copy import deepcopy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -562,19 +563,13 @@ def quality_table(models: dict, tokenizer, out: Path, split: str = "test") -> li
     states |= {"base": base, "average": merged("linear"), "ties": merged("ties")}
     if "joint" in models:
         states["joint (reference)"] = models["joint"].state_dict()
-    probe = _copy_model(models["base"])
+    probe = deepcopy(models["base"]).eval()
     rows = []
     for name, state in states.items():
         probe.load_state_dict(state)
         scores = evaluator.evaluate(probe, tokenizer, split)
         rows.append((name, {s: scores.per_task[s] for s in skills}, scores.aggregate))
     return rows
-
-
-def _copy_model(model):
-    import copy as _copy
-
-    return _copy.deepcopy(model).eval()
 
 
 def print_quality_table(rows: list[tuple]) -> None:

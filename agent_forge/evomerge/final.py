@@ -41,10 +41,11 @@ def write_best(evolution: EvolutionaryMerger, best: RecipeNode) -> Path:
     return merger.merge(best, dest, source_paths=paths)
 
 
-def test_scores(evolution: EvolutionaryMerger, best: RecipeNode) -> dict[str, dict[str, float]]:
+def test_scores(
+    evolution: EvolutionaryMerger, best: RecipeNode, scorer: CandidateScorer
+) -> dict[str, dict[str, float]]:
     """Per-task test scores (and their weighted ``mean``) of each parent, the base (when there is
     one), the plain average, default TIES (with a base) and the best."""
-    scorer = _scorer(evolution)
     contenders: dict[str, RecipeNode] = {name: Source(name) for name in evolution.space.models}
     if evolution.space.base is not None:
         contenders["base"] = Source(evolution.space.base)
@@ -66,10 +67,9 @@ def simple_merges(evolution: EvolutionaryMerger) -> dict[str, RecipeNode]:
     return merges
 
 
-def reference_fitness(evolution: EvolutionaryMerger) -> dict[str, float]:
+def reference_fitness(evolution: EvolutionaryMerger, scorer: CandidateScorer) -> dict[str, float]:
     """Fitness-split scores of the best input model, the plain average and default TIES, for the
     fitness plot's reference lines (from the run's records where the search scored them)."""
-    scorer = _scorer(evolution)
     inputs = [Source(n) for n in evolution.space.models]
     if evolution.space.base is not None:
         inputs.append(Source(evolution.space.base))
@@ -86,13 +86,12 @@ def reference_fitness(evolution: EvolutionaryMerger) -> dict[str, float]:
     return out
 
 
-def _scorer(evolution: EvolutionaryMerger) -> CandidateScorer:
+def final_scorer(evolution: EvolutionaryMerger) -> CandidateScorer:
+    """The serial executor's scorer (its sources already open), or a new one in this process."""
     executor = evolution.executor
     if isinstance(executor, SerialExecutor):
         return executor.scorer
-    if getattr(evolution, "_final_scorer", None) is None:
-        evolution._final_scorer = CandidateScorer(evolution.config)  # type: ignore[attr-defined]
-    return evolution._final_scorer  # type: ignore[attr-defined]
+    return CandidateScorer(evolution.config)
 
 
 def input_names(evolution: EvolutionaryMerger) -> list[str]:
@@ -119,8 +118,9 @@ def finish_run(
     best_dir = write_best(evolution, best)
     written = time.perf_counter()
     progress("finishing", step="scoring parents, average and best on the test split")
-    test = test_scores(evolution, best)
-    references = reference_fitness(evolution)
+    scorer = final_scorer(evolution)
+    test = test_scores(evolution, best, scorer)
+    references = reference_fitness(evolution, scorer)
     tested = time.perf_counter()
     records = evolution.records
     best_record = records[best.hash]

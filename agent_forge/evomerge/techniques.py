@@ -299,13 +299,6 @@ def _repair_della(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def repair_params(technique: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Canonical ``params`` moved into the technique's joint constraints (its registry entry's
-    ``repair``; unchanged for techniques without one)."""
-    repair = get_technique(technique).repair
-    return repair(params) if repair is not None else params
-
-
 def _as_list(value: Any) -> list[float]:
     """Flatten a (possibly layer-dependent, possibly per-input) value into its leaf numbers."""
     if isinstance(value, Mapping):
