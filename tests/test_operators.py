@@ -14,6 +14,7 @@ from agent_forge.evomerge.config import EvolutionSettings, MergeSettings
 from agent_forge.evomerge.genomes import LayerPathGenome
 from agent_forge.evomerge.operators import (
     SearchSpace,
+    change_inputs,
     initial_population,
     merge_lower,
     mutate_layer_stack,
@@ -225,6 +226,47 @@ def test_merge_techniques_limit_what_the_search_builds():
     open_space = space(technique_switch_rate=0.5, layer_refine_rate=0.5)
     unlimited = {k for r in initial_population("mixed", open_space, rng, 8) for k in _kinds(r)}
     assert {"dfs", "ps"} <= unlimited  # the check above can see stacks and per-layer values
+
+
+def test_input_changes_carry_each_inputs_values():
+    """Drop, swap and add: the inputs a child keeps keep their weights, an added input copies
+    one of them."""
+    sp = SearchSpace(("a", "b", "c", "d"), "base", LAYERS, MergeSettings(), EvolutionSettings())
+    weights = {"a": 0.1, "b": 0.2, "c": 0.3}
+    params = {"weight": list(weights.values()), "lambda": 0.7}
+    tech = MERGE_TECHNIQUES["task_arithmetic"]
+    moves = set()
+    for seed in range(60):
+        inputs, out = change_inputs(
+            [Source(n) for n in weights], params, tech, sp, np.random.default_rng(seed)
+        )
+        names = [i.name for i in inputs]  # type: ignore[attr-defined]
+        assert len(out["weight"]) == len(names) and out["lambda"] == 0.7
+        if len(names) == 2:
+            moves.add("drop")
+            assert out["weight"] == [weights[n] for n in names]
+        elif len(names) == 4:
+            moves.add("add")
+            assert (
+                out["weight"][:3] == list(weights.values()) and out["weight"][3] in weights.values()
+            )
+            assert names[3] == "d"
+        else:
+            moves.add("swap")
+            assert "d" in names and out["weight"] == list(weights.values())
+    assert moves == {"drop", "swap", "add"}
+
+
+def test_mutation_tries_input_pairs_the_parent_lacks():
+    sp = SearchSpace(("a", "b", "c"), "base", LAYERS, MergeSettings(), EvolutionSettings())
+    slerp = Merge("slerp", (Source("a"), Source("b")), {"t": 0.5})
+    children = [mutate_merge(slerp, sp, np.random.default_rng(k)) for k in range(300)]
+    still = [c for c in children if c.technique == "slerp"]  # some switched technique first
+    pairs = [tuple(i.name for i in c.inputs) for c in still]  # type: ignore[attr-defined]
+    new = sum(p != ("a", "b") for p in pairs)
+    assert all(len(p) == 2 for p in pairs)  # slerp keeps two inputs
+    assert 0.05 * len(still) <= new <= 0.15 * len(still)  # at the switch rate, 0.1
+    assert {p for p in pairs if "c" in p} >= {("c", "b"), ("a", "c")}
 
 
 def test_operators_create_layer_stacks():

@@ -290,11 +290,56 @@ def stack_recipe(
     return dfs_recipe(space, rng, inputs, layers, identity_of=0, flip=2.0 / bits)
 
 
+def change_inputs(
+    inputs: Sequence[RecipeNode],
+    params: dict,
+    tech: Technique,
+    space: SearchSpace,
+    rng: np.random.Generator,
+) -> tuple[list[RecipeNode], dict]:
+    """Drop one input, swap one for a source the merge does not use, or add such a source,
+    with the per-input parameters following their input (an added one copies another's).
+
+    This is how the search leaves out a model that hurts every merge it enters, or tries a
+    pair the first generation did not draw; weights alone reach that only in many steps.
+    """
+    inputs = list(inputs)
+    depth = recipe_layers(inputs[0], space)
+    spare = [s for s in space.sources if s not in inputs] if depth == space.layers else []
+    moves = []
+    if len(inputs) > max(2, tech.min_inputs):
+        moves.append("drop")
+    if spare:
+        moves.append("swap")
+        if tech.max_inputs is None or len(inputs) < tech.max_inputs:
+            moves.append("add")
+    if not moves:
+        return inputs, params
+    move = moves[int(rng.integers(len(moves)))]
+    per_input = [
+        p.name for p in tech.params if p.per_input and isinstance(params.get(p.name), list)
+    ]
+    params = dict(params)
+    if move == "drop":
+        k = int(rng.integers(len(inputs)))
+        del inputs[k]
+        for name in per_input:
+            params[name] = [v for i, v in enumerate(params[name]) if i != k]
+    elif move == "swap":
+        inputs[int(rng.integers(len(inputs)))] = spare[int(rng.integers(len(spare)))]
+    else:
+        inputs.append(spare[int(rng.integers(len(spare)))])
+        for name in per_input:
+            params[name] = [*params[name], params[name][int(rng.integers(len(params[name])))]]
+    return inputs, params
+
+
 def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> Merge:
     """Perturb numeric parameters (Gaussian, σ = strength × searched range, clipped), sometimes
-    switch technique or draw a new seed for a randomised one."""
+    switch technique, change the inputs (at the switch rate too) or draw a new seed for a
+    randomised one."""
     evo = space.evolution
-    technique, params = node.technique, dict(node.params)
+    technique, params, inputs = node.technique, dict(node.params), list(node.inputs)
     if rng.random() < evo.technique_switch_rate:
         base_depth = recipe_layers(node.inputs[0], space) == space.layers
         options = [
@@ -302,7 +347,7 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
             for t in MERGE_TECHNIQUES
             if t not in ("passthrough", technique)
             and space.allows(t)
-            and space.usable(t, len(node.inputs))
+            and space.usable(t, len(inputs))
             and (base_depth or not MERGE_TECHNIQUES[t].needs_base)
         ]
         if options:
@@ -313,6 +358,8 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
                 if any(p.name == k for p in get_technique(technique).params)
             }
     tech = get_technique(technique)
+    if rng.random() < evo.technique_switch_rate:
+        inputs, params = change_inputs(inputs, params, tech, space, rng)
     if space.allows("ps") and rng.random() < evo.layer_refine_rate:
         params = refine_by_layer(params, tech, space, rng)
     leaves = [
@@ -337,8 +384,8 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
     base = node.base if tech.needs_base else None
     if tech.needs_base and base is None:
         base = space.base_node
-    params = searched_params(tech, params, len(node.inputs))
-    return Merge(technique, node.inputs, params, base, seed)
+    params = searched_params(tech, params, len(inputs))
+    return Merge(technique, tuple(inputs), params, base, seed)
 
 
 def refine_by_layer(
