@@ -7,15 +7,16 @@ plain average, default TIES and the best input model of the same runs, and the w
 Rows:
 
 - techniques only: ``mixed`` restricted to the registry's techniques, per-model values
-  (``merge_settings.techniques`` without ``ps`` and ``dfs``);
+  (``merge_settings.techniques`` without ``ps`` and ``dfs``), no refine stage;
 - + per-layer PS: the same plus per-layer values (PS merges and per-layer refinement);
-- + DFS: everything, layer stacks included — this is the full default;
-- CMA-ES: ``--strategy cmaes`` with the default method;
-- ps_dfs: the staged method (a PS search, then a DFS search over its best).
+- + DFS: the tournament over everything, layer stacks included, still no refine stage;
+- + refine: the full default (the tournament, then CMA-ES around its best merge);
+- CMA-ES: ``--strategy cmaes`` with the default method (and its refine stage);
+- ps_dfs: the staged method (a PS search, then a DFS search over its best, then refine).
 
 Run::
 
-    python scripts/ablate_search.py                     # seeds 42 1 2, about 25 minutes
+    python scripts/ablate_search.py                     # seeds 42 1 2, about 40 minutes
     python scripts/ablate_search.py --seeds 42 --rows techniques full
 """
 
@@ -33,10 +34,20 @@ from agent_forge.evomerge.techniques import MERGE_TECHNIQUES
 
 TECHNIQUES = [t for t in MERGE_TECHNIQUES if t != "passthrough"]
 
+NO_REFINE = {"evolution_settings": {"refine_generations": 0}}
 ROWS: dict[str, tuple[str, dict, list[str]]] = {
-    "techniques": ("techniques only", {"merge_settings": {"techniques": TECHNIQUES}}, []),
-    "ps": ("+ per-layer PS", {"merge_settings": {"techniques": [*TECHNIQUES, "ps"]}}, []),
-    "full": ("+ DFS (the full default)", {}, []),
+    "techniques": (
+        "techniques only",
+        {"merge_settings": {"techniques": TECHNIQUES}, **NO_REFINE},
+        [],
+    ),
+    "ps": (
+        "+ per-layer PS",
+        {"merge_settings": {"techniques": [*TECHNIQUES, "ps"]}, **NO_REFINE},
+        [],
+    ),
+    "dfs": ("+ DFS", NO_REFINE, []),
+    "full": ("+ refine (the full default)", {}, []),
     "cmaes": ("CMA-ES", {}, ["--strategy", "cmaes"]),
     "ps_dfs": ("ps_dfs (staged)", {}, ["--method", "ps_dfs"]),
 }

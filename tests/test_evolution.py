@@ -99,7 +99,8 @@ def test_early_stopping_when_the_best_stops_improving(tmp_path):
     config = small_config(tmp_path, patience=1, min_delta=1.0, num_generations=6)
     evolution = EvolutionaryMerger(config, config.output_dir)
     evolution.evolve()
-    assert len(evolution.history) == 2
+    stages = [h["stage"] for h in evolution.history]
+    assert stages == ["mixed", "mixed", "refine", "refine"]  # each stage stops on its own
 
 
 def test_cmaes_run_is_reproducible(tmp_path):
@@ -113,7 +114,9 @@ def test_cmaes_run_is_reproducible(tmp_path):
         average = Merge("linear", evolution.space.sources, {})
         assert average.hash in evolution.records  # the anchor joins the first generation
         assert evolution.best_fitness >= evolution.records[average.hash]["fitness"]
-    assert hashes[0] == hashes[1] and len(hashes[0]) == 2 * 4 + 1
+        searched = [r for r in evolution.records.values() if r["stage"] == "ps"]
+        assert len(searched) == 2 * 4 + 1
+    assert hashes[0] == hashes[1]
 
 
 def digest(folder: str | Path) -> str:
@@ -201,7 +204,58 @@ def test_spec_usage_example_runs_end_to_end(tmp_path):
         json.loads(line)["stage"]
         for line in (tmp_path / "spec" / "evaluations.jsonl").read_text().splitlines()
     }
-    assert stages == {"ps", "dfs"}
+    assert {"ps", "dfs"} <= stages <= {"ps", "dfs", "refine"}  # refine: when the best is a merge
+
+
+def test_refine_stage_searches_around_the_best_merge_and_never_ends_below_it(tmp_path):
+    config = small_config(tmp_path, num_generations=3, refine_generations=2)
+    evolution = EvolutionaryMerger(config, config.output_dir)
+    evolution.evolve()
+    stages = [h["stage"] for h in evolution.history]
+    assert stages == ["mixed"] * 3 + ["refine"] * 2
+    records = list(evolution.records.values())
+    searched = [r for r in records if r["stage"] == "mixed"]
+    start = max(searched, key=lambda r: r["fitness"])
+    refined = [r for r in records if r["stage"] == "refine"]
+    assert len(refined) == 2 * 4 and all(r["parents"] == [start["hash"]] for r in refined)
+    groups = evolution.space.groups
+    for record in refined:
+        merge = record["recipe"]
+        assert merge["technique"] == start["recipe"]["technique"]
+        assert merge["inputs"] == start["recipe"]["inputs"]
+        params = merge["params"]
+        mixing = [params[k] for k in ("t", "lambda") if k in params]
+        mixing += params.get("weight", [])  # one list per input
+        assert mixing and all(len(v) == groups for v in mixing)  # one value per layer group
+    assert evolution.best_fitness >= start["fitness"]
+
+
+def test_refine_generations_zero_turns_the_stage_off(tmp_path):
+    config = small_config(tmp_path, num_generations=2, refine_generations=0)
+    evolution = EvolutionaryMerger(config, config.output_dir)
+    evolution.evolve()
+    assert [h["stage"] for h in evolution.history] == ["mixed", "mixed"]
+
+
+def test_a_run_killed_in_the_refine_stage_resumes_to_the_same_end(tmp_path):
+    whole = EvolutionaryMerger(small_config(tmp_path, "whole"), tmp_path / "whole")
+    whole.evolve()
+    seen: list[str] = []
+
+    def kill_in_refine(kind, **info):
+        seen.append(info.get("name", kind))
+        if seen.count("refine") and kind == "candidate" and seen[-2] == "candidate":
+            raise KeyboardInterrupt  # the second candidate of the refine stage
+
+    config = small_config(tmp_path, "killed")
+    with pytest.raises(RunInterrupted):
+        EvolutionaryMerger(config, config.output_dir, progress=kill_in_refine).evolve()
+    resumed = EvolutionaryMerger(config, config.output_dir, resume=True)
+    assert resumed.stages[resumed.stage_index] == "refine"
+    resumed.evolve()
+    assert list(resumed.records) == list(whole.records)
+    assert [h["best"] for h in resumed.history] == [h["best"] for h in whole.history]
+    assert resumed.best_recipe == whole.best_recipe
 
 
 def test_resume_with_a_different_config_names_the_field(tmp_path):

@@ -17,7 +17,12 @@ from agent_forge.evomerge.operators import (
     tournament_selection,
 )
 from agent_forge.evomerge.recipe import LayerStack, Merge, RecipeNode, Source
-from agent_forge.evomerge.search import CMAESSearch, TournamentSearch, make_strategy
+from agent_forge.evomerge.search import (
+    CMAESSearch,
+    TournamentSearch,
+    make_strategy,
+    refine_strategy,
+)
 from agent_forge.evomerge.techniques import get_technique
 
 TARGET_WEIGHTS = [0.2, 0.7, 0.4]
@@ -30,9 +35,11 @@ def space(**evolution) -> SearchSpace:
 
 def sphere(recipe: RecipeNode) -> float:
     """Higher is better; 0 at the target weights and λ of a task-arithmetic merge of the sources
-    (anything else — another technique, a merge of merges — scores -10)."""
+    (anything else — another technique, other inputs, a merge of merges — scores -10)."""
     if not (
-        isinstance(recipe, Merge) and recipe.technique == "task_arithmetic" and recipe.depth() == 1
+        isinstance(recipe, Merge)
+        and recipe.technique == "task_arithmetic"
+        and recipe.inputs == tuple(Source(n) for n in "abc")
     ):
         return -10.0
     weights = recipe.params["weight"]
@@ -271,3 +278,63 @@ def test_layer_refinement_keeps_the_parents_tensors_until_perturbed(tiny_sources
         "lm_head.weight",
     ):
         assert torch.equal(graph.compute(child, name), graph.compute(parent, name))
+
+
+def test_refine_starts_at_the_best_merge_with_one_value_per_layer_group():
+    sp = space()  # 2 layers: 4 groups (embeddings, two layers, head)
+    sources = sp.sources
+    best = Merge(
+        "ties", sources, {"weight": [0.2, 0.7, 0.4], "density": 0.6, "lambda": 0.8}, sp.base_node
+    )
+    strategy = refine_strategy(sp, best, seed=5)
+    assert strategy is not None
+    assert strategy.genome.size == 3 * 4 + 4  # weights per input and group, λ per group
+    start = strategy.genome.decode(strategy.mean)
+    assert np.allclose(start.params["weight"], [[w] * 4 for w in (0.2, 0.7, 0.4)])
+    assert start.params["density"] == [0.6] * 3  # sparsity stays as the search left it
+    assert start.params["lambda"] == pytest.approx([0.8] * 4)
+    assert start.params["normalize"] == best.params["normalize"]
+    asked = strategy.ask()
+    assert best in asked  # the best joins the first generation: the stage never ends below it
+    children = [r for r in asked if r != best]
+    assert len(children) == sp.evolution.population_size
+    for child in children:
+        assert (child.technique, child.inputs, child.base) == ("ties", sources, sp.base_node)
+        assert all(len(v) == 4 for v in child.params["weight"])
+        assert child.params["density"] == [0.6] * 3
+        assert strategy.parents[child.hash] == [best.hash]
+
+
+def test_refine_finds_values_that_differ_by_layer():
+    """A target only per-layer values reach: SLERP's t should be 0.2 in the first half of the
+    positions and 0.8 in the second. The best single t (0.5) is the start."""
+    sp = space(population_size=8)
+    best = Merge("slerp", sp.sources[:2], {"t": 0.5})
+    target = [0.2, 0.2, 0.8, 0.8]
+
+    def fitness(recipe: Merge) -> float:
+        t = recipe.params["t"]
+        t = t if isinstance(t, list) else [t] * 4
+        return -sum((a - b) ** 2 for a, b in zip(t, target, strict=True))
+
+    strategy = refine_strategy(sp, best, seed=0)
+    assert strategy is not None and strategy.genome.size == 4
+    found = fitness(best)
+    for _ in range(25):
+        asked = strategy.ask()
+        scores = [fitness(r) for r in asked]
+        strategy.tell(list(zip(asked, scores, strict=True)))
+        found = max(found, *scores)
+    assert fitness(best) == pytest.approx(-0.36)
+    assert found > -0.02
+
+
+def test_nothing_to_refine_gives_no_stage():
+    sp = space()
+    assert refine_strategy(sp, Source("a"), 0) is None
+    stack = LayerStack((Source("a"),), ((0, 0), (0, 1)))
+    assert refine_strategy(sp, stack, 0) is None
+    only = SearchSpace(
+        ("a", "b", "c"), "base", 2, MergeSettings(techniques=["slerp"]), EvolutionSettings()
+    )
+    assert refine_strategy(only, Merge("slerp", only.sources[:2], {"t": 0.5}), 0) is None

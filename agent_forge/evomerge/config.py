@@ -124,7 +124,12 @@ class MergeSettings(_Strict):
 
 
 class EvolutionSettings(_Strict):
-    """How the population evolves (tournament GA by default, or CMA-ES)."""
+    """How the population evolves (tournament GA by default, or CMA-ES).
+
+    ``refine_generations`` adds a last stage: CMA-ES (step ``refine_sigma``) over the best merge's
+    numeric values, one per layer group, started from that merge. It runs at most that many
+    generations and no more than ``num_generations``; 0 turns it off.
+    """
 
     strategy: Literal["tournament", "cmaes"] = "tournament"
     population_size: int = Field(default=8, ge=2, le=1024)
@@ -139,6 +144,8 @@ class EvolutionSettings(_Strict):
     patience: int = Field(default=10, ge=1)
     min_delta: float = Field(default=0.001, ge=0.0)
     cmaes_sigma: float = Field(default=0.2, gt=0.0, le=1.0)
+    refine_generations: int = Field(default=10, ge=0)
+    refine_sigma: float = Field(default=0.1, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> EvolutionSettings:

@@ -27,7 +27,7 @@ from .exceptions import ConfigurationError, EvoMergeException, RunInterrupted
 from .executors import Evaluation, Executor, SerialExecutor, make_executor
 from .operators import SearchSpace
 from .recipe import LayerStack, Merge, RecipeNode, Source, recipe_from_dict
-from .search import SearchStrategy, TournamentSearch, make_strategy
+from .search import SearchStrategy, TournamentSearch, make_strategy, refine_strategy
 from .sources import ModelSource
 from .storage import atomic_write_text, check_destination
 
@@ -38,8 +38,10 @@ EVALUATIONS = "evaluations.jsonl"
 ProgressCallback = Callable[..., None]
 
 
-def stage_methods(method: str) -> list[str]:
-    return ["ps", "dfs"] if method == "ps_dfs" else [method]
+def stage_methods(method: str, refine: bool = False) -> list[str]:
+    """The run's stages: ``ps_dfs`` is PS then DFS over the PS best; ``refine`` adds a last
+    stage of CMA-ES around the best merge (see :func:`search.refine_strategy`)."""
+    return (["ps", "dfs"] if method == "ps_dfs" else [method]) + (["refine"] if refine else [])
 
 
 def stage_seed(seed: int, stage: int) -> int:
@@ -92,7 +94,9 @@ class EvolutionaryMerger:
             merge=config.merge_settings,
             evolution=config.evolution_settings,
         )
-        self.stages = stage_methods(config.merge_settings.merge_method)
+        self.stages = stage_methods(
+            config.merge_settings.merge_method, config.evolution_settings.refine_generations > 0
+        )
         self.records: dict[str, dict[str, Any]] = {}
         self.history: list[dict[str, Any]] = []
         self.stage_index = 0
@@ -136,20 +140,23 @@ class EvolutionaryMerger:
 
     def evolve(self) -> RecipeNode:
         """Run every stage to its end; returns the best recipe found (checkpointing as it goes)."""
-        settings = self.config.evolution_settings
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.executor is None:
             self.executor = make_executor(self.config)
         try:
             while self.stage_index < len(self.stages):
                 strategy = self._stage_strategy()
+                if strategy is None:  # nothing to refine
+                    self._next_stage()
+                    continue
                 self.progress(
                     "stage",
                     name=self.stages[self.stage_index],
                     index=self.stage_index,
                     count=len(self.stages),
                 )
-                while self.generation < settings.num_generations and not strategy.should_stop():
+                limit = self._stage_generations(self.stages[self.stage_index])
+                while self.generation < limit and not strategy.should_stop():
                     self._run_generation(strategy)
                 self._next_stage()
         except KeyboardInterrupt:
@@ -244,21 +251,33 @@ class EvolutionaryMerger:
 
     # -- stages ------------------------------------------------------------------------------------
 
-    def _total_generations(self) -> int:
-        return self.config.evolution_settings.num_generations * len(self.stages)
+    def _stage_generations(self, stage: str) -> int:
+        settings = self.config.evolution_settings
+        if stage == "refine":
+            return min(settings.refine_generations, settings.num_generations)
+        return settings.num_generations
 
-    def _stage_strategy(self) -> SearchStrategy:
+    def _total_generations(self) -> int:
+        return sum(self._stage_generations(s) for s in self.stages)
+
+    def _stage_strategy(self) -> SearchStrategy | None:
         if self._strategy is None:
             method = self.stages[min(self.stage_index, len(self.stages) - 1)]
-            layers = [self.space.layers] * len(self.stage_inputs)
-            self._strategy = make_strategy(
-                self.config.evolution_settings.strategy,
-                method,
-                self.space,
-                stage_seed(self.config.seed, self.stage_index),
-                self.stage_inputs,
-                layers,
-            )
+            seed = stage_seed(self.config.seed, self.stage_index)
+            if method == "refine":
+                best = self.stage_inputs[0] if self.stage_inputs else None
+                self._strategy = refine_strategy(self.space, best, seed) if best else None
+                if self._strategy is None:
+                    return None
+            else:
+                self._strategy = make_strategy(
+                    self.config.evolution_settings.strategy,
+                    method,
+                    self.space,
+                    seed,
+                    self.stage_inputs,
+                    [self.space.layers] * len(self.stage_inputs),
+                )
             if self._strategy_state is not None:
                 self._strategy.load_state_dict(self._strategy_state)
                 self._strategy_state = None
@@ -268,12 +287,11 @@ class EvolutionaryMerger:
         self.stage_index += 1
         self.generation = 0
         self._strategy = None
-        if (
-            self.stage_index < len(self.stages)
-            and self.stages[self.stage_index] == "dfs"
-            and self.records
-        ):
+        following = self.stages[self.stage_index] if self.stage_index < len(self.stages) else None
+        if following == "dfs" and self.records:
             self.stage_inputs = [self.best_recipe, *self.space.sources]
+        elif following == "refine" and self.records:
+            self.stage_inputs = [self.best_recipe]
         self._save_checkpoint(None)
 
     # -- best --------------------------------------------------------------------------------------

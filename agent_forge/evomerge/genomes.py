@@ -35,7 +35,11 @@ class Gene:
 
 @dataclass
 class ParamsGenome:
-    """Every searchable numeric parameter of ``technique`` as one coordinate each."""
+    """Every searchable numeric parameter of ``technique`` as one coordinate each.
+
+    With ``groups``, the per-input parameters take one coordinate per layer group (the PS space);
+    with ``shared_by_group`` too, the shared ones (SLERP's ``t``, ``lambda``) do as well.
+    """
 
     technique: str
     inputs: Sequence[RecipeNode]
@@ -43,6 +47,7 @@ class ParamsGenome:
     groups: int | None = None
     fixed: dict[str, Any] = field(default_factory=dict)
     seed: int = 0
+    shared_by_group: bool = False
 
     def __post_init__(self) -> None:
         tech = get_technique(self.technique)
@@ -51,7 +56,8 @@ class ParamsGenome:
             if not param.is_numeric or param.search is None or param.name in self.fixed:
                 continue
             owners = range(len(self.inputs)) if param.per_input else [None]
-            groups = range(self.groups) if self.groups and param.per_input else [None]
+            by_group = self.groups and (param.per_input or self.shared_by_group)
+            groups = range(self.groups) if by_group else [None]
             for owner in owners:
                 for group in groups:
                     self.genes.append(Gene(param.name, owner, group, *_search_range(param)))
@@ -65,7 +71,10 @@ class ParamsGenome:
         for gene, u in zip(self.genes, x, strict=True):
             value = gene.low + float(np.clip(u, 0.0, 1.0)) * (gene.high - gene.low)
             if gene.input is None:
-                values[gene.param] = value
+                if gene.group is None:
+                    values[gene.param] = value
+                else:
+                    values.setdefault(gene.param, [0.0] * (self.groups or 1))[gene.group] = value
                 continue
             per_input = values.setdefault(gene.param, [None] * len(self.inputs))
             if gene.group is None:
@@ -81,6 +90,22 @@ class ParamsGenome:
         """The technique's defaults (clipped into the searched ranges)."""
         tech = get_technique(self.technique)
         return np.array([_unit(tech.param(g.param).default, g) for g in self.genes], dtype=float)
+
+    def encode(self, params: dict[str, Any]) -> np.ndarray:
+        """The point whose decoding is nearest ``params`` (canonical params of a recipe of this
+        technique over these inputs): a scalar or per-group value lands on its coordinates,
+        clipped into the searched range. Component mappings are read at their ``default``."""
+        x = []
+        for gene in self.genes:
+            value = params[gene.param]
+            if gene.input is not None:
+                value = value[gene.input]
+            if isinstance(value, dict):
+                value = value.get("default", next(iter(value.values())))
+            if isinstance(value, list):
+                value = value[(gene.group or 0) * len(value) // (self.groups or 1)]
+            x.append(_unit(float(value), gene))
+        return np.array(x, dtype=float)
 
 
 def _search_range(param: Param) -> tuple[float, float]:

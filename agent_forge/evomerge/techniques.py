@@ -84,6 +84,8 @@ class Param:
 
     ``low``/``high`` bound valid values (inclusive); ``search`` is the range the evolution
     explores (within the valid one). ``per_input`` parameters take one value per input model.
+    ``sparsity`` parameters decide which entries of a task vector survive (trims and drops)
+    rather than how much of it enters; the refine stage keeps them as the search left them.
     """
 
     name: str
@@ -93,6 +95,7 @@ class Param:
     choices: tuple[Any, ...] | None = None
     per_input: bool = False
     search: tuple[float, float] | None = None
+    sparsity: bool = False
 
     @property
     def is_numeric(self) -> bool:
@@ -230,10 +233,10 @@ def _stack(parts: Sequence[Tensor]) -> Tensor:
 
 _BIG = 1e6
 WEIGHT = Param("weight", 1.0, -_BIG, _BIG, per_input=True, search=(0.0, 1.0))
-DENSITY = Param("density", 0.5, 0.0, 1.0, per_input=True, search=(0.1, 1.0))
+DENSITY = Param("density", 0.5, 0.0, 1.0, per_input=True, search=(0.1, 1.0), sparsity=True)
 LAMBDA = Param("lambda", 1.0, -_BIG, _BIG, search=(0.2, 1.5))
-GAMMA = Param("gamma", 0.01, 0.0, 1.0, per_input=True, search=(0.0, 0.1))
-EPSILON = Param("epsilon", 0.15, 0.0, 0.5, per_input=True, search=(0.01, 0.2))
+GAMMA = Param("gamma", 0.01, 0.0, 1.0, per_input=True, search=(0.0, 0.1), sparsity=True)
+EPSILON = Param("epsilon", 0.15, 0.0, 0.5, per_input=True, search=(0.01, 0.2), sparsity=True)
 RESCALE = Param("rescale", "paper", choices=("paper", "l1", "none"))
 
 
@@ -551,7 +554,7 @@ def _breadcrumbs(
     return bands
 
 
-_CRUMB_DENSITY = Param("density", 0.9, 0.0, 1.0, per_input=True, search=(0.5, 1.0))
+_CRUMB_DENSITY = Param("density", 0.9, 0.0, 1.0, per_input=True, search=(0.5, 1.0), sparsity=True)
 
 
 @technique(
