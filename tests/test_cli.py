@@ -224,8 +224,10 @@ def test_sigint_mid_generation_then_resume_gives_the_same_best(tmp_path):
     assert process.returncode == 2, stderr
     assert f"--resume {run}" in stderr and "Traceback" not in stderr
     assert not (run / "summary.json").exists()
-    resumed = cli("--resume", str(run))
+    resumed = cli("--resume", str(run), "--device", "cpu")  # where it runs may change
     assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming {run} with device cpu, backend serial, workers 1" in resumed.stderr
+    assert json.loads((run / "config.json").read_text())["device"] == "auto"  # the run's own
     best = [
         json.loads((folder / "summary.json").read_text())["best_recipe_hash"]
         for folder in (tmp_path / "whole", run)
@@ -274,6 +276,8 @@ def test_log_file_gets_debug_lines_and_quiet_silences_progress(default_run, tmp_
             "recipe file /no/recipe.json does not exist",
         ),
         (["--resume", "/no/run"], "is not a run folder"),
+        (["--resume", "/no/run", "--output", "x"], "--output does not apply to --resume"),
+        (["--resume", "/no/run", "--temperature", "0.5"], "--temperature does not apply"),
         (["--config", "/no/config.yaml", "--run"], "does not exist"),
     ],
 )

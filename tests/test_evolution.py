@@ -17,6 +17,7 @@ from agent_forge.evomerge.config import (
 )
 from agent_forge.evomerge.evolutionary_tournament import (
     EvolutionaryMerger,
+    prepare_run_dir,
     run_evolutionary_tournament,
 )
 from agent_forge.evomerge.exceptions import ConfigurationError, RunInterrupted
@@ -256,6 +257,18 @@ def test_a_run_killed_in_the_refine_stage_resumes_to_the_same_end(tmp_path):
     assert list(resumed.records) == list(whole.records)
     assert [h["best"] for h in resumed.history] == [h["best"] for h in whole.history]
     assert resumed.best_recipe == whole.best_recipe
+
+
+def test_resume_takes_where_to_run_from_the_given_config(tmp_path):
+    config = small_config(tmp_path, num_generations=1)
+    prepare_run_dir(config, None)
+    moved = small_config(tmp_path, num_generations=1)
+    moved.backend, moved.workers, moved.device = "ray", 3, "cpu"
+    resumed, _ = prepare_run_dir(moved, config.output_dir)
+    assert (resumed.backend, resumed.workers, resumed.device) == ("ray", 3, "cpu")
+    assert Configuration.load(Path(config.output_dir) / "config.json").backend == "serial"
+    unchanged, _ = prepare_run_dir(None, config.output_dir)
+    assert (unchanged.backend, unchanged.workers) == ("serial", 1)
 
 
 def test_resume_with_a_different_config_names_the_field(tmp_path):

@@ -132,6 +132,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def given_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> set[str]:
+    """The destinations of the flags the command line set (to a value other than the default)."""
+    return {
+        action.dest
+        for action in parser._actions  # argparse has no public list of its actions
+        if action.dest not in ("help", "version")
+        and getattr(args, action.dest, action.default) != action.default
+    }
+
+
 def setup_logging(args: argparse.Namespace) -> None:
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
     root = logging.getLogger("agent_forge")
@@ -173,6 +183,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else "nothing to do: give --run, --evaluate, --generate, --merge or "
                 "--resume (see --help)"
             )
+        args.given_flags = given_flags(parser, args)
         setup_logging(args)
         from . import commands
 

@@ -31,6 +31,36 @@ def _console(args: argparse.Namespace) -> Any:
 
 # -- configuration from flags ----------------------------------------------------------------------
 
+# Every run-setting flag, declared once: where its value lands in the configuration. On --resume
+# the flags that say what the run computes must equal the run's own settings (a difference is
+# refused, naming the field); the placement flags (where it runs) are honoured; any other flag
+# that means nothing to a resumed run is refused, naming it.
+CONFIG_FLAGS: dict[str, tuple[str | None, str]] = {
+    "generations": ("evolution_settings", "num_generations"),
+    "population": ("evolution_settings", "population_size"),
+    "strategy": ("evolution_settings", "strategy"),
+    "method": ("merge_settings", "merge_method"),
+    "fitness_sample_size": ("evaluation_settings", "fitness_sample_size"),
+    "seed": (None, "seed"),
+    "device": (None, "device"),
+    "workers": (None, "workers"),
+    "backend": (None, "backend"),
+}
+PLACEMENT_FLAGS = ("device", "workers", "backend")
+RUN_DEFINING_FLAGS = (
+    "config",
+    "model1",
+    "model2",
+    "model3",
+    "base",
+    *(flag for flag in CONFIG_FLAGS if flag not in PLACEMENT_FLAGS),
+)
+RESUME_ALSO_TAKES = frozenset({"resume", "export_gguf", "outtype", "verbose", "quiet", "log_file"})
+
+
+def flag_name(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
 
 def build_config(args: argparse.Namespace) -> Configuration:
     """The configuration file (or the embedded default) with the command line's overrides."""
@@ -67,19 +97,9 @@ def build_config(args: argparse.Namespace) -> Configuration:
         config.base_model = ModelReference(
             unique_model_name(args.base, {m.name for m in config.models}), args.base
         )
-    overrides = {
-        ("evolution_settings", "num_generations"): args.generations,
-        ("evolution_settings", "population_size"): args.population,
-        ("evolution_settings", "strategy"): args.strategy,
-        ("merge_settings", "merge_method"): args.method,
-        ("evaluation_settings", "fitness_sample_size"): args.fitness_sample_size,
-        (None, "seed"): args.seed,
-        (None, "device"): args.device,
-        (None, "workers"): args.workers,
-        (None, "backend"): args.backend,
-    }
     data = config.to_dict()
-    for (section, key), value in overrides.items():
+    for flag, (section, key) in CONFIG_FLAGS.items():
+        value = getattr(args, flag)
         if value is not None:
             (data[section] if section else data)[key] = value
     if args.population is not None and "tournament_size" not in (data["evolution_settings"] or {}):
@@ -203,31 +223,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    """Continue a run. Flags that define the run must match it; ``--device``, ``--backend`` and
+    ``--workers`` move it (the scores do not depend on where they are computed)."""
+    given = set(getattr(args, "given_flags", ()))
+    refused = sorted(given - set(RUN_DEFINING_FLAGS) - set(PLACEMENT_FLAGS) - RESUME_ALSO_TAKES)
+    if refused:
+        hint = (
+            "a resumed run keeps its folder; copy the folder first to continue elsewhere"
+            if refused[0] == "output"
+            else "drop it"
+        )
+        raise ConfigurationError(f"{flag_name(refused[0])} does not apply to --resume; {hint}")
+    saved = Path(args.resume) / "config.json"
+    stored = Configuration.load(saved) if saved.is_file() else None
     config = None
-    if any(
-        getattr(args, f) is not None
-        for f in (
-            "model1",
-            "model2",
-            "model3",
-            "base",
-            "generations",
-            "population",
-            "strategy",
-            "method",
-            "seed",
-            "config",
-            "fitness_sample_size",
-        )
-    ):
+    if any(getattr(args, flag) is not None for flag in RUN_DEFINING_FLAGS):
         config = build_config(args)
-        stored = (
-            Configuration.load(Path(args.resume) / "config.json")
-            if (Path(args.resume) / "config.json").is_file()
-            else None
-        )
-        if stored is not None:
-            config.output_dir = stored.output_dir
+    elif stored is not None and any(getattr(args, f) is not None for f in PLACEMENT_FLAGS):
+        config = stored.model_copy(deep=True)
+    if config is not None and stored is not None:
+        for flag in PLACEMENT_FLAGS:
+            value = getattr(args, flag)
+            setattr(config, flag, value if value is not None else getattr(stored, flag))
+        config.output_dir = stored.output_dir
     return _run(args, config, resume=args.resume)
 
 

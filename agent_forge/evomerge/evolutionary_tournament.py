@@ -34,6 +34,7 @@ from .storage import atomic_write_text, check_destination
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.json"
+PLACEMENT = ("device", "backend", "workers")  # where a run computes, not what: may change on resume
 EVALUATIONS = "evaluations.jsonl"
 ProgressCallback = Callable[..., None]
 
@@ -350,7 +351,7 @@ class EvolutionaryMerger:
 
 def check_same_config(saved: Configuration, given: Configuration, run_dir: Path) -> None:
     """Raise ConfigurationError naming the first field where ``given`` differs from the run's."""
-    ignore = {"output_dir", "backend", "workers", "device"}
+    ignore = {"output_dir", *PLACEMENT}
 
     def walk(a: Any, b: Any, path: str) -> str | None:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -387,6 +388,14 @@ def prepare_run_dir(config: Configuration, resume: str | Path | None) -> tuple[C
         stored = Configuration.load(saved)
         if config is not None:
             check_same_config(stored, config, run_dir)
+            placement = {key: getattr(config, key) for key in PLACEMENT}
+            if placement != {key: getattr(stored, key) for key in PLACEMENT}:
+                logger.info(
+                    "resuming %s with %s",
+                    run_dir,
+                    ", ".join(f"{key} {value}" for key, value in placement.items()),
+                )
+                stored = Configuration.from_dict({**stored.to_dict(), **placement})
         return stored, run_dir
     run_dir = Path(config.output_dir) if config.output_dir else default_run_dir()
     check_destination(run_dir)
