@@ -432,3 +432,45 @@ def test_help_shows_the_spec_examples_and_version():
     ):
         assert example in result.stdout
     assert cli("--version").stdout.startswith("evomerge ")
+
+
+def flags_to_config(*argv: str):
+    """The configuration the CLI builds from these flags (in process: no run)."""
+    from agent_forge.evomerge.cli import build_parser
+    from agent_forge.evomerge.commands import build_config
+
+    return build_config(build_parser().parse_args(list(argv)))
+
+
+def test_population_flag_shrinks_the_tournament_and_elite_unless_the_file_sets_them(tmp_path):
+    config = flags_to_config("--run", "--population", "2")
+    evolution = config.evolution_settings
+    assert (evolution.population_size, evolution.tournament_size, evolution.elite_size) == (2, 2, 1)
+    path = tmp_path / "c.yaml"
+    path.write_text("evolution_settings:\n  tournament_size: 3\n")
+    with pytest.raises(Exception, match="tournament_size = 3 exceeds population_size = 2"):
+        flags_to_config("--run", "--config", str(path), "--population", "2")
+
+
+def test_three_models_given_leave_the_embedded_base_out(tmp_path, caplog):
+    caplog.set_level("INFO", logger="agent_forge")
+    three = ["--model1", "a", "--model2", "b", "--model3", "c"]
+    assert flags_to_config("--run", *three).base_model is None
+    assert "no --base: merging without a base model" in caplog.text
+    assert flags_to_config("--run", *three, "--base", "mine").base_model.path == "mine"
+    path = tmp_path / "c.yaml"
+    path.write_text("base_model: {name: chosen, path: /my/base}\n")
+    assert flags_to_config("--run", "--config", str(path), *three).base_model.name == "chosen"
+    two = flags_to_config("--run", "--model1", "a", "--model2", "b")
+    assert two.base_model.name == "base"  # the third model is embedded: so is its base
+
+
+def test_model_flags_with_a_config_without_models_say_where_each_slot_comes_from(tmp_path, caplog):
+    caplog.set_level("INFO", logger="agent_forge")
+    path = tmp_path / "c.yaml"
+    path.write_text("seed: 3\n")
+    config = flags_to_config("--run", "--config", str(path), "--model1", "a", "--model2", "b")
+    assert [m.name for m in config.models][:2] == ["a", "b"]
+    assert "the configuration names no models" not in caplog.text
+    assert f"model3 not given: using {MODEL_NAMES[2]}" in caplog.text
+    assert "from the embedded default models" in caplog.text

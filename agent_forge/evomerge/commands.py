@@ -65,10 +65,15 @@ def flag_name(dest: str) -> str:
 def build_config(args: argparse.Namespace) -> Configuration:
     """The configuration file (or the embedded default) with the command line's overrides."""
     config = Configuration.load(args.config) if args.config else create_default_config()
+    given = {i: getattr(args, f"model{i}") for i in (1, 2, 3) if getattr(args, f"model{i}")}
+    models_from = "the configuration"
+    base_is_default = not args.config or config.base_model is None
     if args.config and (not config.models or not config.evaluation_settings.tasks):
         default = create_default_config()
         if not config.models:
-            logger.info("the configuration names no models; using the embedded default models")
+            models_from = "the embedded default models"
+            if not given:
+                logger.info("the configuration names no models; using the embedded default models")
             config.models, config.base_model = (
                 default.models,
                 config.base_model or default.base_model,
@@ -76,7 +81,8 @@ def build_config(args: argparse.Namespace) -> Configuration:
         if not config.evaluation_settings.tasks:
             logger.info("the configuration names no tasks; using the embedded default tasks")
             config.evaluation_settings.tasks = default.evaluation_settings.tasks
-    given = {i: getattr(args, f"model{i}") for i in (1, 2, 3) if getattr(args, f"model{i}")}
+    elif not args.config:
+        models_from = "the embedded default models"
     if given:
         slots = list(config.models) + [None] * (3 - len(config.models))
         taken = set()
@@ -90,9 +96,16 @@ def build_config(args: argparse.Namespace) -> Configuration:
                 slots[i - 1] = ref
                 taken.add(ref.name)
                 logger.info(
-                    "model%d not given: using %s (%s) from the configuration", i, ref.name, ref.path
+                    "model%d not given: using %s (%s) from %s", i, ref.name, ref.path, models_from
                 )
         config.models = [ref for ref in slots if ref is not None]
+        if len(given) == len(config.models) and base_is_default and not args.base:
+            # the embedded base belongs to the embedded models, not to the ones given
+            config.base_model = None
+            logger.info(
+                "no --base: merging without a base model (TIES, DARE, task arithmetic and "
+                "the other task-vector techniques need one; give --base MODEL)"
+            )
     if args.base:
         config.base_model = ModelReference(
             unique_model_name(args.base, {m.name for m in config.models}), args.base
@@ -102,10 +115,14 @@ def build_config(args: argparse.Namespace) -> Configuration:
         value = getattr(args, flag)
         if value is not None:
             (data[section] if section else data)[key] = value
-    if args.population is not None and "tournament_size" not in (data["evolution_settings"] or {}):
-        evo = data["evolution_settings"]
-        evo["tournament_size"] = min(evo["tournament_size"], args.population)
-        evo["elite_size"] = min(evo["elite_size"], max(0, args.population - 1))
+    if args.population is not None:
+        # --population shrinks the tournament and the elite to fit, unless the file set them
+        # (then a misfit is refused, naming both)
+        evo, chosen = data["evolution_settings"], config.evolution_settings.model_fields_set
+        if "tournament_size" not in chosen:
+            evo["tournament_size"] = min(evo["tournament_size"], args.population)
+        if "elite_size" not in chosen:
+            evo["elite_size"] = min(evo["elite_size"], max(0, args.population - 1))
     return Configuration.from_dict(data, origin="command line")
 
 
