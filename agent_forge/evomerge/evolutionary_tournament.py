@@ -24,7 +24,8 @@ from typing import Any
 
 from .config import Configuration
 from .exceptions import ConfigurationError, EvoMergeException, RunInterrupted
-from .executors import Evaluation, Executor, SerialExecutor, make_executor
+from .executors import CandidateScorer, Evaluation, Executor, make_executor
+from .final import RunOutcome, finish_run
 from .operators import SearchSpace
 from .recipe import LayerStack, Merge, RecipeNode, Source, recipe_from_dict
 from .search import SearchStrategy, TournamentSearch, make_strategy, refine_strategy
@@ -200,7 +201,7 @@ class EvolutionaryMerger:
         for recipe in recipes:
             if recipe.hash not in self.records and all(r.hash != recipe.hash for r in todo):
                 todo.append(recipe)
-        batch = 1 if isinstance(self.executor, SerialExecutor) else max(1, len(todo))
+        batch = getattr(self.executor, "batch", None) or max(1, len(todo))
         for start in range(0, len(todo), batch):
             chunk = todo[start : start + batch]
             for recipe, evaluation in zip(chunk, self._evaluate(chunk), strict=True):
@@ -296,6 +297,17 @@ class EvolutionaryMerger:
         self._save_checkpoint(None)
 
     # -- best --------------------------------------------------------------------------------------
+
+    def outcome(self) -> RunOutcome:
+        """What the run's end needs, as plain data."""
+        return RunOutcome(
+            config=self.config,
+            run_dir=self.run_dir,
+            models=self.space.models,
+            base=self.space.base,
+            records=self.records,
+            history=self.history,
+        )
 
     @property
     def best_fitness(self) -> float:
@@ -447,9 +459,16 @@ def run_evolutionary_tournament(
         )
         best = evolution.evolve()
         evolved = time.perf_counter()
-        from .final import finish_run
-
-        best_dir = finish_run(evolution, best, started, evolved, progress or (lambda *a, **k: None))
+        assert evolution.executor is not None
+        scorer = evolution.executor.local_scorer or CandidateScorer(config)
+        best_dir = finish_run(
+            evolution.outcome(),
+            best,
+            scorer,
+            started,
+            evolved,
+            progress or (lambda *a, **k: None),
+        )
     except KeyboardInterrupt:
         raise RunInterrupted(
             f"interrupted; the run folder keeps its checkpoint. Resume with: "

@@ -32,6 +32,12 @@ class Evaluation:
 
 
 class Executor(Protocol):
+    """``batch``: how many recipes one ``evaluate`` call should get (None: all of a generation);
+    ``local_scorer``: a scorer in this process whose sources are already open, if there is one."""
+
+    batch: int | None
+    local_scorer: CandidateScorer | None
+
     def evaluate(self, recipes: Sequence[RecipeNode]) -> list[Evaluation]: ...
     def close(self) -> None: ...
 
@@ -81,10 +87,14 @@ class CandidateScorer:
 
 
 class SerialExecutor:
-    """Scores candidates one after another in this process."""
+    """Scores candidates one after another in this process (one per call, so that progress and
+    the records follow each candidate)."""
+
+    batch = 1
 
     def __init__(self, config: Configuration) -> None:
         self.scorer = CandidateScorer(config)
+        self.local_scorer: CandidateScorer | None = self.scorer
 
     def evaluate(self, recipes: Sequence[RecipeNode]) -> list[Evaluation]:
         return [self.scorer.score(recipe) for recipe in recipes]
@@ -98,6 +108,9 @@ class RayExecutor:
 
     Uses a running cluster when ``RAY_ADDRESS`` is set, else starts a local one.
     """
+
+    batch = None
+    local_scorer = None
 
     def __init__(self, config: Configuration, workers: int) -> None:
         try:
