@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from .sparsify import dare_weights, keep_count, keep_level, level_of
+from .techniques import get_technique
 
 logger = logging.getLogger(__name__)
 
@@ -56,8 +57,6 @@ logger = logging.getLogger(__name__)
 AUTO_MIN_ELEMENTS = 32_000_000
 #: Compiled variants of the kernel (modes, normalisation, consensus, shapes) kept at once.
 _VARIANTS = 64
-#: The techniques a fused kernel computes (DARE only with ``rescale`` ``paper`` or ``none``).
-FUSED_TECHNIQUES = frozenset({"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"})
 
 # -- TIES trims by row -------------------------------------------------------------------------
 
@@ -256,50 +255,52 @@ class KernelPlan:
 
 
 def fusable(technique: str, params: Mapping[str, Any]) -> bool:
-    """Whether a fused kernel computes ``technique`` with these parameters (DARE only with
-    ``rescale`` ``paper`` or ``none``)."""
-    if technique not in FUSED_TECHNIQUES:
+    """Whether a fused kernel computes ``technique`` with these parameters: the registry's
+    ``fusion`` says how, and random trims fuse only with ``rescale`` ``paper`` or ``none``."""
+    fusion = get_technique(technique).fusion
+    if fusion is None:
         return False
-    return not technique.startswith("dare") or params.get("rescale") in ("paper", "none")
+    return fusion.trim != "random" or params.get("rescale") in ("paper", "none")
 
 
 def plan_for(
     technique: str, values: Mapping[str, Any], cuts: TrimCuts | None = None
 ) -> KernelPlan | None:
-    """The kernel plan for ``technique`` with resolved ``values`` (None: not fusable); TIES
-    needs the ``cuts`` of its tensors (:meth:`TrimRows.cuts`).
+    """The kernel plan for ``technique`` with resolved ``values`` (None: not fusable); a
+    magnitude trim (TIES) needs the ``cuts`` of its tensors (:meth:`TrimRows.cuts`).
 
     Every input of a plan takes the same mode — a density of 1 keeps everything through a zero
     threshold or the top level — so a technique has one or two kernel variants, not one per
     combination of inputs' modes (each variant compiles, at least once).
     """
-    if not fusable(technique, values) or (technique == "ties" and cuts is None):
+    fusion = get_technique(technique).fusion
+    if not fusable(technique, values) or (fusion.trim == "magnitude" and cuts is None):
         return None
     weights = shares = tuple(float(w) for w in values["weight"])
     count = len(weights)
     density = tuple(float(d) for d in values.get("density", [1.0] * count))
-    if technique == "ties":
+    if fusion.trim == "magnitude":
         assert cuts is not None
         modes = ("cut_tie" if cuts.split else "cut",) * count
-    elif technique.startswith("dare"):
+    elif fusion.trim == "random":
         weights = tuple(dare_weights(shares, density, values["rescale"]))
         density = tuple(float(keep_level(d)) for d in density)
         modes = ("draw",) * count  # level 2¹⁰ keeps every entry
     else:
         modes = ("all",) * count
     total = float(sum(shares))
-    if technique == "linear" and values["normalize"] and abs(total) < 1e-8:
-        return None  # the eager path raises the error
+    if values["normalize"] and not fusion.consensus and abs(total) < 1e-8:
+        return None  # weights summing to zero cannot divide: the eager path says so (or copes)
     return KernelPlan(
         modes=modes,
         density=density,
         weights=weights,
         lam=float(values.get("lam", 1.0)),
         normalize=bool(values["normalize"]),
-        consensus=technique in ("ties", "dare_ties"),
+        consensus=fusion.consensus,
         divisor=1.0 if abs(total) < 1e-8 else total,
         shares=shares,
-        cuts=cuts if technique == "ties" else None,
+        cuts=cuts if fusion.trim == "magnitude" else None,
     )
 
 

@@ -385,7 +385,7 @@ class RecipeGraph:
         if self.fused is None or not self.fused.enabled:
             return False
         values = resolved_params(tech, node.params, location)
-        if tech.name != "ties":
+        if tech.fusion is None or tech.fusion.trim != "magnitude":
             plan = plan_for(tech.name, values)
             return plan is not None and self._fused_piece(
                 node, tech, names, location, plan, stack, base, out

@@ -83,27 +83,6 @@ def load_recipe_file(path: str | Path, *, layer_count: Any = None) -> RecipeDocu
 
 # -- mergekit --------------------------------------------------------------------------------------
 
-#: Defaults mergekit 0.1.x documents for each method, where they differ from EvoMerge's.
-_MERGEKIT_DEFAULTS: dict[str, dict[str, Any]] = {
-    "linear": {"normalize": True},
-    "task_arithmetic": {"normalize": False, "lambda": 1.0},
-    "ties": {"normalize": True, "density": 1.0, "lambda": 1.0},
-    "dare_ties": {"normalize": False, "density": 1.0, "rescale": "l1", "lambda": 1.0},
-    "dare_linear": {"normalize": False, "density": 1.0, "rescale": "l1", "lambda": 1.0},
-    "breadcrumbs": {"normalize": False, "density": 1.0, "gamma": 0.01, "lambda": 1.0},
-    "breadcrumbs_ties": {"normalize": False, "density": 1.0, "gamma": 0.01, "lambda": 1.0},
-    "della": {"normalize": True, "density": 1.0, "epsilon": 0.15, "rescale": "l1", "lambda": 1.0},
-    "della_linear": {
-        "normalize": False,
-        "density": 1.0,
-        "epsilon": 0.15,
-        "rescale": "l1",
-        "lambda": 1.0,
-    },
-    "model_stock": {"filter_wise": False},
-    "slerp": {},
-    "passthrough": {},
-}
 _PER_MODEL = ("weight", "density", "gamma", "epsilon")
 _SHARED = ("normalize", "lambda", "t", "rescale", "filter_wise", "int8_mask")
 _TOP_KEYS = {
@@ -130,6 +109,14 @@ _FILTER_COMPONENTS = {
 }
 
 
+def mergekit_methods() -> list[str]:
+    """The mergekit merge methods a mergekit YAML may name (the registry's entries that carry
+    ``mergekit_defaults``)."""
+    from .techniques import MERGE_TECHNIQUES
+
+    return [name for name, t in MERGE_TECHNIQUES.items() if t.mergekit_defaults is not None]
+
+
 class _Names:
     """Short unique source names for model paths (``m1`` for ``org/m1``, ``m1_2`` on a clash)."""
 
@@ -150,10 +137,11 @@ def from_mergekit(
     if unknown:
         raise ConfigurationError(f"{origin}: unsupported mergekit key {unknown[0]!r}")
     method = data["merge_method"]
-    if method not in _MERGEKIT_DEFAULTS:
+    supported = mergekit_methods()
+    if method not in supported:
         raise ConfigurationError(
             f"{origin}: mergekit merge_method {method!r} is not supported; "
-            f"supported: {', '.join(_MERGEKIT_DEFAULTS)}"
+            f"supported: {', '.join(supported)}"
         )
     for key in ("tokenizer_source", "tokenizer"):
         if data.get(key) not in (None, "base"):
@@ -214,7 +202,7 @@ def _merge_node(
         inputs = [n for n, _ in entries]
     else:
         inputs = [n for n, _ in entries]
-    params: dict[str, Any] = dict(_MERGEKIT_DEFAULTS[method])
+    params: dict[str, Any] = dict(tech.mergekit_defaults or {})
     for key, value in shared.items():
         if key not in _SHARED and key not in _PER_MODEL:
             raise ConfigurationError(f"{origin}: parameter {key!r} is not supported for {method}")

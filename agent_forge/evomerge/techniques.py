@@ -132,6 +132,19 @@ class Param:
 
 
 @dataclass(frozen=True)
+class Fusion:
+    """How the fused kernel (:mod:`.fused`) computes a technique.
+
+    ``trim``: which entries of each task vector count: ``none`` (all), ``magnitude`` (TIES's
+    top share by magnitude, cut per row) or ``random`` (DARE's seeded draws, fused only with
+    ``rescale`` ``paper`` or ``none``). ``consensus``: TIES's sign election and disjoint mean.
+    """
+
+    trim: str = "none"
+    consensus: bool = False
+
+
+@dataclass(frozen=True)
 class Technique:
     name: str
     fn: Callable[..., Tensor]
@@ -147,6 +160,11 @@ class Technique:
     ranked: bool = False
     #: Moves search-made params into the joint constraints ``check`` enforces (None: none).
     repair: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    #: How the fused kernel computes it (None: eager only).
+    fusion: Fusion | None = None
+    #: The defaults mergekit 0.1.x documents for its method of this name, where they differ
+    #: from EvoMerge's (None: mergekit has no such method; a mergekit YAML naming it is refused).
+    mergekit_defaults: Mapping[str, Any] | None = None
 
     def param(self, name: str) -> Param:
         for param in self.params:
@@ -178,11 +196,14 @@ def technique(
     segmented: bool = False,
     ranked: bool = False,
     repair: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+    fusion: Fusion | None = None,
+    mergekit_defaults: Mapping[str, Any] | None = None,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register a technique function under ``name`` (see the module docstring for the contract).
 
     ``segmented`` techniques also take ``segments=`` and ``out=``; ``ranked`` ones take
-    ``ranked=``, their inputs' magnitudes sorted per segment (see the module docstring).
+    ``ranked=``, their inputs' magnitudes sorted per segment (see the module docstring);
+    ``fusion`` says how the fused kernel computes it (see :class:`Fusion`).
     """
 
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
@@ -203,6 +224,8 @@ def technique(
             segmented,
             ranked,
             repair,
+            fusion,
+            mergekit_defaults,
         )
         return fn
 
@@ -321,6 +344,8 @@ def _as_list(value: Any) -> list[float]:
     min_inputs=1,
     paper="arXiv:2203.05482 (model soups)",
     segmented=True,
+    fusion=Fusion(),
+    mergekit_defaults={"normalize": True},
 )
 def linear(
     tensors: Tensor,
@@ -348,6 +373,7 @@ def linear(
     min_inputs=2,
     max_inputs=2,
     paper="Shoemake 1985; used for model merging by mergekit",
+    mergekit_defaults={},
 )
 def slerp(tensors: Tensor, *, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
     """Spherical interpolation of two tensors, flattened; linear when nearly collinear or ~0."""
@@ -370,7 +396,7 @@ def slerp(tensors: Tensor, *, t: float, dot_threshold: float = 0.9995, eps: floa
     return (coef_a * a + coef_b * b).to(first.dtype).reshape(first.shape)
 
 
-@technique("passthrough", needs_base=False, min_inputs=1, max_inputs=1)
+@technique("passthrough", needs_base=False, min_inputs=1, max_inputs=1, mergekit_defaults={})
 def passthrough(tensors: Tensor) -> Tensor:
     """The tensor of the one input, unchanged."""
     return tensors[0]
@@ -385,6 +411,8 @@ def passthrough(tensors: Tensor) -> Tensor:
     needs_base=True,
     paper="arXiv:2212.04089",
     segmented=True,
+    fusion=Fusion(),
+    mergekit_defaults={"normalize": False, "lambda": 1.0},
 )
 def task_arithmetic(
     deltas: Tensor,
@@ -408,6 +436,8 @@ def task_arithmetic(
     paper="arXiv:2306.01708",
     segmented=True,
     ranked=True,
+    fusion=Fusion(trim="magnitude", consensus=True),
+    mergekit_defaults={"normalize": True, "density": 1.0, "lambda": 1.0},
 )
 def ties(
     deltas: Tensor,
@@ -492,6 +522,8 @@ def _dare(
     randomized=True,
     paper="arXiv:2311.03099",
     segmented=True,
+    fusion=Fusion(trim="random"),
+    mergekit_defaults={"normalize": False, "density": 1.0, "rescale": "l1", "lambda": 1.0},
 )
 def dare_linear(
     deltas: Tensor,
@@ -516,6 +548,8 @@ def dare_linear(
     randomized=True,
     paper="arXiv:2311.03099",
     segmented=True,
+    fusion=Fusion(trim="random", consensus=True),
+    mergekit_defaults={"normalize": False, "density": 1.0, "rescale": "l1", "lambda": 1.0},
 )
 def dare_ties(
     deltas: Tensor,
@@ -564,6 +598,7 @@ _CRUMB_DENSITY = Param("density", 0.9, 0.0, 1.0, per_input=True, search=(0.5, 1.
     paper="arXiv:2312.06795",
     segmented=True,
     ranked=True,
+    mergekit_defaults={"normalize": False, "density": 1.0, "gamma": 0.01, "lambda": 1.0},
 )
 def breadcrumbs(
     deltas: Tensor,
@@ -597,6 +632,7 @@ def breadcrumbs(
     paper="arXiv:2312.06795",
     segmented=True,
     ranked=True,
+    mergekit_defaults={"normalize": False, "density": 1.0, "gamma": 0.01, "lambda": 1.0},
 )
 def breadcrumbs_ties(
     deltas: Tensor,
@@ -655,6 +691,13 @@ _DELLA_PARAMS = [WEIGHT, DENSITY, EPSILON, LAMBDA]
     paper="arXiv:2406.11617",
     check=_check_della,
     repair=_repair_della,
+    mergekit_defaults={
+        "normalize": True,
+        "density": 1.0,
+        "epsilon": 0.15,
+        "rescale": "l1",
+        "lambda": 1.0,
+    },
 )
 def della(
     deltas: Tensor,
@@ -680,6 +723,13 @@ def della(
     paper="arXiv:2406.11617",
     check=_check_della,
     repair=_repair_della,
+    mergekit_defaults={
+        "normalize": False,
+        "density": 1.0,
+        "epsilon": 0.15,
+        "rescale": "l1",
+        "lambda": 1.0,
+    },
 )
 def della_linear(
     deltas: Tensor,
@@ -703,6 +753,7 @@ def della_linear(
     needs_base=True,
     min_inputs=2,
     paper="arXiv:2403.19522",
+    mergekit_defaults={"filter_wise": False},
 )
 def model_stock(deltas: Tensor, *, filter_wise: bool) -> Tensor:
     """Model Stock: move from the base towards the mean by t = N·cos / (1 + (N−1)·cos).
