@@ -167,6 +167,22 @@ def test_ties_trim_elect_and_disjoint_mean_by_hand():
     assert close(merged, [[10.0, -4.0, -6.0], [-4.0, 6.0, 8.0]])
 
 
+@pytest.mark.parametrize(
+    "summed,elected",
+    [("dare_linear", "dare_ties"), ("breadcrumbs", "breadcrumbs_ties"), ("della_linear", "della")],
+)
+def test_each_pair_differs_only_by_sign_election_by_hand(summed, elected):
+    """At density 1 nothing is dropped: the plain variant is task arithmetic, the other keeps
+    only the entries that agree with the sign of the sum (here summed, normalize off)."""
+    # sums: 3.5 -1.8 -2.3 | -0.7 2.9 4.5; agreeing: 3+2, -1-2, -3 | -2, 0.1+3, 4+1
+    values = dict(density=1.0, normalize=False)
+    gen = torch.Generator().manual_seed(0)
+    assert close(run(summed, [D1, D2, D3], gen, **values), [[3.5, -1.8, -2.3], [-0.7, 2.9, 4.5]])
+    assert close(run(elected, [D1, D2, D3], gen, **values), [[5.0, -3.0, -3.0], [-2.0, 3.1, 5.0]])
+    names = [[p.name for p in get_technique(t).params] for t in (summed, elected)]
+    assert names[0] == names[1]
+
+
 def test_ties_sign_tie_counts_as_positive():
     # sums are exactly zero: the positive entry wins; divisor is its weight alone
     merged = run("ties", [[1.0, -2.0], [-1.0, 2.0]], density=1.0)

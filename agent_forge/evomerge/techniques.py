@@ -252,6 +252,44 @@ def _stack(parts: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(parts))
 
 
+def technique_pair(
+    variants: Mapping[str, bool],
+    *,
+    params: Callable[[Param], list[Param]],
+    summaries: Mapping[str, str],
+    mergekit_defaults: Mapping[str, Mapping[str, Any]],
+    fused_trim: str | None = None,
+    **common: Any,
+) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
+    """Register the two variants of a task-vector technique that differ only in TIES's sign
+    election: ``variants`` maps each name (in registration order) to whether it elects signs.
+
+    The decorated ``impl(deltas, *, sign_consensus, **values)`` computes both. Each variant's
+    ``normalize`` defaults to its ``sign_consensus`` (TIES divides by the agreeing weights; the
+    plain sums do not divide), and ``params`` places that parameter among the others.
+    """
+
+    def register(impl: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        for name, consensus in variants.items():
+
+            def variant(deltas: Tensor, *, _consensus: bool = consensus, **values: Any) -> Tensor:
+                return impl(deltas, sign_consensus=_consensus, **values)
+
+            variant.__doc__ = summaries[name]
+            variant.__name__ = variant.__qualname__ = name
+            fusion = None if fused_trim is None else Fusion(trim=fused_trim, consensus=consensus)
+            technique(
+                name,
+                params=params(_normalize(consensus)),
+                fusion=fusion,
+                mergekit_defaults=mergekit_defaults[name],
+                **common,
+            )(variant)
+        return impl
+
+    return register
+
+
 # -- parameter tables ------------------------------------------------------------------------------
 
 _BIG = 1e6
@@ -515,17 +553,25 @@ def _dare(
     )
 
 
-@technique(
-    "dare_linear",
-    params=[WEIGHT, DENSITY, LAMBDA, _normalize(False), RESCALE],
+_DARE_MERGEKIT = {"normalize": False, "density": 1.0, "rescale": "l1", "lambda": 1.0}
+
+
+@technique_pair(
+    {"dare_linear": False, "dare_ties": True},
+    params=lambda normalize: [WEIGHT, DENSITY, LAMBDA, normalize, RESCALE],
+    summaries={
+        "dare_linear": "DARE: drop entries at random (keep ``density``), rescale the rest, "
+        "then task arithmetic.",
+        "dare_ties": "DARE-TIES: DARE's random drop and rescale, then TIES sign election.",
+    },
+    mergekit_defaults={"dare_linear": _DARE_MERGEKIT, "dare_ties": _DARE_MERGEKIT},
+    fused_trim="random",
     needs_base=True,
     randomized=True,
     paper="arXiv:2311.03099",
     segmented=True,
-    fusion=Fusion(trim="random"),
-    mergekit_defaults={"normalize": False, "density": 1.0, "rescale": "l1", "lambda": 1.0},
 )
-def dare_linear(
+def _dare_variants(
     deltas: Tensor,
     *,
     weight: Sequence[float],
@@ -533,38 +579,14 @@ def dare_linear(
     lam: float,
     normalize: bool,
     rescale: str,
+    sign_consensus: bool,
     generator: Generators = None,
     segments: Segments = None,
     out: Tensor | None = None,
 ) -> Tensor:
-    """DARE: drop entries at random (keep ``density``), rescale the rest, then task arithmetic."""
-    return _dare(deltas, weight, density, lam, normalize, rescale, generator, segments, out, False)
-
-
-@technique(
-    "dare_ties",
-    params=[WEIGHT, DENSITY, LAMBDA, _normalize(True), RESCALE],
-    needs_base=True,
-    randomized=True,
-    paper="arXiv:2311.03099",
-    segmented=True,
-    fusion=Fusion(trim="random", consensus=True),
-    mergekit_defaults={"normalize": False, "density": 1.0, "rescale": "l1", "lambda": 1.0},
-)
-def dare_ties(
-    deltas: Tensor,
-    *,
-    weight: Sequence[float],
-    density: Sequence[float],
-    lam: float,
-    normalize: bool,
-    rescale: str,
-    generator: Generators = None,
-    segments: Segments = None,
-    out: Tensor | None = None,
-) -> Tensor:
-    """DARE-TIES: DARE's random drop and rescale, then TIES sign election."""
-    return _dare(deltas, weight, density, lam, normalize, rescale, generator, segments, out, True)
+    return _dare(
+        deltas, weight, density, lam, normalize, rescale, generator, segments, out, sign_consensus
+    )
 
 
 def _breadcrumbs(
@@ -591,16 +613,24 @@ def _breadcrumbs(
 _CRUMB_DENSITY = Param("density", 0.9, 0.0, 1.0, per_input=True, search=(0.5, 1.0), sparsity=True)
 
 
-@technique(
-    "breadcrumbs",
-    params=[WEIGHT, _CRUMB_DENSITY, GAMMA, LAMBDA, _normalize(False)],
+_CRUMBS_MERGEKIT = {"normalize": False, "density": 1.0, "gamma": 0.01, "lambda": 1.0}
+
+
+@technique_pair(
+    {"breadcrumbs": False, "breadcrumbs_ties": True},
+    params=lambda normalize: [WEIGHT, _CRUMB_DENSITY, GAMMA, LAMBDA, normalize],
+    summaries={
+        "breadcrumbs": "Model Breadcrumbs: drop outliers and small entries per task vector, "
+        "then task arithmetic.",
+        "breadcrumbs_ties": "Model Breadcrumbs with TIES sign election.",
+    },
+    mergekit_defaults={"breadcrumbs": _CRUMBS_MERGEKIT, "breadcrumbs_ties": _CRUMBS_MERGEKIT},
     needs_base=True,
     paper="arXiv:2312.06795",
     segmented=True,
     ranked=True,
-    mergekit_defaults={"normalize": False, "density": 1.0, "gamma": 0.01, "lambda": 1.0},
 )
-def breadcrumbs(
+def _breadcrumbs_variants(
     deltas: Tensor,
     *,
     weight: Sequence[float],
@@ -608,52 +638,18 @@ def breadcrumbs(
     gamma: Sequence[float],
     lam: float,
     normalize: bool,
+    sign_consensus: bool,
     segments: Segments = None,
     out: Tensor | None = None,
     ranked: Tensor | None = None,
 ) -> Tensor:
-    """Model Breadcrumbs: drop outliers and small entries per task vector, then task arithmetic."""
     bands = _breadcrumbs(deltas, density, gamma, segments, ranked)
     return combine_task_vectors(
         deltas,
         weight,
         lam=lam,
         normalize=normalize,
-        sign_consensus=False,
-        sparsifiers=bands,
-        out=out,
-    )
-
-
-@technique(
-    "breadcrumbs_ties",
-    params=[WEIGHT, _CRUMB_DENSITY, GAMMA, LAMBDA, _normalize(True)],
-    needs_base=True,
-    paper="arXiv:2312.06795",
-    segmented=True,
-    ranked=True,
-    mergekit_defaults={"normalize": False, "density": 1.0, "gamma": 0.01, "lambda": 1.0},
-)
-def breadcrumbs_ties(
-    deltas: Tensor,
-    *,
-    weight: Sequence[float],
-    density: Sequence[float],
-    gamma: Sequence[float],
-    lam: float,
-    normalize: bool,
-    segments: Segments = None,
-    out: Tensor | None = None,
-    ranked: Tensor | None = None,
-) -> Tensor:
-    """Model Breadcrumbs with TIES sign election."""
-    bands = _breadcrumbs(deltas, density, gamma, segments, ranked)
-    return combine_task_vectors(
-        deltas,
-        weight,
-        lam=lam,
-        normalize=normalize,
-        sign_consensus=True,
+        sign_consensus=sign_consensus,
         sparsifiers=bands,
         out=out,
     )
@@ -680,26 +676,26 @@ def _della(
     return _stack(parts)
 
 
-_DELLA_PARAMS = [WEIGHT, DENSITY, EPSILON, LAMBDA]
+def _della_mergekit(normalize: bool) -> dict[str, Any]:
+    return {"normalize": normalize, "density": 1.0, "epsilon": 0.15, "rescale": "l1", "lambda": 1.0}
 
 
-@technique(
-    "della",
-    params=[*_DELLA_PARAMS, _normalize(True), RESCALE],
+@technique_pair(
+    {"della": True, "della_linear": False},
+    params=lambda normalize: [WEIGHT, DENSITY, EPSILON, LAMBDA, normalize, RESCALE],
+    summaries={
+        "della": "DELLA: magnitude-ranked random drop (rescaled by 1/pᵢ), then TIES sign election.",
+        "della_linear": "DELLA without sign election: magnitude-ranked random drop, then task "
+        "arithmetic.",
+    },
+    mergekit_defaults={"della": _della_mergekit(True), "della_linear": _della_mergekit(False)},
     needs_base=True,
     randomized=True,
     paper="arXiv:2406.11617",
     check=_check_della,
     repair=_repair_della,
-    mergekit_defaults={
-        "normalize": True,
-        "density": 1.0,
-        "epsilon": 0.15,
-        "rescale": "l1",
-        "lambda": 1.0,
-    },
 )
-def della(
+def _della_variants(
     deltas: Tensor,
     *,
     weight: Sequence[float],
@@ -708,43 +704,13 @@ def della(
     lam: float,
     normalize: bool,
     rescale: str,
+    sign_consensus: bool,
     generator: torch.Generator | None = None,
 ) -> Tensor:
-    """DELLA: magnitude-ranked random drop (rescaled by 1/pᵢ), then TIES sign election."""
     kept = _della(deltas, density, epsilon, rescale, generator)
-    return combine_task_vectors(kept, weight, lam=lam, normalize=normalize, sign_consensus=True)
-
-
-@technique(
-    "della_linear",
-    params=[*_DELLA_PARAMS, _normalize(False), RESCALE],
-    needs_base=True,
-    randomized=True,
-    paper="arXiv:2406.11617",
-    check=_check_della,
-    repair=_repair_della,
-    mergekit_defaults={
-        "normalize": False,
-        "density": 1.0,
-        "epsilon": 0.15,
-        "rescale": "l1",
-        "lambda": 1.0,
-    },
-)
-def della_linear(
-    deltas: Tensor,
-    *,
-    weight: Sequence[float],
-    density: Sequence[float],
-    epsilon: Sequence[float],
-    lam: float,
-    normalize: bool,
-    rescale: str,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """DELLA without sign election: magnitude-ranked random drop, then task arithmetic."""
-    kept = _della(deltas, density, epsilon, rescale, generator)
-    return combine_task_vectors(kept, weight, lam=lam, normalize=normalize, sign_consensus=False)
+    return combine_task_vectors(
+        kept, weight, lam=lam, normalize=normalize, sign_consensus=sign_consensus
+    )
 
 
 @technique(
