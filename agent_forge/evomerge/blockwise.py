@@ -132,13 +132,7 @@ def subtract_rows_(stack: Tensor, base: Tensor) -> Tensor:
     """``stack[i] −= base`` for every row of a ``(M, N)`` stack, in place: task vectors."""
     if stack.device.type != "cpu":
         return stack.sub_(base)
-    rows, other = stack.numpy(), base.numpy()
-    parallel_map(
-        lambda span: np.subtract(
-            rows[:, span[0] : span[1]], other[span[0] : span[1]], out=rows[:, span[0] : span[1]]
-        ),
-        spans(stack.shape[1]),
-    )
+    _in_spans(np.subtract, stack.numpy(), base.numpy(), stack.shape[1])
     return stack
 
 
@@ -146,14 +140,19 @@ def add_(out: Tensor, other: Tensor) -> Tensor:
     """``out += other`` (flat tensors), in spans on threads."""
     if out.device.type != "cpu":
         return out.add_(other)
-    target, source = out.numpy(), other.numpy()
-    parallel_map(
-        lambda span: np.add(
-            target[span[0] : span[1]], source[span[0] : span[1]], out=target[span[0] : span[1]]
-        ),
-        spans(out.numel()),
-    )
+    _in_spans(np.add, out.numpy(), other.numpy(), out.numel())
     return out
+
+
+def _in_spans(ufunc: np.ufunc, target: np.ndarray, source: np.ndarray, columns: int) -> None:
+    """``target[..., span] = ufunc(target[..., span], source[span])`` over spans of the last
+    axis, on threads."""
+
+    def one(span: tuple[int, int]) -> None:
+        start, stop = span
+        ufunc(target[..., start:stop], source[start:stop], out=target[..., start:stop])
+
+    parallel_map(one, spans(columns))
 
 
 def _executor(count: int) -> ThreadPoolExecutor:
