@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import (
+    PLACEMENT_FIELDS,
     Configuration,
     ModelReference,
     create_default_config,
@@ -46,14 +47,13 @@ CONFIG_FLAGS: dict[str, tuple[str | None, str]] = {
     "workers": (None, "workers"),
     "backend": (None, "backend"),
 }
-PLACEMENT_FLAGS = ("device", "workers", "backend")
 RUN_DEFINING_FLAGS = (
     "config",
     "model1",
     "model2",
     "model3",
     "base",
-    *(flag for flag in CONFIG_FLAGS if flag not in PLACEMENT_FLAGS),
+    *(flag for flag in CONFIG_FLAGS if flag not in PLACEMENT_FIELDS),
 )
 RESUME_ALSO_TAKES = frozenset({"resume", "export_gguf", "outtype", "verbose", "quiet", "log_file"})
 
@@ -243,7 +243,7 @@ def cmd_resume(args: argparse.Namespace) -> int:
     """Continue a run. Flags that define the run must match it; ``--device``, ``--backend`` and
     ``--workers`` move it (the scores do not depend on where they are computed)."""
     given = set(getattr(args, "given_flags", ()))
-    refused = sorted(given - set(RUN_DEFINING_FLAGS) - set(PLACEMENT_FLAGS) - RESUME_ALSO_TAKES)
+    refused = sorted(given - set(RUN_DEFINING_FLAGS) - set(PLACEMENT_FIELDS) - RESUME_ALSO_TAKES)
     if refused:
         hint = (
             "a resumed run keeps its folder; copy the folder first to continue elsewhere"
@@ -256,10 +256,10 @@ def cmd_resume(args: argparse.Namespace) -> int:
     config = None
     if any(getattr(args, flag) is not None for flag in RUN_DEFINING_FLAGS):
         config = build_config(args)
-    elif stored is not None and any(getattr(args, f) is not None for f in PLACEMENT_FLAGS):
+    elif stored is not None and any(getattr(args, f) is not None for f in PLACEMENT_FIELDS):
         config = stored.model_copy(deep=True)
     if config is not None and stored is not None:
-        for flag in PLACEMENT_FLAGS:
+        for flag in PLACEMENT_FIELDS:
             value = getattr(args, flag)
             setattr(config, flag, value if value is not None else getattr(stored, flag))
         config.output_dir = stored.output_dir

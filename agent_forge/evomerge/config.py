@@ -170,6 +170,11 @@ class EvaluationSettings(_Strict):
     batch_size: int = Field(default=256, ge=1)
 
 
+#: The fields that say where a run computes, not what: they may change when it is resumed (the
+#: scores do not depend on them). The CLI's flags of the same names set them.
+PLACEMENT_FIELDS = ("device", "backend", "workers")
+
+
 class Configuration(_Strict):
     """A whole run: models, optional base, settings, output folder, device and seed."""
 

@@ -22,7 +22,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from .config import Configuration
+from .config import PLACEMENT_FIELDS, Configuration
 from .exceptions import ConfigurationError, EvoMergeException, RunInterrupted
 from .executors import CandidateScorer, Evaluation, Executor, make_executor
 from .final import RunOutcome, finish_run
@@ -35,7 +35,6 @@ from .storage import atomic_write_text, check_destination
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.json"
-PLACEMENT = ("device", "backend", "workers")  # where a run computes, not what: may change on resume
 EVALUATIONS = "evaluations.jsonl"
 ProgressCallback = Callable[..., None]
 
@@ -363,7 +362,7 @@ class EvolutionaryMerger:
 
 def check_same_config(saved: Configuration, given: Configuration, run_dir: Path) -> None:
     """Raise ConfigurationError naming the first field where ``given`` differs from the run's."""
-    ignore = {"output_dir", *PLACEMENT}
+    ignore = {"output_dir", *PLACEMENT_FIELDS}
 
     def walk(a: Any, b: Any, path: str) -> str | None:
         if isinstance(a, dict) and isinstance(b, dict):
@@ -400,8 +399,8 @@ def prepare_run_dir(config: Configuration, resume: str | Path | None) -> tuple[C
         stored = Configuration.load(saved)
         if config is not None:
             check_same_config(stored, config, run_dir)
-            placement = {key: getattr(config, key) for key in PLACEMENT}
-            if placement != {key: getattr(stored, key) for key in PLACEMENT}:
+            placement = {key: getattr(config, key) for key in PLACEMENT_FIELDS}
+            if placement != {key: getattr(stored, key) for key in PLACEMENT_FIELDS}:
                 logger.info(
                     "resuming %s with %s",
                     run_dir,

@@ -288,13 +288,14 @@ def refine_strategy(space: SearchSpace, best: RecipeNode, seed: int) -> CMAESSea
 
     The tournament finds which merge to make; its Gaussian steps perturb a few values at a time
     with one fixed step size and stall among dozens of per-layer values, where CMA-ES adapts
-    their joint steps. This is
-    the Sakana paper's parameter-space search, started from the tournament's winner instead of
-    from defaults. None when there is nothing to refine (a source, a layer stack, or a merge with
-    fewer than two searched values). Sparsity stays because its values are thresholds: the
-    fitness is a step function of them, which CMA-ES's smooth steps read as noise, and leaving
-    them out halves the genome of a TIES merge (on the embedded default, seed 2, both ways end
-    level on test: 73.7 without densities, 73.6 with)."""
+    their joint steps. This is the Sakana paper's parameter-space search, started from the
+    tournament's winner instead of from defaults. None when there is nothing to refine (a
+    source, a layer stack, or a merge with fewer than two searched values).
+
+    Sparsity stays because its values are thresholds: the fitness is a step function of them,
+    which CMA-ES's smooth steps read as noise, and leaving them out halves the genome of a TIES
+    merge (on the embedded default, seed 2, both ways end level on test: 73.7 without
+    densities, 73.6 with)."""
     if not isinstance(best, Merge) or not space.allows("ps"):
         return None
     tech = MERGE_TECHNIQUES[best.technique]
