@@ -227,7 +227,8 @@ def test_refine_stage_searches_around_the_best_merge_and_never_ends_below_it(tmp
         params = merge["params"]
         mixing = [params[k] for k in ("t", "lambda") if k in params]
         mixing += params.get("weight", [])  # one list per input
-        assert mixing and all(len(v) == groups for v in mixing)  # one value per layer group
+        # one value per refine group: as many groups as 8 evaluations afford (here one)
+        assert mixing and all(len(v) == 1 for v in mixing) and groups > 1
     assert evolution.best_fitness >= start["fitness"]
 
 

@@ -290,7 +290,9 @@ def test_refine_starts_at_the_best_merge_with_one_value_per_layer_group():
     assert strategy is not None
     assert strategy.genome.size == 3 * 4 + 4  # weights per input and group, λ per group
     start = strategy.genome.decode(strategy.mean)
-    assert np.allclose(start.params["weight"], [[w] * 4 for w in (0.2, 0.7, 0.4)])
+    # TIES normalises by the weights: the same merge, with the largest weight at the middle
+    # of its range [0, 1] instead of wherever the tournament left it
+    assert np.allclose(start.params["weight"], [[w / 1.4] * 4 for w in (0.2, 0.7, 0.4)])
     assert start.params["density"] == [0.6] * 3  # sparsity stays as the search left it
     assert start.params["lambda"] == pytest.approx([0.8] * 4)
     assert start.params["normalize"] == best.params["normalize"]
@@ -303,6 +305,38 @@ def test_refine_starts_at_the_best_merge_with_one_value_per_layer_group():
         assert all(len(v) == 4 for v in child.params["weight"])
         assert child.params["density"] == [0.6] * 3
         assert strategy.parents[child.hash] == [best.hash]
+
+
+def test_refine_keeps_weights_that_do_not_normalise_as_they_are():
+    sp = space()
+    best = Merge("task_arithmetic", sp.sources, {"weight": [0.2, 0.9, 0.4]}, sp.base_node)
+    strategy = refine_strategy(sp, best, seed=5)
+    start = strategy.genome.decode(strategy.mean)
+    assert np.allclose(start.params["weight"], [[w] * 4 for w in (0.2, 0.9, 0.4)])
+
+
+def test_refine_coarsens_layer_groups_to_its_budget():
+    """Three evaluations per searched value: a linear merge of three 30-layer models (32
+    positions) refined by 6 candidates over 4 generations gets 24 evaluations, so 8 values:
+    two groups of three weights. A budget of 400 affords every position."""
+    best = Merge("linear", tuple(Source(n) for n in "abc"), {"weight": [1.0, 1.0, 1.0]})
+
+    def refined_groups(population: int, generations: int) -> int:
+        evolution = EvolutionSettings(
+            population_size=population,
+            tournament_size=2,
+            elite_size=1,
+            num_generations=generations,
+            refine_generations=generations,
+        )
+        sp = SearchSpace(("a", "b", "c"), "base", 30, MergeSettings(), evolution)
+        strategy = refine_strategy(sp, best, seed=0)
+        assert strategy.genome.size * 3 <= population * generations
+        return strategy.genome.groups
+
+    assert refined_groups(6, 4) == 2
+    assert refined_groups(8, 10) == 8
+    assert refined_groups(10, 40) == 32
 
 
 def test_refine_finds_values_that_differ_by_layer():

@@ -109,6 +109,30 @@ def test_linear_weighted_average_by_hand():
     )
 
 
+NORMALISING = [
+    name
+    for name, tech in MERGE_TECHNIQUES.items()
+    if {"weight", "normalize"} <= {p.name for p in tech.params}
+]
+
+
+@pytest.mark.parametrize("name", NORMALISING)
+def test_a_normalised_merge_is_unchanged_when_every_weight_is_scaled(name):
+    """What the refine stage relies on when it centres a normalised merge's weights
+    (``search.centred_weights``): Σ wᵢxᵢ / Σ wᵢ, and TIES's election and agreeing divisor, are
+    the same for c·w. Without normalize the scale shows."""
+    gen = torch.Generator().manual_seed(7)
+    stack = [torch.randn(6, 8, generator=gen) for _ in range(3)]
+    weights = [0.9, 0.3, 0.6]
+
+    def merged(scale: float, normalize: bool) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(1)
+        return run(name, stack, gen, weight=[w * scale for w in weights], normalize=normalize)
+
+    assert torch.allclose(merged(1.0, True), merged(0.37, True), rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(merged(1.0, False), merged(0.37, False), rtol=1e-3, atol=1e-4)
+
+
 def test_linear_zero_weight_sum_with_normalize_is_an_error():
     with pytest.raises(MergeError, match="sum to zero"):
         run("linear", [T1, T2], weight=[1.0, -1.0])

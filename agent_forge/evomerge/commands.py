@@ -340,6 +340,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
 
 def cmd_merge(args: argparse.Namespace) -> int:
+    from .layout import source_layers
     from .merger import AdvancedModelMerger
     from .recipe_files import load_recipe_file
     from .sources import check_compatible, open_source
@@ -353,7 +354,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     )
 
     def layer_count(path: str) -> int:
-        return int(open_source("probe", path).config["num_hidden_layers"])
+        return source_layers(open_source("probe", path).config)
 
     document = load_recipe_file(args.merge, layer_count=layer_count)
     sources = dict(document.sources)

@@ -26,6 +26,7 @@ from .config import PLACEMENT_FIELDS, Configuration
 from .exceptions import ConfigurationError, EvoMergeException, RunInterrupted
 from .executors import CandidateScorer, Evaluation, Executor, make_executor
 from .final import RunOutcome, finish_run
+from .layout import source_layers
 from .operators import SearchSpace
 from .recipe import LayerStack, Merge, RecipeNode, Source, recipe_from_dict
 from .search import SearchStrategy, TournamentSearch, make_strategy, refine_strategy
@@ -91,7 +92,7 @@ class EvolutionaryMerger:
         self.space = SearchSpace(
             models=tuple(m.name for m in config.models),
             base=config.base_model.name if config.base_model else None,
-            layers=int(self.sources[0].config.get("num_hidden_layers", 0)),
+            layers=source_layers(self.sources[0].config),
             merge=config.merge_settings,
             evolution=config.evolution_settings,
         )

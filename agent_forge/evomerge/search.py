@@ -281,6 +281,36 @@ class CMAESSearch:
         self.progress.load(state["progress"])
 
 
+EVALUATIONS_PER_REFINED_VALUE = 3
+"""The refine stage's layer groups are as many as its budget (population × generations) allows
+at this many evaluations per searched value. CMA-ES adapts its steps from what a generation
+ranks; with far fewer evaluations than values (96 weights per layer of three 30-layer
+SmolLM2 fine-tunes against 24 evaluations) its steps stay random and the stage finds nothing."""
+
+
+def centred_weights(merge: Merge) -> dict[str, Any]:
+    """``merge``'s params with its per-input weights scaled so that the largest is 0.5, when
+    the technique normalises by the weights (the same merge: a normalised merge is unchanged by
+    scaling every weight by one factor). The search range of a weight is [0, 1] and the
+    defaults sit at 1.0, its edge, where CMA-ES could only lower a weight and clips half of
+    every step; centred, a step can raise one input against the others as far as lower it."""
+    params = dict(merge.params)
+    weights = params.get("weight")
+    if params.get("normalize") is not True or not isinstance(weights, list | tuple):
+        return params
+    lists = [w if isinstance(w, list | tuple) else [w] for w in weights]
+    if not all(isinstance(v, int | float) for w in lists for v in w):
+        return params  # component mappings: left as they are
+    flat = [abs(float(v)) for w in lists for v in w]
+    if not flat or max(flat) == 0:
+        return params
+    factor = 0.5 / max(flat)
+    params["weight"] = [
+        [v * factor for v in w] if isinstance(w, list | tuple) else w * factor for w in weights
+    ]
+    return params
+
+
 def refine_strategy(space: SearchSpace, best: RecipeNode, seed: int) -> CMAESSearch | None:
     """CMA-ES around ``best`` (a merge): its technique, inputs, base, seed and sparsity (densities,
     epsilons) stay; every other searched value (weights, λ, SLERP's t) takes one value per layer
@@ -290,7 +320,9 @@ def refine_strategy(space: SearchSpace, best: RecipeNode, seed: int) -> CMAESSea
     with one fixed step size and stall among dozens of per-layer values, where CMA-ES adapts
     their joint steps. This is the Sakana paper's parameter-space search, started from the
     tournament's winner instead of from defaults. None when there is nothing to refine (a
-    source, a layer stack, or a merge with fewer than two searched values).
+    source, a layer stack, or a merge with fewer than two searched values). The layer groups are
+    coarsened to fit the stage's budget (:data:`EVALUATIONS_PER_REFINED_VALUE`), and the
+    weights of a normalised merge start centred in their range (:func:`centred_weights`).
 
     Sparsity stays because its values are thresholds: the fitness is a step function of them,
     which CMA-ES's smooth steps read as noise, and leaving them out halves the genome of a TIES
@@ -302,24 +334,35 @@ def refine_strategy(space: SearchSpace, best: RecipeNode, seed: int) -> CMAESSea
     searched = {
         p.name for p in tech.params if p.is_numeric and p.search is not None and not p.sparsity
     }
-    genome = ParamsGenome(
-        best.technique,
-        best.inputs,
-        best.base,
-        groups=space.groups,
-        fixed={k: v for k, v in best.params.items() if k not in searched},
-        seed=best.seed or 0,
-        shared_by_group=True,
+    evolution = space.evolution
+    budget = evolution.population_size * min(
+        evolution.refine_generations, evolution.num_generations
     )
+
+    def genome_of(groups: int) -> ParamsGenome:
+        return ParamsGenome(
+            best.technique,
+            best.inputs,
+            best.base,
+            groups=groups,
+            fixed={k: v for k, v in best.params.items() if k not in searched},
+            seed=best.seed or 0,
+            shared_by_group=True,
+        )
+
+    groups = space.groups
+    genome = genome_of(groups)
+    while groups > 1 and genome.size * EVALUATIONS_PER_REFINED_VALUE > budget:
+        groups -= 1
+        genome = genome_of(groups)
     if genome.size < 2:
         return None
-    evolution = space.evolution
     return CMAESSearch(
         genome,
         evolution,
         seed,
         anchors=[best],
-        mean=genome.encode(best.params),
+        mean=genome.encode(centred_weights(best)),
         sigma=evolution.refine_sigma,
         parent=best.hash,
     )
