@@ -242,14 +242,11 @@ def timing_table(evaluations: Path) -> list[tuple[str, int, float, float, float]
 
 
 def count_parameters(folder: Path) -> int:
-    """Parameters of one model folder, from its safetensors headers."""
-    from safetensors import safe_open
+    """Parameters of one model folder, from its weight-file headers."""
+    from agent_forge.evomerge.sources import open_source
 
-    total = 0
-    for file in folder.glob("*.safetensors"):
-        with safe_open(str(file), "pt") as handle:
-            total += sum(math.prod(handle.get_slice(k).get_shape()) for k in handle.keys())
-    return total
+    source = open_source("count", str(folder))
+    return sum(math.prod(source.info(name).shape) for name in source.tensor_names)
 
 
 def main(argv: list[str] | None = None) -> int:

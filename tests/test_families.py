@@ -35,10 +35,11 @@ def save_gpt2_family(root: Path, tokenizer) -> dict[str, Path]:
     for index, name in enumerate(("base", "m1", "m2", "m3")):
         model = GPT2LMHeadModel(config)
         model.load_state_dict(base.state_dict())
-        noise = torch.Generator().manual_seed(index)
-        with torch.no_grad():
-            for param in model.parameters():
-                param.add_(torch.randn(param.shape, generator=noise) * 0.02 * (index > 0))
+        if index > 0:
+            noise = torch.Generator().manual_seed(index)
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.add_(torch.randn(param.shape, generator=noise) * 0.02)
         folders[name] = root / name
         model.save_pretrained(folders[name])
         tokenizer.save_pretrained(folders[name])
@@ -61,7 +62,7 @@ def test_gpt2_runs_ps_dfs_and_reloads(tmp_path, tiny_tokenizer):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(line) for line in (out / "evaluations.jsonl").read_text().splitlines()]
     ps = [r["recipe"] for r in records if r["stage"] == "ps"]
-    per_layer = [v for r in ps for w in r["params"].get("weight", []) if isinstance(v := w, list)]
+    per_layer = [w for r in ps for w in r["params"].get("weight", []) if isinstance(w, list)]
     assert per_layer and all(len(w) == 3 + 2 for w in per_layer)
     assert any(r["stage"] == "dfs" for r in records)
     best = AutoModelForCausalLM.from_pretrained(out / "best")

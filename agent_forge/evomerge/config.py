@@ -147,6 +147,12 @@ class EvolutionSettings(_Strict):
     refine_generations: int = Field(default=10, ge=0)
     refine_sigma: float = Field(default=0.1, gt=0.0, le=1.0)
 
+    @property
+    def refine_stage_generations(self) -> int:
+        """Generations the refine stage runs: ``refine_generations``, capped by
+        ``num_generations``."""
+        return min(self.refine_generations, self.num_generations)
+
     @model_validator(mode="after")
     def _sizes_fit(self) -> EvolutionSettings:
         if self.tournament_size > self.population_size:

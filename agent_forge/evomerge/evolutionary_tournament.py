@@ -256,7 +256,7 @@ class EvolutionaryMerger:
     def _stage_generations(self, stage: str) -> int:
         settings = self.config.evolution_settings
         if stage == "refine":
-            return min(settings.refine_generations, settings.num_generations)
+            return settings.refine_stage_generations
         return settings.num_generations
 
     def _total_generations(self) -> int:

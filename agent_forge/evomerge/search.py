@@ -335,9 +335,6 @@ def refine_strategy(space: SearchSpace, best: RecipeNode, seed: int) -> CMAESSea
         p.name for p in tech.params if p.is_numeric and p.search is not None and not p.sparsity
     }
     evolution = space.evolution
-    budget = evolution.population_size * min(
-        evolution.refine_generations, evolution.num_generations
-    )
 
     def genome_of(groups: int) -> ParamsGenome:
         return ParamsGenome(
@@ -350,11 +347,11 @@ def refine_strategy(space: SearchSpace, best: RecipeNode, seed: int) -> CMAESSea
             shared_by_group=True,
         )
 
-    groups = space.groups
-    genome = genome_of(groups)
-    while groups > 1 and genome.size * EVALUATIONS_PER_REFINED_VALUE > budget:
-        groups -= 1
-        genome = genome_of(groups)
+    # shared_by_group: every searched value takes one coordinate per group
+    per_group = genome_of(1).size
+    budget = evolution.population_size * evolution.refine_stage_generations
+    affordable = budget // (EVALUATIONS_PER_REFINED_VALUE * max(1, per_group))
+    genome = genome_of(max(1, min(space.groups, affordable)))
     if genome.size < 2:
         return None
     return CMAESSearch(
