@@ -309,3 +309,19 @@ def test_model_stock_filter_wise_takes_a_ratio_per_row():
     t = 2 * cos / (1 + cos)
     assert math.isclose(t, 0.8)
     assert torch.allclose(whole, t * mean)
+
+
+@pytest.mark.parametrize(("layers", "expected_changes"), [(3, 0.1 * 18), (30, 4.0)])
+def test_drawn_layer_paths_change_a_few_layers_at_any_depth(layers, expected_changes):
+    """A first-generation layer path is its identity path with a few changes: 10% of the bits
+    of a shallow model, but about 4 at most of a 30-layer one (10% of its 180 bits, 18 random
+    insertions and removals, left SmolLM2-135M scoring 0)."""
+    sp = SearchSpace(("a", "b", "c"), "base", layers, MergeSettings(), EvolutionSettings())
+    rng = np.random.default_rng(0)
+    changes = []
+    for _ in range(200):
+        stack = initial_population("dfs", sp, rng, 2)[1]  # the second is drawn around identity
+        identity = {(0, layer) for layer in range(layers)}
+        drawn = {(slot.input, slot.layer) for slot in stack.slots}
+        changes.append(len(identity ^ drawn))
+    assert np.mean(changes) == pytest.approx(expected_changes, rel=0.25)
