@@ -135,6 +135,32 @@ def configs(family: dict[str, Path]) -> dict[str, dict]:
             "parameters": {"normalize": True, "lambda": 0.9},
             "out_dtype": "bfloat16",
         },
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "models": [{"model": base}, {"model": m1}],
+            "parameters": {"t": 0.002},
+        },
+        "sce": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": m1}, {"model": m2}, {"model": m3}],
+        },
+        "sce_select_topk": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": [{"model": m1}, {"model": m2}, {"model": m3}],
+            "parameters": {"select_topk": 0.3},
+        },
+        "karcher": {
+            "merge_method": "karcher",
+            "models": [{"model": m1}, {"model": m2}, {"model": m3}],
+        },
+        "karcher_few_steps": {
+            "merge_method": "karcher",
+            "models": [{"model": m1}, {"model": m2}, {"model": m3}],
+            "parameters": {"max_iter": 1, "tol": 1e-7},
+        },
         "passthrough": {
             "merge_method": "passthrough",
             "slices": [
@@ -186,6 +212,11 @@ def evomerge_merge(yaml_path: Path, out: Path) -> dict[str, torch.Tensor]:
         "catch_all_first_wins",
         "filters_fall_back_to_the_top_level",
         "task_arithmetic_normalised_out_bf16",
+        "nearswap",
+        "sce",
+        "sce_select_topk",
+        "karcher",
+        "karcher_few_steps",
         "passthrough",
     ],
 )
@@ -241,8 +272,8 @@ def test_slices_become_a_layer_stack(tiny_family, tmp_path):
     "config,message",
     [
         (
-            {"merge_method": "karcher", "models": [{"model": "a"}]},
-            "merge_method 'karcher' is not supported",
+            {"merge_method": "arcee_fusion", "models": [{"model": "a"}, {"model": "b"}]},
+            "merge_method 'arcee_fusion' is not supported",
         ),
         (
             {"merge_method": "ties", "models": [{"model": "a"}, {"model": "b"}]},

@@ -61,8 +61,13 @@ def test_registry_lists_every_technique_with_its_traits():
         "della_linear",
         "model_stock",
         "passthrough",
+        "nearswap",
+        "sce",
+        "karcher",
     }
     assert expected == set(MERGE_TECHNIQUES)
+    assert get_technique("nearswap").needs_base and get_technique("nearswap").max_inputs == 1
+    assert get_technique("sce").needs_base and not get_technique("karcher").needs_base
     assert get_technique("ties").needs_base and not get_technique("ties").randomized
     assert get_technique("dare_ties").randomized and get_technique("della").randomized
     assert not get_technique("linear").needs_base
@@ -754,3 +759,19 @@ def test_the_device_path_of_the_trim_gives_the_same_bits(case, monkeypatch):
     assert sparsify.magnitude_cut(x, [max(1, s // 4) for s in sizes], parts) == expected
     assert sparsify.magnitude_cut(x, [max(1, s // 4) for s in sizes], parts, ranked) == expected
     assert torch.equal(sparsify.sort_segments(x, parts, torch.empty_like(x)), ranked)
+
+
+def test_nearswap_takes_small_differences_whole_and_large_ones_by_t():
+    deltas = torch.tensor([[0.001, -0.01, 0.0]])
+    merged = run("nearswap", deltas, t=0.002)  # min(1, t/|δ|)·δ
+    assert close(merged, [0.001, -0.002, 0.0], tol=1e-9)
+
+
+def test_sce_weights_models_by_energy_and_erases_the_minority_sign():
+    deltas = torch.tensor([[1.0, -1.0], [3.0, 1.0]])
+    # energies 1 and 5 → shares 1/6, 5/6; the sums [4, 0] elect + for both entries
+    merged = run("sce", deltas)
+    assert close(merged, [(1 / 6 + 3 * 5 / 6) / 1.0, 1.0], tol=1e-6)
+    # select_topk 0.5 keeps the one entry of largest variance in every model
+    spread = torch.tensor([[1.0, 0.0], [3.0, 4.0]])  # variances 1 and 4: entry 1 is kept
+    assert close(run("sce", spread, select_topk=0.5), [0.0, 4.0], tol=1e-6)

@@ -84,7 +84,17 @@ def load_recipe_file(path: str | Path, *, layer_count: Any = None) -> RecipeDocu
 # -- mergekit --------------------------------------------------------------------------------------
 
 _PER_MODEL = ("weight", "density", "gamma", "epsilon")
-_SHARED = ("normalize", "lambda", "t", "rescale", "filter_wise", "int8_mask")
+_SHARED = (
+    "normalize",
+    "lambda",
+    "t",
+    "rescale",
+    "filter_wise",
+    "int8_mask",
+    "select_topk",
+    "max_iter",
+    "tol",
+)
 _TOP_KEYS = {
     "merge_method",
     "base_model",
@@ -215,9 +225,9 @@ def _merge_node(
     per_model_keys = {k for _, p in entries for k in p} | {k for k in params if k in _PER_MODEL}
     if any(p.name == "weight" for p in tech.params):
         per_model_keys.add("weight")  # required by mergekit: a missing one is an error
-    if method == "slerp" and "t" not in params:
+    if method in ("slerp", "nearswap") and "t" not in params:
         raise ConfigurationError(
-            f"{origin}: slerp needs parameters: {{t: …}} (mergekit requires it)"
+            f"{origin}: {method} needs parameters: {{t: …}} (mergekit requires it)"
         )
     for key in sorted(per_model_keys):
         if key not in _PER_MODEL:

@@ -744,6 +744,99 @@ def model_stock(deltas: Tensor, *, filter_wise: bool) -> Tensor:
     return t.reshape(-1, *([1] * (mean.dim() - 1))) * mean
 
 
+@technique(
+    "nearswap",
+    params=[Param("t", 1e-4, 0.0, _BIG, search=(0.0, 0.01))],
+    needs_base=True,
+    min_inputs=1,
+    max_inputs=1,
+    paper="huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001 (NearSwap)",
+    mergekit_defaults={},
+)
+def nearswap(deltas: Tensor, *, t: float) -> Tensor:
+    """NearSwap: the model's value where it lies within ``t`` of the base, else a step of ``t``.
+
+    Each entry moves from the base towards the model by ``min(1, t / |δ|)`` of its task vector
+    (|δ| floored at 1e-6): small differences are taken whole, large ones by ``t`` only.
+    """
+    delta = deltas[0]
+    return (t / delta.abs().clamp(min=1e-6)).clamp(max=1.0) * delta
+
+
+@technique(
+    "sce",
+    params=[Param("select_topk", 1.0, 0.0, 1.0, search=(0.1, 1.0), sparsity=True)],
+    needs_base=True,
+    paper="arXiv:2408.07990 (FuseChat: select, calculate, erase)",
+    mergekit_defaults={"select_topk": 1.0},
+)
+def sce(deltas: Tensor, *, select_topk: float) -> Tensor:
+    """SCE: keep the entries where the task vectors disagree most, weight each model by its
+    task vector's energy, drop the minority sign, average what is left.
+
+    *Select*: with ``select_topk`` < 1 only the ``int(select_topk · n)`` entries of largest
+    variance across the models (n: entries of non-zero variance) are kept, in every model.
+    *Calculate*: model i's weight is the mean of its (selected) δᵢ², over the whole tensor,
+    as a share of the models' sum (equal shares when that sum is below 1e-6). *Erase*: an entry
+    counts only where its sign matches the sign of the entries' sum (≥ 0 counts as +). The
+    result is Σ wᵢ·δᵢ over the counted entries divided by Σ wᵢ over them (floored at 1e-6).
+    """
+    if select_topk < 1.0:
+        keep = torch.zeros(deltas.shape[1:], dtype=torch.bool, device=deltas.device)
+        spread = deltas.var(dim=0, unbiased=False)
+        count = int(int(torch.count_nonzero(spread)) * select_topk) if select_topk > 0 else 0
+        if count > 0:
+            keep.view(-1)[spread.reshape(-1).topk(count).indices] = True
+        deltas = deltas * keep
+    energy = deltas.reshape(deltas.shape[0], -1).square().mean(dim=1)
+    total = float(energy.sum())
+    shares = energy / total if abs(total) >= 1e-6 else torch.full_like(energy, 1 / len(energy))
+    majority = torch.where(deltas.sum(dim=0) >= 0, 1.0, -1.0).to(deltas.dtype)
+    counted = (deltas.sign() == majority) * shares.reshape(-1, *[1] * (deltas.dim() - 1))
+    return (deltas * counted).sum(dim=0) / counted.sum(dim=0).clamp(min=1e-6)
+
+
+@technique(
+    "karcher",
+    params=[Param("max_iter", 10, 1, 10_000), Param("tol", 1e-5, 0.0, 1.0)],
+    needs_base=False,
+    min_inputs=1,
+    paper="arXiv:2603.04972 (Karcher mean merging)",
+    mergekit_defaults={},
+)
+def karcher(tensors: Tensor, *, max_iter: float, tol: float) -> Tensor:
+    """Karcher mean: the point on the unit sphere closest, by angle, to every model's direction,
+    scaled by the models' mean norm.
+
+    Each flattened tensor is split into norm and direction; directions of norm ≤ ``tol`` are
+    left out. From their normalised mean, up to ``max_iter`` Riemannian gradient steps move the
+    estimate along the mean of the log maps θᵢ·(uᵢ − cos θᵢ·m)/sin θᵢ (terms with θᵢ < ``tol``
+    are zero), stopping when that step is shorter than ``tol``. Computed in float64.
+    """
+    count = tensors.shape[0]
+    if count == 1:
+        return tensors[0].clone()
+    flat = tensors.reshape(count, -1).double()
+    norms = flat.norm(dim=1)
+    valid = norms > tol
+    if not bool(valid.any()):
+        return torch.zeros_like(tensors[0])
+    units = flat[valid] / norms[valid, None]
+    mean = units.mean(dim=0)
+    mean = units[0].clone() if float(mean.norm()) < tol else mean / mean.norm()
+    for _ in range(int(max_iter)):
+        cosines = (units @ mean).clamp(-1.0, 1.0)
+        angles = torch.arccos(cosines)
+        gains = torch.where(angles < tol, 0.0, angles / torch.sin(angles).clamp(min=1e-300))
+        step = (gains[:, None] * (units - cosines[:, None] * mean)).mean(dim=0)
+        length = float(step.norm())
+        if length < tol:
+            break
+        mean = math.cos(length) * mean + math.sin(length) * step / length
+        mean = mean / mean.norm()
+    return (norms.mean() * mean).to(tensors.dtype).reshape(tensors.shape[1:])
+
+
 # -- parameter values that vary by layer -----------------------------------------------------------
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head")
