@@ -296,9 +296,11 @@ def test_lower_performers_are_merged_into_new_nodes(counted_run):
     ]
     assert nested, "no merge of lower performers was bred"
     for record in nested:
-        assert record["recipe"]["type"] == "merge"
+        # a merge of their recipes, or (LOWER_STACK_RATE) a stack of their layers
+        assert record["recipe"]["type"] in ("merge", "layer_stack")
         parents = {p: evolution.records[p] for p in record["parents"]}
         assert all(p["generation"] < record["generation"] for p in parents.values())
+        assert record["recipe"]["inputs"] == [p["recipe"] for p in parents.values()]
 
 
 def test_the_spec_methods_are_views_that_never_change_the_run(tmp_path):

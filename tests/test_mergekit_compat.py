@@ -3,6 +3,7 @@ same tensors as mergekit itself does from the same file (mergekit is a test-only
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -11,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from agent_forge.evomerge.exceptions import ConfigurationError
 from agent_forge.evomerge.merger import AdvancedModelMerger
@@ -161,6 +162,75 @@ def configs(family: dict[str, Path]) -> dict[str, dict]:
             "models": [{"model": m1}, {"model": m2}, {"model": m3}],
             "parameters": {"max_iter": 1, "tol": 1e-7},
         },
+        "multislerp": {
+            "merge_method": "multislerp",
+            "base_model": base,
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.5}},
+                {"model": m2, "parameters": {"weight": 0.3}},
+                {"model": m3, "parameters": {"weight": 0.2}},
+            ],
+        },
+        "multislerp_without_base": {
+            "merge_method": "multislerp",
+            "models": [
+                {"model": m1, "parameters": {"weight": 1.0}},
+                {"model": m2, "parameters": {"weight": 2.0}},
+            ],
+        },
+        "nuslerp": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.3}},
+                {"model": m2, "parameters": {"weight": 0.7}},
+            ],
+        },
+        "nuslerp_columns_without_base": {
+            "merge_method": "nuslerp",
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.6}},
+                {"model": m2, "parameters": {"weight": 0.4}},
+            ],
+            "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+        },
+        "nuslerp_rows": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "models": [
+                {"model": m1, "parameters": {"weight": 0.5}},
+                {"model": m3, "parameters": {"weight": 0.5}},
+            ],
+            "parameters": {"nuslerp_flatten": False},
+        },
+        "arcee_fusion": {
+            "merge_method": "arcee_fusion",
+            "base_model": base,
+            "models": [{"model": base}, {"model": m1}],
+        },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": base,
+            "models": [{"model": m1}, {"model": m2}, {"model": m3}],
+            "parameters": {"epsilon": 0.02},  # δ ~ N(0, 0.02²): 0 to 3 models move each entry
+        },
+        "ram_defaults": {
+            "merge_method": "ram",
+            "base_model": base,
+            "models": [{"model": m1}, {"model": m2}],
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "models": [{"model": m1}, {"model": m2}, {"model": m3}],
+            "parameters": {"epsilon": 0.02, "r": 0.05, "alpha": 20.0},  # ρ ≈ 9: not clamped
+        },
+        "ramplus_tl_clamped": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "models": [{"model": m1}, {"model": m2}, {"model": m3}],
+            "parameters": {"epsilon": 0.02, "r": 0.5},
+        },
         "passthrough": {
             "merge_method": "passthrough",
             "slices": [
@@ -217,6 +287,16 @@ def evomerge_merge(yaml_path: Path, out: Path) -> dict[str, torch.Tensor]:
         "sce_select_topk",
         "karcher",
         "karcher_few_steps",
+        "multislerp",
+        "multislerp_without_base",
+        "nuslerp",
+        "nuslerp_columns_without_base",
+        "nuslerp_rows",
+        "arcee_fusion",
+        "ram",
+        "ram_defaults",
+        "ramplus_tl",
+        "ramplus_tl_clamped",
         "passthrough",
     ],
 )
@@ -230,6 +310,70 @@ def test_same_tensors_as_mergekit(name, mergekit_outputs, tmp_path):
             tensor_name,
             (ours[tensor_name] - tensor).abs().max(),
         )
+
+
+def _shifted_copy(base: Path, out: Path, delta: dict[str, torch.Tensor]) -> Path:
+    """A copy of the model at ``base`` with ``delta`` added to its tensors."""
+    shutil.copytree(base, out)
+    tensors = load_file(base / "model.safetensors")
+    save_file(
+        {k: v + delta[k] for k, v in tensors.items()},
+        out / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    return out
+
+
+def test_model_stock_with_opposed_task_vectors_matches_mergekit(tiny_family, tmp_path):
+    """Task vectors pointing mostly opposite ways (cos ≈ -0.7): mergekit's t is negative, and
+    EvoMerge's default follows it (``clamp_cosine`` would keep the base instead)."""
+    pytest.importorskip("mergekit", reason="mergekit is a test extra: pip install -e '.[test]'")
+    base = tiny_family["base"]
+    generator = torch.Generator().manual_seed(7)
+    tensors = load_file(base / "model.safetensors")
+    delta = {
+        k: 0.02 * torch.randn(v.shape, generator=generator) for k, v in sorted(tensors.items())
+    }
+    wobble = {
+        k: 0.02 * torch.randn(v.shape, generator=generator) for k, v in sorted(tensors.items())
+    }
+    first = _shifted_copy(base, tmp_path / "first", delta)
+    opposed = {k: wobble[k] - delta[k] for k in delta}
+    second = _shifted_copy(base, tmp_path / "second", opposed)
+    config = {
+        "merge_method": "model_stock",
+        "base_model": str(base),
+        "models": [{"model": str(first)}, {"model": str(second)}],
+        "dtype": "float32",
+    }
+    path = tmp_path / "model_stock.yaml"
+    path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "mergekit-out"
+    subprocess.run(
+        [sys.executable, "-c", RUN_MERGEKIT, str(path), str(out)], check=True, capture_output=True
+    )
+    theirs = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    ours = evomerge_merge(path, tmp_path / "ours")
+    base_tensors = load_file(base / "model.safetensors")
+    stepped_away = 0
+    for name, tensor in theirs.items():
+        assert torch.allclose(ours[name], tensor, rtol=1e-5, atol=1e-6), name
+        mean = (delta[name] + opposed[name]) / 2
+        stepped_away += int(((tensor - base_tensors[name]) * mean).sum() < 0)
+    assert stepped_away == len(theirs)  # t < 0 in every tensor: the case the clamp changes
+
+
+def test_a_bfloat16_yaml_is_computed_in_float32_and_rounded_once(tiny_family, tmp_path):
+    """A deliberate difference: mergekit computes a ``dtype: bfloat16`` merge in bfloat16."""
+    config = configs(tiny_family)["ties"]
+    merged = {}
+    for dtype in ("float32", "bfloat16"):
+        path = tmp_path / f"{dtype}.yaml"
+        path.write_text(yaml.safe_dump({**config, "dtype": dtype}))
+        merged[dtype] = evomerge_merge(path, tmp_path / dtype)
+    for name, tensor in merged["bfloat16"].items():
+        assert tensor.dtype == torch.bfloat16
+        assert torch.equal(tensor, merged["float32"][name].to(torch.bfloat16)), name
 
 
 def test_mergekit_defaults_fill_what_the_yaml_leaves_out(tiny_family, tmp_path):
@@ -272,8 +416,8 @@ def test_slices_become_a_layer_stack(tiny_family, tmp_path):
     "config,message",
     [
         (
-            {"merge_method": "arcee_fusion", "models": [{"model": "a"}, {"model": "b"}]},
-            "merge_method 'arcee_fusion' is not supported",
+            {"merge_method": "frankenmerge", "models": [{"model": "a"}, {"model": "b"}]},
+            "merge_method 'frankenmerge' is not supported",
         ),
         (
             {"merge_method": "ties", "models": [{"model": "a"}, {"model": "b"}]},

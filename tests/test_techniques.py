@@ -64,8 +64,16 @@ def test_registry_lists_every_technique_with_its_traits():
         "nearswap",
         "sce",
         "karcher",
+        "multislerp",
+        "nuslerp",
+        "arcee_fusion",
+        "ram",
+        "ramplus_tl",
     }
     assert expected == set(MERGE_TECHNIQUES)
+    assert get_technique("multislerp").base_optional and get_technique("nuslerp").base_optional
+    assert not get_technique("multislerp").needs_base and get_technique("ram").needs_base
+    assert get_technique("arcee_fusion").base_first and get_technique("slerp").base_first
     assert get_technique("nearswap").needs_base and get_technique("nearswap").max_inputs == 1
     assert get_technique("sce").needs_base and not get_technique("karcher").needs_base
     assert get_technique("ties").needs_base and not get_technique("ties").randomized
@@ -548,9 +556,18 @@ def test_model_stock_interpolation_ratio_by_hand():
     assert close(run("model_stock", [[1.0, 0.0], [1.0, 1.0]]), [t * 1.0, t * 0.5])
 
 
+def test_model_stock_steps_away_from_opposed_task_vectors_as_mergekit_does():
+    # offsets [1, 0] and [-1, 0.5]: cos = -1/√1.25, N = 2 → t = 2c/(1+c) ≈ -16.9; mean [0, 0.25]
+    c = -1 / math.sqrt(1.25)
+    t = 2 * c / (1 + c)
+    assert close(run("model_stock", [[1.0, 0.0], [-1.0, 0.5]]), [0.0, t * 0.25], tol=1e-5)
+    # cos = -1: the denominator vanishes, t = 0 keeps the base
+    assert close(run("model_stock", [[1.0, 0.0], [-2.0, 0.0]]), [0.0, 0.0])
+
+
 @pytest.mark.parametrize("second", [[0.0, 1.0], [-1.0, 0.5]])
-def test_model_stock_non_positive_cosine_keeps_the_base(second):
-    assert close(run("model_stock", [[1.0, 0.0], second]), [0.0, 0.0])
+def test_model_stock_clamp_cosine_keeps_the_base_where_task_vectors_share_no_direction(second):
+    assert close(run("model_stock", [[1.0, 0.0], second], clamp_cosine=True), [0.0, 0.0])
 
 
 def test_model_stock_three_models_by_hand():
@@ -775,3 +792,56 @@ def test_sce_weights_models_by_energy_and_erases_the_minority_sign():
     # select_topk 0.5 keeps the one entry of largest variance in every model
     spread = torch.tensor([[1.0, 0.0], [3.0, 4.0]])  # variances 1 and 4: entry 1 is kept
     assert close(run("sce", spread, select_topk=0.5), [0.0, 4.0], tol=1e-6)
+
+
+def test_multislerp_scales_the_weighted_mean_direction_by_the_weighted_mean_norm():
+    stack = [[3.0, 0.0], [0.0, 1.0]]  # directions e₁, e₂; norms 3 and 1
+    direction = torch.tensor([0.75, 0.25]) / math.hypot(0.75, 0.25)
+    merged = run("multislerp", stack, weight=[3.0, 1.0])  # weights normalised to 0.75, 0.25
+    assert close(merged, (2.5 * direction).tolist(), tol=1e-6)  # 0.75·3 + 0.25·1 = 2.5
+
+
+def test_multislerp_falls_back_to_the_weighted_sum_where_directions_cancel():
+    """A deliberate difference: mergekit raises here for three or more models."""
+    stack = [[1.0, 0.0], [-2.0, 0.0], [0.0, 0.0]]
+    assert close(run("multislerp", stack, weight=[1.0, 1.0, 1.0]), [-1 / 3, 0.0], tol=1e-6)
+
+
+def test_nuslerp_interpolates_on_the_arc_and_linearly_when_collinear():
+    half = math.sin(math.pi / 4)  # t = 1/(1+1): the arc's midpoint between e₁ and e₂
+    assert close(run("nuslerp", [[1.0, 0.0], [0.0, 1.0]], weight=[1.0, 1.0]), [half, half])
+    rows = [[[1.0, 0.0], [2.0, 0.0]], [[0.0, 1.0], [4.0, 0.0]]]  # row 1 collinear: linear
+    merged = run("nuslerp", rows, weight=[1.0, 1.0], nuslerp_flatten=False)
+    assert close(merged, [[half, half], [3.0, 0.0]], tol=1e-6)
+    # t = 3/4 towards the second, column by column: column 0 goes (1, 0) → (0, 1), the arc at
+    # 3/4 of 90°; column 1 goes (2, 0) → (4, 0), collinear: 2 + 3/4 · 2
+    columns = [[[1.0, 2.0], [0.0, 0.0]], [[0.0, 4.0], [1.0, 0.0]]]
+    merged = run(
+        "nuslerp", columns, weight=[1.0, 3.0], nuslerp_flatten=False, nuslerp_row_wise=True
+    )
+    expected = [[math.cos(3 * math.pi / 8), 3.5], [math.sin(3 * math.pi / 8), 0.0]]
+    assert close(merged, expected, tol=1e-6)
+
+
+def test_ram_averages_the_models_that_move_an_entry_and_ramplus_amplifies_unique_moves():
+    deltas = [[0.5, 0.0, 0.2], [0.3, 0.0, 0.0]]  # entry 0 shared, entry 2 model 0's alone
+    assert close(run("ram", deltas), [0.4, 0.0, 0.2], tol=1e-7)
+    # model 0: 1 shared, 1 unique → ρ = 1, λ = 1 + 0.5·min(1, 0.2) = 1.1
+    assert close(run("ramplus_tl", deltas, r=0.5), [0.4, 0.0, 0.22], tol=1e-7)
+    assert close(run("ramplus_tl", deltas, r=0.5, alpha=2.0), [0.4, 0.0, 0.3], tol=1e-7)
+
+
+def test_arcee_fusion_takes_exact_quartiles_even_past_mergekits_sample_size():
+    """A deliberate difference: mergekit samples 1M entries of a larger tensor at random."""
+    generator = torch.Generator().manual_seed(3)
+    reference = torch.randn(1100, 1000, generator=generator)  # 1.1M entries
+    model = reference + 0.1 * torch.randn(1100, 1000, generator=generator)
+    p, q = torch.softmax(model, dim=-1) + 1e-8, torch.softmax(reference, dim=-1) + 1e-8
+    importance = (model - reference).abs() * (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    ranked = importance.reshape(-1).sort().values
+    n = ranked.numel() - 1
+    q1, median, q3 = ranked[n // 4], ranked[n // 2], ranked[3 * n // 4]
+    expected = torch.where(importance >= median + 1.5 * (q3 - q1), model, reference)
+    merged = run("arcee_fusion", [reference, model])
+    assert torch.equal(merged, expected)
+    assert 0 < int((merged != reference).sum()) < merged.numel()

@@ -316,8 +316,9 @@ class RecipeGraph:
         added."""
         tech = get_technique(node.technique)
         location = self._location(node, names[0]) if is_layer_dependent(tech, node.params) else None
-        base, stack, resident = self._operands(node, names, tech.needs_base, shared)  # (N,), (M, N)
-        if resident and (base is not None or not tech.needs_base):
+        uses_base = tech.needs_base or (tech.base_optional and node.base is not None)
+        base, stack, resident = self._operands(node, names, uses_base, shared)  # (N,), (M, N)
+        if resident and (base is not None or not uses_base):
             if self._fused_into(node, tech, names, location, stack, base, out):
                 return
         self._technique_into(node, tech, names, location, stack, resident, out)

@@ -110,9 +110,7 @@ def technique_recipe(
     if tech.max_inputs is not None and len(inputs) > tech.max_inputs:
         order = rng.permutation(len(inputs))[: tech.max_inputs]
         inputs = [inputs[i] for i in sorted(order)]
-    genome = ParamsGenome(
-        technique, inputs, space.base_node if tech.needs_base else None, seed=new_seed(rng)
-    )
+    genome = ParamsGenome(technique, inputs, tech.base_for(space.base_node), seed=new_seed(rng))
     x = genome.initial()
     if not exact_defaults:
         x = _jitter(x, rng, 0.25)
@@ -353,7 +351,7 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
             if t not in ("passthrough", technique)
             and space.allows(t)
             and space.usable(t, len(inputs))
-            and (base_depth or not MERGE_TECHNIQUES[t].needs_base)
+            and (base_depth or not MERGE_TECHNIQUES[t].takes_base)
         ]
         if options:
             technique = options[int(rng.integers(len(options)))]
@@ -386,9 +384,7 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
     seed = node.seed
     if tech.randomized and (seed is None or rng.random() < 0.2):
         seed = new_seed(rng)
-    base = node.base if tech.needs_base else None
-    if tech.needs_base and base is None:
-        base = space.base_node
+    base = tech.base_for(node.base or space.base_node)
     params = searched_params(tech, params, len(inputs))
     return Merge(technique, tuple(inputs), params, base, seed)
 

@@ -83,18 +83,8 @@ def load_recipe_file(path: str | Path, *, layer_count: Any = None) -> RecipeDocu
 
 # -- mergekit --------------------------------------------------------------------------------------
 
-_PER_MODEL = ("weight", "density", "gamma", "epsilon")
-_SHARED = (
-    "normalize",
-    "lambda",
-    "t",
-    "rescale",
-    "filter_wise",
-    "int8_mask",
-    "select_topk",
-    "max_iter",
-    "tol",
-)
+#: mergekit parameters EvoMerge reads and ignores (int8_mask: a storage option of mergekit's).
+_IGNORED = ("int8_mask",)
 _TOP_KEYS = {
     "merge_method",
     "base_model",
@@ -192,53 +182,58 @@ def _merge_node(
     depth: Any,
     origin: str,
 ) -> RecipeNode:
-    from .techniques import get_technique
+    from .techniques import MERGE_TECHNIQUES, get_technique
 
     tech = get_technique(method)
-    if method == "slerp":
+    if tech.base_first:
         if base is None:
-            raise ConfigurationError(f"{origin}: slerp needs base_model (the t = 0 end)")
+            raise ConfigurationError(f"{origin}: {method} needs base_model (its first input)")
         others = [name for name, _ in entries if name != base]
         if len(others) != 1:
             raise ConfigurationError(
-                f"{origin}: slerp merges base_model with exactly one other model"
+                f"{origin}: {method} merges base_model with exactly one other model"
             )
         inputs = [base, others[0]]
         entries = []
-    elif tech.needs_base:
+    elif tech.needs_base or (tech.base_optional and base is not None):
         if base is None:
             raise ConfigurationError(f"{origin}: {method} needs base_model")
         entries = [(n, p) for n, p in entries if n != base]
         inputs = [n for n, _ in entries]
     else:
         inputs = [n for n, _ in entries]
+    own = {p.name: p for p in tech.params}
+    known = {p.name for t in MERGE_TECHNIQUES.values() for p in t.params} | set(_IGNORED)
     params: dict[str, Any] = dict(tech.mergekit_defaults or {})
     for key, value in shared.items():
-        if key not in _SHARED and key not in _PER_MODEL:
+        if key not in known:
             raise ConfigurationError(f"{origin}: parameter {key!r} is not supported for {method}")
-        if key == "int8_mask":
+        if key not in own:  # another method's parameter: mergekit ignores it too
             continue
         method_default = params.get(key, _technique_default(tech, key))
         params[key] = _fall_back(
             key, _translate_value(key, value, depth, origin), method_default, origin
         )
-    per_model_keys = {k for _, p in entries for k in p} | {k for k in params if k in _PER_MODEL}
-    if any(p.name == "weight" for p in tech.params):
+    per_input = {name for name, p in own.items() if p.per_input}
+    per_model_keys = {k for _, p in entries for k in p} | (set(params) & per_input)
+    if "weight" in per_input:
         per_model_keys.add("weight")  # required by mergekit: a missing one is an error
     if method in ("slerp", "nearswap") and "t" not in params:
         raise ConfigurationError(
             f"{origin}: {method} needs parameters: {{t: …}} (mergekit requires it)"
         )
     for key in sorted(per_model_keys):
-        if key not in _PER_MODEL:
+        if key not in known or (key in own and key not in per_input):
             raise ConfigurationError(
                 f"{origin}: per-model parameter {key!r} is not supported for {method}"
             )
+        if key not in own:
+            continue
         fallback = params.get(key, 1.0 if key == "density" else None)
         values = []
         for name, given in entries:
             value = given.get(key, fallback)
-            if value is None and key == "weight" and any(p.name == key for p in tech.params):
+            if value is None and key == "weight":
                 raise ConfigurationError(
                     f"{origin}: model {name} has no weight, which mergekit requires for "
                     f"{method}; add parameters: {{weight: 1.0}} to it (or to the top level)"
@@ -246,8 +241,8 @@ def _merge_node(
             translated = _translate_value(key, value, depth, origin)
             values.append(_fall_back(key, translated, fallback, origin))
         params[key] = values
-    params = {k: v for k, v in params.items() if any(p.name == k for p in tech.params)}
-    node_base = Source(base) if tech.needs_base else None
+    params = {k: v for k, v in params.items() if k in own}
+    node_base = tech.base_for(Source(base)) if base is not None and not tech.base_first else None
     return Merge(method, [Source(n) for n in inputs], params, node_base, 0)
 
 

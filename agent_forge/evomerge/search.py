@@ -392,7 +392,7 @@ def make_strategy(
         genome = ParamsGenome(
             technique,
             space.sources,
-            space.base_node if tech.needs_base else None,
+            tech.base_for(space.base_node),
             groups=space.groups,
             seed=seed,
         )
@@ -403,7 +403,5 @@ def make_strategy(
                 f"merge_settings.merge_method = {method!r} needs base_model; set it (or --base)"
             )
         inputs = list(space.sources)[: tech.max_inputs or len(space.sources)]
-        genome = ParamsGenome(
-            method, inputs, space.base_node if tech.needs_base else None, seed=seed
-        )
+        genome = ParamsGenome(method, inputs, tech.base_for(space.base_node), seed=seed)
     return CMAESSearch(genome, space.evolution, seed, anchors)

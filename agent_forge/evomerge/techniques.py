@@ -165,6 +165,22 @@ class Technique:
     #: The defaults mergekit 0.1.x documents for its method of this name, where they differ
     #: from EvoMerge's (None: mergekit has no such method; a mergekit YAML naming it is refused).
     mergekit_defaults: Mapping[str, Any] | None = None
+    #: Works on task vectors when the recipe gives a base and on the models' tensors when it
+    #: does not (mergekit's optional base: multislerp, nuslerp). Only with ``needs_base=False``.
+    base_optional: bool = False
+    #: A mergekit YAML's ``base_model`` is the first input, not a base (slerp's t = 0 end,
+    #: arcee_fusion's reference).
+    base_first: bool = False
+
+    @property
+    def takes_base(self) -> bool:
+        """Whether a base given to the recipe enters the computation."""
+        return self.needs_base or self.base_optional
+
+    def base_for(self, base: Any) -> Any:
+        """The base a recipe node of this technique carries: ``base`` where it enters, else
+        None."""
+        return base if self.takes_base else None
 
     def param(self, name: str) -> Param:
         for param in self.params:
@@ -198,6 +214,8 @@ def technique(
     repair: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
     fusion: Fusion | None = None,
     mergekit_defaults: Mapping[str, Any] | None = None,
+    base_optional: bool = False,
+    base_first: bool = False,
 ) -> Callable[[Callable[..., Tensor]], Callable[..., Tensor]]:
     """Register a technique function under ``name`` (see the module docstring for the contract).
 
@@ -209,6 +227,8 @@ def technique(
     def register(fn: Callable[..., Tensor]) -> Callable[..., Tensor]:
         if name in MERGE_TECHNIQUES:
             raise ValueError(f"technique {name!r} registered twice")
+        if base_optional and needs_base:
+            raise ValueError(f"technique {name!r}: base_optional needs needs_base=False")
         summary = (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else ""
         MERGE_TECHNIQUES[name] = Technique(
             name,
@@ -226,6 +246,8 @@ def technique(
             repair,
             fusion,
             mergekit_defaults,
+            base_optional,
+            base_first,
         )
         return fn
 
@@ -412,6 +434,7 @@ def linear(
     max_inputs=2,
     paper="Shoemake 1985; used for model merging by mergekit",
     mergekit_defaults={},
+    base_first=True,
 )
 def slerp(tensors: Tensor, *, t: float, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
     """Spherical interpolation of two tensors, flattened; linear when nearly collinear or ~0."""
@@ -715,19 +738,21 @@ def _della_variants(
 
 @technique(
     "model_stock",
-    params=[Param("filter_wise", False)],
+    params=[Param("filter_wise", False), Param("clamp_cosine", False)],
     needs_base=True,
     min_inputs=2,
     paper="arXiv:2403.19522",
     mergekit_defaults={"filter_wise": False},
 )
-def model_stock(deltas: Tensor, *, filter_wise: bool) -> Tensor:
+def model_stock(deltas: Tensor, *, filter_wise: bool, clamp_cosine: bool = False) -> Tensor:
     """Model Stock: move from the base towards the mean by t = N·cos / (1 + (N−1)·cos).
 
     ``cos`` is the mean pairwise cosine of the task vectors (per row with ``filter_wise``).
-    The result is ``t·mean(θᵢ) + (1−t)·θ_base``, returned here as ``t·mean(δᵢ)``. When
-    ``cos ≤ 0`` the task vectors share no direction and the formula would step away from the
-    base (or divide by zero at cos = −1/(N−1)); we then take t = 0 and keep the base.
+    The result is ``t·mean(θᵢ) + (1−t)·θ_base``, returned here as ``t·mean(δᵢ)``; t = 0 (the
+    base) where the denominator is within 1e-6 of 0, as in mergekit. With a negative ``cos``
+    the formula steps *away* from the models' mean (t < 0: the task vectors share no
+    direction, so the paper's geometry does not hold); ``clamp_cosine`` takes cos ≤ 0 as 0
+    there, which keeps the base instead.
     """
     count = deltas.shape[0]
     rows = deltas.shape[1] if filter_wise and deltas.dim() > 2 else 1
@@ -738,8 +763,12 @@ def model_stock(deltas: Tensor, *, filter_wise: bool) -> Tensor:
         for j in range(i + 1, count):
             dot = (flat[i] * flat[j]).sum(dim=-1)
             cosines.append((dot / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1.0, 1.0))
-    cos = torch.stack(cosines).mean(dim=0).clamp(min=0.0)  # (rows,)
-    t = count * cos / (1 + (count - 1) * cos)
+    cos = torch.stack(cosines).mean(dim=0)  # (rows,)
+    if clamp_cosine:
+        cos = cos.clamp(min=0.0)
+    denominator = 1 + (count - 1) * cos
+    singular = denominator.abs() < 1e-6
+    t = torch.where(singular, 0.0, count * cos / torch.where(singular, 1.0, denominator))
     mean = deltas.mean(dim=0)
     return t.reshape(-1, *([1] * (mean.dim() - 1))) * mean
 
@@ -835,6 +864,170 @@ def karcher(tensors: Tensor, *, max_iter: float, tol: float) -> Tensor:
         mean = math.cos(length) * mean + math.sin(length) * step / length
         mean = mean / mean.norm()
     return (norms.mean() * mean).to(tensors.dtype).reshape(tensors.shape[1:])
+
+
+@technique(
+    "multislerp",
+    params=[WEIGHT, Param("normalize_weights", True), Param("eps", 1e-8, 0.0, 1.0)],
+    needs_base=False,
+    base_optional=True,
+    paper="goddard.blog/posts/multislerp-wow-what-a-cool-idea (Multi-SLERP)",
+    mergekit_defaults={},
+)
+def multislerp(
+    tensors: Tensor, *, weight: Sequence[float], normalize_weights: bool, eps: float
+) -> Tensor:
+    """Multi-SLERP: the weighted mean direction of any number of tensors (task vectors where
+    there is a base), scaled by their weighted mean norm.
+
+    Each flattened tensor becomes a direction uᵢ = xᵢ / (‖xᵢ‖ + eps); the result is
+    Σ wᵢ‖xᵢ‖ · m with m = Σ wᵢuᵢ / ‖Σ wᵢuᵢ‖, weights divided by their sum when
+    ``normalize_weights``. (mergekit also maps the weighted mean of the tangent parts
+    uᵢ − (uᵢ·m)m back through the exponential map at m; that mean is zero by construction, so
+    the step changes nothing beyond rounding.) Where the directions cancel (‖Σ wᵢuᵢ‖ < eps,
+    e.g. tensors no model changed) the result is Σ wᵢxᵢ; mergekit raises there for three or
+    more models.
+    """
+    count = tensors.shape[0]
+    if count == 1:
+        return tensors[0].clone()
+    flat = tensors.reshape(count, -1)
+    weights = torch.tensor(weight, dtype=flat.dtype, device=flat.device)
+    if normalize_weights:
+        weights = weights / weights.sum()
+    norms = flat.norm(dim=1)
+    mean = (weights[:, None] * flat / (norms[:, None] + eps)).sum(dim=0)
+    mean_norm = float(mean.norm())
+    if mean_norm < eps:
+        return (weights[:, None] * flat).sum(dim=0).reshape(tensors.shape[1:])
+    return ((norms * weights).sum() / mean_norm * mean).reshape(tensors.shape[1:])
+
+
+@technique(
+    "nuslerp",
+    params=[WEIGHT, Param("nuslerp_row_wise", False), Param("nuslerp_flatten", True)],
+    needs_base=False,
+    base_optional=True,
+    min_inputs=2,
+    max_inputs=2,
+    paper="mergekit's NuSLERP (SLERP with t = w₂ / (w₁ + w₂), rows or columns optional)",
+    mergekit_defaults={},
+)
+def nuslerp(
+    tensors: Tensor,
+    *,
+    weight: Sequence[float],
+    nuslerp_row_wise: bool,
+    nuslerp_flatten: bool,
+) -> Tensor:
+    """NuSLERP: spherical interpolation of two tensors (task vectors where there is a base) at
+    t = w₂ / (w₁ + w₂) (0.5 when the weights sum to ~0), over the whole tensor, or row by row
+    (``nuslerp_flatten`` false), or column by column (``nuslerp_row_wise`` too).
+
+    sin((1−t)θ)/sin θ · a + sin(tθ)/sin θ · b with θ the angle between a and b (their norms
+    floored at 1e-7); linear where 1 − cos²θ ≤ 1e-16.
+    """
+    total = float(weight[0]) + float(weight[1])
+    t = 0.5 if abs(total) < 1e-6 else float(weight[1]) / total
+    first, second = tensors[0], tensors[1]
+    if nuslerp_flatten:
+        first, second = first.reshape(-1), second.reshape(-1)
+    elif nuslerp_row_wise and first.dim() > 1:
+        first, second = first.transpose(0, -1), second.transpose(0, -1)
+    unit_a = first / first.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    unit_b = second / second.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cosine = (unit_a * unit_b).sum(dim=-1, keepdim=True).clamp(-1.0, 1.0)
+    collinear = (1 - cosine.square()) <= 1e-16
+    theta = torch.acos(torch.where(collinear, 0.0, cosine))
+    curved = (torch.sin((1 - t) * theta) * first + torch.sin(t * theta) * second) / torch.sin(theta)
+    result = torch.where(collinear, (1 - t) * first + t * second, curved)
+    if not nuslerp_flatten and nuslerp_row_wise and tensors.dim() > 2:
+        result = result.transpose(0, -1)
+    return result.reshape(tensors.shape[1:])
+
+
+def _quantile_at(values: Tensor, q_num: int, q_den: int) -> Tensor:
+    """The entry at index ⌊q·(n − 1)⌋ of ``values`` sorted (q = q_num / q_den, exact)."""
+    flat = values.reshape(-1)
+    return flat.kthvalue(q_num * (flat.numel() - 1) // q_den + 1).values
+
+
+@technique(
+    "arcee_fusion",
+    needs_base=False,
+    min_inputs=2,
+    max_inputs=2,
+    base_first=True,
+    paper="arcee.ai (Arcee Fusion: importance = |δ| · KL of the rows' softmax)",
+    mergekit_defaults={},
+)
+def arcee_fusion(tensors: Tensor) -> Tensor:
+    """Arcee Fusion: the first input (the reference) with the second's changes where they
+    matter most.
+
+    An entry's importance is |θ₂ − θ₁| times its row's KL(softmax(θ₂) ‖ softmax(θ₁)) (rows:
+    the last dimension, 1e-8 added to both distributions). Changes whose importance reaches
+    median + 1.5 · (q₃ − q₁) of the tensor's importances are kept, the rest dropped. Quartiles
+    are exact order statistics (mergekit samples a million entries of larger tensors at
+    random, so its result there is not reproducible).
+    """
+    reference, model = tensors[0], tensors[1]
+    p = torch.softmax(model, dim=-1) + 1e-8
+    q = torch.softmax(reference, dim=-1) + 1e-8
+    divergence = (p * torch.log(p / q)).sum(dim=-1, keepdim=True)
+    importance = (model - reference).abs() * divergence
+    q1, median, q3 = (_quantile_at(importance, k, 4) for k in (1, 2, 3))
+    keep = importance >= median + 1.5 * (q3 - q1)
+    return reference + (model - reference) * keep
+
+
+def _ram_masks(deltas: Tensor, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
+    """RAM's masks: where each task vector moves more than ``epsilon``, how many do at each
+    entry, and where exactly one does."""
+    moved = deltas.abs() > epsilon
+    movers = moved.sum(dim=0)
+    return moved, movers, movers == 1
+
+
+@technique(
+    "ram",
+    params=[Param("epsilon", 1e-5, 0.0, 1.0)],
+    needs_base=True,
+    paper="arXiv:2601.13572 (Reinforced Agent Merging)",
+    mergekit_defaults={},
+)
+def ram(deltas: Tensor, *, epsilon: float) -> Tensor:
+    """RAM: each entry is the mean of the task vectors that move it (by more than
+    ``epsilon``); an entry one model alone moves keeps that model's change whole."""
+    moved, movers, _ = _ram_masks(deltas, epsilon)
+    return (deltas * moved).sum(dim=0) / movers.clamp(min=1)
+
+
+@technique(
+    "ramplus_tl",
+    params=[
+        Param("r", 0.1, 0.0, _BIG, search=(0.0, 0.5)),
+        Param("alpha", 0.2, 0.0, _BIG, search=(0.0, 1.0)),
+        Param("epsilon", 1e-5, 0.0, 1.0),
+    ],
+    needs_base=True,
+    paper="arXiv:2601.13572 (RAM+, tensor-local)",
+    mergekit_defaults={},
+)
+def ramplus_tl(deltas: Tensor, *, r: float, alpha: float, epsilon: float) -> Tensor:
+    """RAM+ (tensor-local): RAM, with each model's unique changes amplified by
+    λᵢ = 1 + r · clamp(ρᵢ, 0, alpha), ρᵢ = (its moved entries others move too) / (its moved
+    entries no other moves, floored at ``epsilon``), counted over the tensor."""
+    moved, movers, unique = _ram_masks(deltas, epsilon)
+    shared = movers > 1
+    flat_moved = moved.reshape(moved.shape[0], -1)
+    shared_counts = (flat_moved & shared.reshape(1, -1)).sum(dim=1)
+    unique_counts = (flat_moved & unique.reshape(1, -1)).sum(dim=1)
+    rho = shared_counts / unique_counts.clamp(min=epsilon)
+    gains = (1 + r * rho.clamp(min=0.0, max=alpha)).to(deltas.dtype)
+    moved_deltas = deltas * moved
+    gains = gains.reshape(-1, *[1] * (deltas.dim() - 1))
+    return (moved_deltas * (unique * gains + shared / movers.clamp(min=1))).sum(dim=0)
 
 
 # -- parameter values that vary by layer -----------------------------------------------------------

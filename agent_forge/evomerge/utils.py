@@ -92,7 +92,8 @@ def validate_merge_config(
         if tech.max_inputs is not None:
             inputs = inputs[: tech.max_inputs]
         params = {k: v for k, v in settings.parameters.items() if k != "seed"}
-        Merge(method, inputs, params, Source(config.base_model.name) if tech.needs_base else None)  # type: ignore[union-attr]
+        base = Source(config.base_model.name) if config.base_model is not None else None
+        Merge(method, inputs, params, tech.base_for(base))
     elif method in ("ps", "ps_dfs") and config.base_model is None:
         raise ConfigurationError(
             f"merge_settings.merge_method = {method!r} merges task vectors; "
