@@ -99,6 +99,28 @@ def save_tiny_llama(
     return path
 
 
+def save_perturbed_family(root: Path, tokenizer, config, names=("m1", "m2", "m3")) -> dict:
+    """A base of any architecture (random weights from ``config``, seed 0) and seeded
+    perturbations of it (N(0, 0.02²) per entry), saved as Hugging Face folders."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(config)
+    folders = {}
+    for index, name in enumerate(("base", *names)):
+        model = AutoModelForCausalLM.from_config(config)
+        model.load_state_dict(base.state_dict())
+        if index > 0:
+            noise = torch.Generator().manual_seed(index)
+            with torch.no_grad():
+                for param in model.parameters():
+                    param.add_(torch.randn(param.shape, generator=noise) * 0.02)
+        folders[name] = root / name
+        model.save_pretrained(folders[name])
+        tokenizer.save_pretrained(folders[name])
+    return folders
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return train_tiny_tokenizer()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import save_perturbed_family
 
 QUICK = ["--generations", "1", "--population", "4", "--fitness-sample-size", "8", "--quiet"]
 
@@ -17,7 +18,7 @@ QUICK = ["--generations", "1", "--population", "4", "--fitness-sample-size", "8"
 def save_gpt2_family(root: Path, tokenizer) -> dict[str, Path]:
     """A tiny GPT-2 (``n_layer``, ``h.N`` blocks, Conv1D weights, tied head) and three seeded
     perturbations of it."""
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2Config
 
     config = GPT2Config(
         vocab_size=len(tokenizer),
@@ -29,21 +30,7 @@ def save_gpt2_family(root: Path, tokenizer) -> dict[str, Path]:
         eos_token_id=0,
         pad_token_id=1,
     )
-    torch.manual_seed(0)
-    base = GPT2LMHeadModel(config)
-    folders = {}
-    for index, name in enumerate(("base", "m1", "m2", "m3")):
-        model = GPT2LMHeadModel(config)
-        model.load_state_dict(base.state_dict())
-        if index > 0:
-            noise = torch.Generator().manual_seed(index)
-            with torch.no_grad():
-                for param in model.parameters():
-                    param.add_(torch.randn(param.shape, generator=noise) * 0.02)
-        folders[name] = root / name
-        model.save_pretrained(folders[name])
-        tokenizer.save_pretrained(folders[name])
-    return folders
+    return save_perturbed_family(root, tokenizer, config)
 
 
 def test_gpt2_runs_ps_dfs_and_reloads(tmp_path, tiny_tokenizer):

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import save_perturbed_family
 from safetensors.torch import load_file, save_file
 
 from agent_forge.evomerge.exceptions import ConfigurationError
@@ -125,6 +126,41 @@ def configs(family: dict[str, Path]) -> dict[str, dict]:
                 {"model": m2, "parameters": {"density": [{"filter": "self_attn", "value": 0.3}]}},
             ],
             "parameters": {"weight": 0.5, "density": 0.7},
+        },
+        # mergekit matches a filter as a substring of the tensor name: on a Llama "attention"
+        # is only post_attention_layernorm, "norm" every norm, "mlp.gate" only gate_proj
+        **{
+            f"filter_{label}": {
+                "merge_method": "task_arithmetic",
+                "base_model": base,
+                "models": [
+                    {
+                        "model": m1,
+                        "parameters": {"weight": [{"filter": f, "value": 2.0}, {"value": 0.5}]},
+                    },
+                    {"model": m2, "parameters": {"weight": 0.4}},
+                ],
+            }
+            for label, f in (("attention", "attention"), ("norm", "norm"), ("mlp_gate", "mlp.gate"))
+        },
+        "filters_in_order_first_match_wins": {  # q_proj is in self_attn: it never gets 3.0
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [
+                {
+                    "model": m1,
+                    "parameters": {
+                        "weight": [
+                            {"filter": "self_attn", "value": 0.2},
+                            {"filter": "q_proj", "value": 3.0},
+                            {"filter": "layers.1.", "value": 1.5},
+                        ],
+                        "density": [{"filter": "q_proj", "value": 0.3}, {"value": 0.8}],
+                    },
+                },
+                {"model": m2, "parameters": {"weight": 0.4}},
+            ],
+            "parameters": {"weight": [{"filter": "mlp", "value": 0.7}, {"value": 0.6}]},
         },
         "task_arithmetic_normalised_out_bf16": {
             "merge_method": "task_arithmetic",
@@ -281,6 +317,10 @@ def evomerge_merge(yaml_path: Path, out: Path) -> dict[str, torch.Tensor]:
         "slerp_base_listed_second",
         "catch_all_first_wins",
         "filters_fall_back_to_the_top_level",
+        "filter_attention",
+        "filter_norm",
+        "filter_mlp_gate",
+        "filters_in_order_first_match_wins",
         "task_arithmetic_normalised_out_bf16",
         "nearswap",
         "sce",
@@ -310,6 +350,66 @@ def test_same_tensors_as_mergekit(name, mergekit_outputs, tmp_path):
             tensor_name,
             (ours[tensor_name] - tensor).abs().max(),
         )
+
+
+def mergekit_merge(config: dict, root: Path) -> tuple[Path, dict[str, torch.Tensor]]:
+    """``config`` written as a float32 YAML under ``root``, and mergekit's merge of it."""
+    path = root / "mergekit.yaml"
+    path.write_text(yaml.safe_dump({**config, "dtype": "float32"}))
+    out = root / "mergekit-out"
+    subprocess.run(
+        [sys.executable, "-c", RUN_MERGEKIT, str(path), str(out)], check=True, capture_output=True
+    )
+    return path, {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen3_family(tmp_path_factory, tiny_tokenizer):
+    from transformers import Qwen3Config
+
+    config = Qwen3Config(
+        vocab_size=len(tiny_tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=1,
+    )
+    return save_perturbed_family(tmp_path_factory.mktemp("qwen3"), tiny_tokenizer, config)
+
+
+@pytest.mark.parametrize("target", ["q_norm", "self_attn"])
+def test_qwen3_filters_reach_q_norm_as_in_mergekit(target, tiny_qwen3_family, tmp_path):
+    """Qwen3's q_norm/k_norm sit inside self_attn: a "self_attn" filter reaches them (they are
+    norms by component), a "q_norm" filter reaches only q_norm."""
+    pytest.importorskip("mergekit", reason="mergekit is a test extra: pip install -e '.[test]'")
+    family = {k: str(v) for k, v in tiny_qwen3_family.items()}
+    weight = [{"filter": target, "value": 2.0}, {"value": 0.5}]
+    config = {
+        "merge_method": "task_arithmetic",
+        "base_model": family["base"],
+        "models": [
+            {"model": family["m1"], "parameters": {"weight": weight}},
+            {"model": family["m2"], "parameters": {"weight": 0.4}},
+        ],
+    }
+    path, theirs = mergekit_merge(config, tmp_path)
+    ours = evomerge_merge(path, tmp_path / "ours")
+    assert set(ours) == set(theirs)
+    for name, tensor in theirs.items():
+        assert torch.allclose(ours[name], tensor, rtol=1e-5, atol=1e-6), name
+    base = load_file(Path(family["base"]) / "model.safetensors")
+    m1 = load_file(Path(family["m1"]) / "model.safetensors")
+    m2 = load_file(Path(family["m2"]) / "model.safetensors")
+    q_norm = "model.layers.0.self_attn.q_norm.weight"
+    expected = base[q_norm] + 2.0 * (m1[q_norm] - base[q_norm]) + 0.4 * (m2[q_norm] - base[q_norm])
+    assert torch.allclose(ours[q_norm], expected, atol=1e-6)
 
 
 def _shifted_copy(base: Path, out: Path, delta: dict[str, torch.Tensor]) -> Path:
@@ -344,15 +444,8 @@ def test_model_stock_with_opposed_task_vectors_matches_mergekit(tiny_family, tmp
         "merge_method": "model_stock",
         "base_model": str(base),
         "models": [{"model": str(first)}, {"model": str(second)}],
-        "dtype": "float32",
     }
-    path = tmp_path / "model_stock.yaml"
-    path.write_text(yaml.safe_dump(config))
-    out = tmp_path / "mergekit-out"
-    subprocess.run(
-        [sys.executable, "-c", RUN_MERGEKIT, str(path), str(out)], check=True, capture_output=True
-    )
-    theirs = {k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()}
+    path, theirs = mergekit_merge(config, tmp_path)
     ours = evomerge_merge(path, tmp_path / "ours")
     base_tensors = load_file(base / "model.safetensors")
     stepped_away = 0
@@ -426,15 +519,6 @@ def test_slices_become_a_layer_stack(tiny_family, tmp_path):
         (
             {"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"},
             "tokenizer_source",
-        ),
-        (
-            {
-                "merge_method": "linear",
-                "models": [
-                    {"model": "a", "parameters": {"weight": [{"filter": "q_proj", "value": 1}]}}
-                ],
-            },
-            "filter 'q_proj' is not supported",
         ),
         (
             {"merge_method": "linear", "models": [{"model": "a"}, {"model": "b"}]},

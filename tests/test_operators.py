@@ -325,3 +325,13 @@ def test_drawn_layer_paths_change_a_few_layers_at_any_depth(layers, expected_cha
         drawn = {(slot.input, slot.layer) for slot in stack.slots}
         changes.append(len(identity ^ drawn))
     assert np.mean(changes) == pytest.approx(expected_changes, rel=0.25)
+
+
+def test_a_technique_switch_keeps_only_parameters_that_mean_the_same():
+    from agent_forge.evomerge.operators import _same_param
+    from agent_forge.evomerge.techniques import get_technique
+
+    della, ram, ties = get_technique("della"), get_technique("ram"), get_technique("ties")
+    assert _same_param(della, ties, "weight") and _same_param(della, ties, "density")
+    assert not _same_param(della, ram, "epsilon")  # a per-model spread vs one |δ| threshold
+    assert not _same_param(ram, della, "epsilon") and not _same_param(ties, ram, "weight")

@@ -13,7 +13,7 @@ import torch
 from agent_forge.evomerge import blockwise, sparsify
 from agent_forge.evomerge.combine import combine_task_vectors
 from agent_forge.evomerge.exceptions import ConfigurationError, MergeError
-from agent_forge.evomerge.recipe import Merge, Source
+from agent_forge.evomerge.recipe import Merge, Source, recipe_from_dict
 from agent_forge.evomerge.techniques import (
     MERGE_TECHNIQUES,
     TensorLocation,
@@ -592,6 +592,27 @@ def test_layer_dependent_values_resolve_by_group_and_component():
     assert resolve_value({"attention": [0.5, 0.6], "default": 0.9}, loc) == 0.6
     assert resolve_value({"mlp": 0.5, "default": 0.9}, loc) == 0.9
     assert resolve_value(0.4, loc) == 0.4
+
+
+def test_name_filters_take_the_first_substring_found_in_the_tensor_name():
+    value = {"filters": [["self_attn", 0.2], ["q_proj", 0.9], ["layers.1.", [0.3, 0.4]]]}
+    value["default"] = 0.5
+    at = lambda name: TensorLocation("attention", position=2, layers=4, name=name)  # noqa: E731
+    assert resolve_value(value, at("model.layers.1.self_attn.q_proj.weight")) == 0.2
+    assert resolve_value(value, at("model.layers.1.mlp.up_proj.weight")) == 0.3  # group 0 of 2
+    assert resolve_value(value, at("model.norm.weight")) == 0.5
+    merge = Merge("linear", [Source("m1"), Source("m2")], {"weight": [value, 1.0]})
+    assert merge.params["weight"][0]["filters"][1] == ["q_proj", 0.9]  # the order is kept
+    assert recipe_from_dict(merge.to_dict()).hash == merge.hash
+    reordered = {**value, "filters": value["filters"][::-1]}
+    assert Merge("linear", [Source("m1"), Source("m2")], {"weight": [reordered, 1.0]}).hash != (
+        merge.hash
+    )
+
+
+def test_name_filters_without_a_default_are_a_clear_error():
+    with pytest.raises(ConfigurationError, match="take exactly 'filters' and 'default'"):
+        Merge("linear", [Source("m1"), Source("m2")], {"weight": {"filters": [["mlp", 1.0]]}})
 
 
 def test_a_component_mapping_without_default_is_a_clear_error_unless_it_names_all():

@@ -86,11 +86,11 @@ def tensor_locations(names: Sequence[str], layers: int) -> dict[str, TensorLocat
         parsed = parse_layer(name)
         if parsed is not None:
             seen_layer = True
-            out[name] = TensorLocation(component_of(name), parsed.index + 1, layers)
+            out[name] = TensorLocation(component_of(name), parsed.index + 1, layers, name)
         elif component_of(name) == "embeddings" or not seen_layer and component_of(name) != "head":
-            out[name] = TensorLocation(component_of(name), 0, layers)
+            out[name] = TensorLocation(component_of(name), 0, layers, name)
         else:
-            out[name] = TensorLocation(component_of(name), layers + 1, layers)
+            out[name] = TensorLocation(component_of(name), layers + 1, layers, name)
     return out
 
 

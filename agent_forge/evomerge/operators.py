@@ -354,11 +354,9 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
             and (base_depth or not MERGE_TECHNIQUES[t].takes_base)
         ]
         if options:
-            technique = options[int(rng.integers(len(options)))]
+            old, technique = get_technique(technique), options[int(rng.integers(len(options)))]
             params = {
-                k: v
-                for k, v in params.items()
-                if any(p.name == k for p in get_technique(technique).params)
+                k: v for k, v in params.items() if _same_param(old, get_technique(technique), k)
             }
     tech = get_technique(technique)
     if rng.random() < evo.technique_switch_rate:
@@ -387,6 +385,22 @@ def mutate_merge(node: Merge, space: SearchSpace, rng: np.random.Generator) -> M
     base = tech.base_for(node.base or space.base_node)
     params = searched_params(tech, params, len(inputs))
     return Merge(technique, tuple(inputs), params, base, seed)
+
+
+def _same_param(old: Technique, new: Technique, name: str) -> bool:
+    """Whether parameter ``name`` means the same in both techniques (a technique switch keeps
+    its values): same shape and ranges. RAM's ``epsilon`` (a threshold on |δ|, one value) is
+    not DELLA's (a per-model spread of keep probabilities)."""
+    known = {p.name: p for p in new.params}
+    if name not in known:
+        return False
+    theirs, ours = old.param(name), known[name]
+    return (theirs.per_input, theirs.low, theirs.high, theirs.search) == (
+        ours.per_input,
+        ours.low,
+        ours.high,
+        ours.search,
+    )
 
 
 def refine_by_layer(
@@ -420,6 +434,8 @@ def _leaf_paths(value: object, prefix: tuple = ()) -> list[tuple]:
         return [p for k in sorted(value) for p in _leaf_paths(value[k], (*prefix, k))]
     if isinstance(value, list):
         return [p for i, v in enumerate(value) for p in _leaf_paths(v, (*prefix, i))]
+    if isinstance(value, str):  # a name filter's substring: not searched
+        return []
     return [prefix]
 
 

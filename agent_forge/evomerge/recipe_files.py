@@ -22,6 +22,7 @@ from .config import unique_model_name
 from .exceptions import ConfigurationError
 from .recipe import LayerSlot, LayerStack, Merge, RecipeNode, Source, recipe_from_dict
 from .storage import read_json_or_yaml
+from .techniques import FILTERS
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -97,15 +98,6 @@ _TOP_KEYS = {
     "tokenizer_source",
     "tokenizer",
     "chat_template",
-}
-_FILTER_COMPONENTS = {
-    "self_attn": "attention",
-    "attn": "attention",
-    "attention": "attention",
-    "mlp": "mlp",
-    "embed_tokens": "embeddings",
-    "lm_head": "head",
-    "norm": "norms",
 }
 
 
@@ -258,38 +250,35 @@ def _translate_value(key: str, value: Any, depth: Any, origin: str) -> Any:
     if isinstance(value, Sequence) and all(isinstance(v, bool | int | float) for v in value):
         return _gradient(value, depth(), origin)
     if isinstance(value, Sequence) and all(isinstance(v, Mapping) for v in value):
-        out: dict[str, Any] = {}
+        filters: list[list[Any]] = []
+        default = None
         for cond in value:
             target = cond.get("filter")
-            component = "default" if target in (None, "*") else _FILTER_COMPONENTS.get(str(target))
-            if component is None:
-                raise ConfigurationError(
-                    f"{origin}: filter {target!r} is not supported; "
-                    f"use one of {', '.join(_FILTER_COMPONENTS)}"
-                )
-            out.setdefault(component, _translate_value(key, cond.get("value"), depth, origin))
-            if component == "default":
-                break  # mergekit takes the first condition that matches: later ones never do
-        return out
+            translated = _translate_value(key, cond.get("value"), depth, origin)
+            if target in (None, "*", ""):  # matches every tensor: later conditions never do
+                default = translated
+                break
+            filters.append([str(target), translated])
+        return {FILTERS: filters, "default": default} if filters else default
     raise ConfigurationError(f"{origin}: cannot read the value of {key!r}: {value!r}")
 
 
 def _fall_back(key: str, value: Any, fallback: Any, origin: str) -> Any:
-    """A filter list without a catch-all: tensors no filter matches take ``fallback`` (the
-    top-level value, else the method's default), as mergekit falls back from a model's
-    conditions to the top level and then to the default."""
-    if not isinstance(value, Mapping) or "default" in value:
+    """Filters without a catch-all: tensors none of them matches take ``fallback`` (the
+    top-level value, its filters in their order, then its catch-all; else the method's
+    default), as mergekit falls back from a model's conditions to the top level's and then to
+    the default."""
+    if not (isinstance(value, Mapping) and value.get("default") is None):
         return value
+    filters, default = list(value[FILTERS]), fallback
     if isinstance(fallback, Mapping):
-        value = {**fallback, **value}
-    elif fallback is not None:
-        value = {**value, "default": fallback}
-    if "default" not in value:
+        filters, default = filters + list(fallback[FILTERS]), fallback["default"]
+    if default is None:
         raise ConfigurationError(
             f"{origin}: {key!r} has filters but no value for the tensors they do not match; "
             f"add a condition without a filter (a catch-all) after them"
         )
-    return value
+    return {FILTERS: filters, "default": default}
 
 
 def _technique_default(tech: Any, key: str) -> Any:

@@ -327,10 +327,15 @@ def _normalize(default: bool) -> Param:
     return Param("normalize", default)
 
 
+def _groups(value: Any) -> bool:
+    """Whether ``value`` is a list over layer groups (not a name filter's [substring, value])."""
+    return isinstance(value, list) and not any(isinstance(v, str) for v in value)
+
+
 def _della_pairs(density: Any, epsilon: Any) -> list[tuple[float, float]]:
     """The (density, epsilon) pairs one input's values can meet at some tensor: matching
     positions when both are lists of one length, else every combination (conservative)."""
-    if isinstance(density, list) and isinstance(epsilon, list) and len(density) == len(epsilon):
+    if _groups(density) and _groups(epsilon) and len(density) == len(epsilon):
         return [pair for d, e in zip(density, epsilon, strict=True) for pair in _della_pairs(d, e)]
     return [(d, e) for d in _as_list(density) for e in _as_list(epsilon)]
 
@@ -355,12 +360,14 @@ def _della_epsilon_bound(density: float) -> float:
 
 def _fit_epsilon(density: Any, epsilon: Any) -> Any:
     """``epsilon`` shrunk to fit every density it can meet (as :func:`_della_pairs` pairs them)."""
-    if isinstance(density, list) and isinstance(epsilon, list) and len(density) == len(epsilon):
+    if _groups(density) and _groups(epsilon) and len(density) == len(epsilon):
         return [_fit_epsilon(d, e) for d, e in zip(density, epsilon, strict=True)]
     if isinstance(epsilon, Mapping):
         return {k: _fit_epsilon(density, v) for k, v in epsilon.items()}
     if isinstance(epsilon, list):
         return [_fit_epsilon(density, e) for e in epsilon]
+    if isinstance(epsilon, str):  # a name filter's substring
+        return epsilon
     bounds = [_della_epsilon_bound(d) for d in _as_list(density) if d < 1.0]
     return min([float(epsilon), *bounds])
 
@@ -371,6 +378,8 @@ def _lift_density(density: Any) -> Any:
         return {k: _lift_density(v) for k, v in density.items()}
     if isinstance(density, list):
         return [_lift_density(d) for d in density]
+    if isinstance(density, str):  # a name filter's substring
+        return density
     return max(float(density), 2 * _DELLA_MARGIN)
 
 
@@ -391,6 +400,8 @@ def _as_list(value: Any) -> list[float]:
         return [leaf for v in value.values() for leaf in _as_list(v)]
     if isinstance(value, list | tuple):
         return [leaf for v in value for leaf in _as_list(v)]
+    if isinstance(value, str):  # a name filter's substring
+        return []
     return [value]
 
 
@@ -1033,6 +1044,8 @@ def ramplus_tl(deltas: Tensor, *, r: float, alpha: float, epsilon: float) -> Ten
 # -- parameter values that vary by layer -----------------------------------------------------------
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head")
+#: The key of a value given by name filters (see :func:`resolve_value`).
+FILTERS = "filters"
 
 
 @dataclass(frozen=True)
@@ -1040,12 +1053,13 @@ class TensorLocation:
     """Where a tensor sits in the model, for layer-dependent parameters.
 
     ``position`` runs 0 (embeddings) … ``layers + 1`` (final norm and head); layer ``i`` is
-    position ``i + 1``.
+    position ``i + 1``. ``name`` is the tensor's name, which name filters match.
     """
 
     component: str
     position: int
     layers: int
+    name: str = ""
 
     def group(self, groups: int) -> int:
         """Index of this tensor's group when the positions are split into ``groups`` equal runs."""
@@ -1056,9 +1070,15 @@ def resolve_value(value: Any, location: TensorLocation | None) -> Any:
     """The scalar a layer-dependent value takes at ``location``.
 
     A value is a scalar; a list over layer groups (``[v_0, …, v_{n-1}]`` splits the positions
-    into n equal runs); or a mapping from component (``embeddings``, ``attention``, ``mlp``,
-    ``norms``, ``head``, ``default``) to one of those.
+    into n equal runs); a mapping from component (``embeddings``, ``attention``, ``mlp``,
+    ``norms``, ``head``, ``default``) to one of those; or name filters,
+    ``{"filters": [[substring, v], …], "default": v}``: the first pair whose substring occurs
+    in the tensor's name gives the value, else ``default`` (mergekit's filter semantics).
     """
+    if isinstance(value, Mapping) and FILTERS in value:
+        name = location.name if location is not None else ""
+        chosen = next((v for sub, v in value[FILTERS] if sub in name), value["default"])
+        return resolve_value(chosen, location)
     if isinstance(value, Mapping):
         key = location.component if location is not None else "default"
         if key not in value:
@@ -1073,6 +1093,8 @@ def resolve_value(value: Any, location: TensorLocation | None) -> Any:
 
 def check_value(param: Param, value: Any, technique_name: str) -> Any:
     """Validate a (possibly layer-dependent) value; returns it in canonical form."""
+    if isinstance(value, Mapping) and FILTERS in value:
+        return _check_filters(param, value, technique_name)
     if isinstance(value, Mapping):
         unknown = sorted(set(value) - set(COMPONENTS) - {"default"})
         if unknown:
@@ -1092,6 +1114,26 @@ def check_value(param: Param, value: Any, technique_name: str) -> Any:
             raise ConfigurationError(f"{technique_name}: parameter '{param.name}' is an empty list")
         return [param.check(v, technique_name) for v in value]
     return param.check(value, technique_name)
+
+
+def _check_filters(param: Param, value: Mapping[str, Any], technique_name: str) -> dict:
+    where = f"{technique_name}: parameter '{param.name}'"
+    if set(value) != {FILTERS, "default"}:
+        raise ConfigurationError(
+            f"{where}: name filters take exactly 'filters' and 'default'; got {sorted(value)}"
+        )
+    pairs = value[FILTERS]
+    if not isinstance(pairs, list | tuple) or not all(
+        isinstance(p, list | tuple) and len(p) == 2 and isinstance(p[0], str) and p[0]
+        for p in pairs
+    ):
+        raise ConfigurationError(
+            f"{where}: 'filters' must be a list of [substring, value] pairs (non-empty substrings)"
+        )
+    return {
+        FILTERS: [[sub, check_value(param, v, technique_name)] for sub, v in pairs],
+        "default": check_value(param, value["default"], technique_name),
+    }
 
 
 def canonical_params(
