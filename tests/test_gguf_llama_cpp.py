@@ -45,10 +45,12 @@ def _private_cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EVOMERGE_CACHE", str(tmp_path / "evomerge-cache"))
 
 
-@pytest.mark.parametrize("name", ["bpe-3layers-tied", "bpe-2layers-untied", "spm-2layers-tied"])
+@pytest.mark.parametrize("name", list(gguf_tests.MODELS))
 def test_tiny_exports_tokenize_and_compute_like_transformers(tmp_path, name):
-    builder, layers, tied, arch = gguf_tests.MODELS[name]
-    folder = gguf_tests.save_model(tmp_path / name, builder(), layers=layers, tied=tied, arch=arch)
+    builder, layers, tied, arch, head_dim = gguf_tests.MODELS[name]
+    folder = gguf_tests.save_model(
+        tmp_path / name, builder(), layers=layers, tied=tied, arch=arch, head_dim=head_dim
+    )
     out = export_gguf(folder, tmp_path / f"{name}.gguf", "f32")
     model, tokenizer = gguf_tests.load_hf(folder)
     llm = llama_cpp.Llama(str(out), n_ctx=128, n_threads=1, logits_all=True, verbose=False)

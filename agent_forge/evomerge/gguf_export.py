@@ -1,10 +1,12 @@
-"""GGUF out: a Hugging Face model folder (llama, mistral, qwen2) written as one GGUF file.
+"""GGUF out: a Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3) written
+as one GGUF file.
 
 Architecture metadata come from the HF config (rope scaling included; Llama 3.1-style rope as the
 ``rope_freqs`` tensor), the tokenizer from ``gguf_tokenizer``, and the tensors under GGUF names
-and layout (Q/K permuted, ``gguf_layout``) as f32, f16, bf16 or q8_0 (1-D tensors stay F32),
-read from safetensors and written by ``gguf.GGUFWriter`` one at a time into a temp file that is
-renamed when complete.
+and layout (Llama's Q/K permuted, Gemma's norms as 1 + w: ``gguf_layout``) as f32, f16, bf16 or
+q8_0 (1-D tensors stay F32), read from safetensors and written by ``gguf.GGUFWriter`` one at a
+time into a temp file that is renamed when complete. A config GGUF cannot express (Gemma 3
+layer types off llama.cpp's fixed pattern) is refused.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ from gguf import GGMLQuantizationType as QType
 
 from .exceptions import GGUFError
 from .gguf_layout import (
-    PERMUTED_ARCHS,
+    ARCH_OF_MODEL_TYPE,
+    FAMILIES,
     gguf_tensor_name,
     head_count_for,
+    is_norm,
     permute_qk,
     tensor_name_map,
 )
@@ -35,7 +39,6 @@ from .gguf_tokenizer import add_tokenizer
 logger = logging.getLogger(__name__)
 
 OUTTYPES = {"f32": QType.F32, "f16": QType.F16, "bf16": QType.BF16, "q8_0": QType.Q8_0}
-_ARCH_OF_MODEL_TYPE = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
 _FILE_TYPES = {
     QType.F32: gguf.LlamaFileType.ALL_F32,
     QType.F16: gguf.LlamaFileType.MOSTLY_F16,
@@ -45,7 +48,8 @@ _FILE_TYPES = {
 
 
 def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16") -> Path:
-    """Write the HF model in ``model_dir`` (llama, mistral or qwen2) as a GGUF file.
+    """Write the HF model in ``model_dir`` (a model type of ``gguf_layout.FAMILIES``) as a GGUF
+    file.
 
     Args:
         model_dir: a folder with ``config.json``, safetensors weights and a tokenizer.
@@ -62,7 +66,8 @@ def export_gguf(model_dir: str | Path, out_path: str | Path, outtype: str = "f16
     if outtype not in OUTTYPES:
         raise GGUFError(f"outtype {outtype!r} is not one of {', '.join(OUTTYPES)}")
     config = _load_hf_config(model_dir)
-    arch = _ARCH_OF_MODEL_TYPE[config.model_type]
+    arch = ARCH_OF_MODEL_TYPE[config.model_type]
+    _check_expressible(config)
     sources = _safetensors_files(model_dir)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     temp = out_path.with_name(f".{out_path.name}.tmp-{os.getpid()}")
@@ -89,12 +94,44 @@ def _load_hf_config(model_dir: Path) -> Any:
         config = AutoConfig.from_pretrained(model_dir)
     except (ValueError, OSError) as err:
         raise GGUFError(f"{model_dir}/config.json could not be read: {err}") from err
-    if config.model_type not in _ARCH_OF_MODEL_TYPE:
+    if config.model_type not in ARCH_OF_MODEL_TYPE:
         raise GGUFError(
             f"model type {config.model_type!r} cannot be exported to GGUF; supported: "
-            f"{', '.join(sorted(_ARCH_OF_MODEL_TYPE))}"
+            f"{', '.join(sorted(ARCH_OF_MODEL_TYPE))}"
         )
     return config
+
+
+#: llama.cpp's Gemma 3: every sixth layer attends globally, the others in a sliding window.
+GEMMA3_GLOBAL_EVERY = 6
+
+
+def _check_expressible(config: Any) -> None:
+    """Refuse a config whose model a GGUF reader would rebuild differently (GGUF has no key for
+    it), rather than write a file that computes another model."""
+    if config.model_type != "gemma3_text":
+        return
+    layers = config.num_hidden_layers
+    pattern = [
+        "full_attention" if (i + 1) % GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention"
+        for i in range(layers)
+    ]
+    if list(getattr(config, "layer_types", None) or pattern) != pattern:
+        raise GGUFError(
+            "this Gemma 3 model's layer_types do not follow llama.cpp's fixed pattern (every "
+            f"{GEMMA3_GLOBAL_EVERY}th layer global), which GGUF cannot override (a layer-stacking "
+            "merge moves them); use the Hugging Face folder"
+        )
+    head_dim = config.head_dim
+    if config.query_pre_attn_scalar not in (
+        head_dim,
+        config.hidden_size // config.num_attention_heads,
+    ):
+        raise GGUFError(
+            f"this Gemma 3 model scales queries by query_pre_attn_scalar = "
+            f"{config.query_pre_attn_scalar}; GGUF readers assume head_dim ({head_dim}); "
+            "use the Hugging Face folder"
+        )
 
 
 def _safetensors_files(model_dir: Path) -> dict[str, Path]:
@@ -116,8 +153,11 @@ def _safetensors_files(model_dir: Path) -> dict[str, Path]:
 
 
 def _rope(config: Any) -> tuple[float, dict[str, Any]]:
-    """(theta, scaling parameters) from a transformers 4 or 5 config."""
+    """(theta, scaling parameters) from a transformers 4 or 5 config (for models with sliding
+    and full attention layers, the full attention's: GGUF's ``rope.freq_base``)."""
     params = dict(getattr(config, "rope_parameters", None) or {})
+    if "full_attention" in params:
+        params = dict(params["full_attention"])
     scaling = getattr(config, "rope_scaling", None) or {}
     params = {**scaling, **params}
     theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
@@ -140,12 +180,21 @@ def _add_model_metadata(
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     writer.add_rope_dimension_count(head_dim)
-    if head_dim * config.num_attention_heads != config.hidden_size:
-        writer.add_key_length(head_dim)
+    if (
+        getattr(config, "head_dim", None)
+        or head_dim * config.num_attention_heads != config.hidden_size
+    ):
+        writer.add_key_length(head_dim)  # Qwen3's and Gemma's head_dim is not hidden / heads
         writer.add_value_length(head_dim)
     theta, params = _rope(config)
     writer.add_rope_freq_base(theta)
     _add_rope_scaling(writer, params)
+    local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention")
+    if local is not None:
+        writer.add_rope_freq_base_swa(float(local["rope_theta"]))
+    window = getattr(config, "sliding_window", None)
+    if FAMILIES[ARCH_OF_MODEL_TYPE[config.model_type]].sliding_window and window:
+        writer.add_sliding_window(int(window))
 
 
 def _add_rope_scaling(writer: gguf.GGUFWriter, params: dict[str, Any]) -> None:
@@ -257,12 +306,14 @@ def _write_tensors(
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_ti_data_to_file()
-    permuted = arch in PERMUTED_ARCHS
+    family = FAMILIES[arch]
     for entry in plan:
         values = _source_values(entry, sources, config)
-        heads = head_count_for(entry.gguf_name, config) if permuted else None
+        heads = head_count_for(entry.gguf_name, config) if family.permuted else None
         if heads is not None:
             values = permute_qk(values, heads)
+        if family.norm_offset and is_norm(entry.gguf_name):
+            values = values + 1.0  # llama.cpp scales by w, Gemma by 1 + w
         writer.write_tensor_data(_encode(values, entry.qtype))
 
 

@@ -1,8 +1,10 @@
 """GGUF in: a GGUF file becomes an ordinary Hugging Face model folder in a content-keyed cache.
 
 After the bounded header parse (``gguf_header``), tensors are dequantised with ``gguf.quants``,
-renamed to Hugging Face names and, for llama, un-permuted (``gguf_layout``); the config comes from
-transformers' GGUF key table, the tokenizer from transformers' GGUF tokenizer conversion. The
+renamed to Hugging Face names and, for llama, un-permuted, for Gemma 3 with norms back from
+1 + w (``gguf_layout.FAMILIES``); the config comes from transformers' GGUF key table (plus the
+head size, which its Qwen3 table leaves out), the tokenizer from transformers' GGUF tokenizer
+conversion. The
 folder (``$EVOMERGE_CACHE/gguf``, else ``~/.cache/evomerge/gguf``) is written atomically, keyed
 by the file's SHA-256, and reused next time.
 """
@@ -28,10 +30,10 @@ import torch
 from .exceptions import GGUFError
 from .gguf_header import GGUFArray, GGUFHeader, TensorEntry, read_header
 from .gguf_layout import (
-    PERMUTED_ARCHS,
-    SUPPORTED_ARCHITECTURES,
+    FAMILIES,
     gguf_tensor_name,
     head_count_for,
+    is_norm,
     permute_qk,
     tensor_name_map,
 )
@@ -110,11 +112,11 @@ def gguf_to_hf(
 def _check_architecture(path: Path, architecture: str | None) -> None:
     if architecture is None:
         raise GGUFError(f"{path.name}: no general.architecture in the metadata; not a model file")
-    if architecture not in SUPPORTED_ARCHITECTURES:
+    if architecture not in FAMILIES:
+        families = "; ".join(f"{name} ({f.name})" for name, f in FAMILIES.items())
         raise GGUFError(
             f"{path.name}: GGUF architecture {architecture!r} is not supported; EvoMerge reads "
-            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} files (Llama, Mistral, SmolLM, Qwen2) "
-            "-- for other models pass the original Hugging Face folder instead"
+            f"{families} -- for other models pass the original Hugging Face folder instead"
         )
 
 
@@ -156,6 +158,9 @@ def _config_from_header(header: GGUFHeader) -> Any:
             value = header.metadata.get(f"{section}.{key}")
             if hf_key is not None and value is not None and not isinstance(value, GGUFArray):
                 values[hf_key] = value
+    key_length = header.metadata.get(f"{arch}.attention.key_length")
+    if isinstance(key_length, int) and "head_dim" not in values:  # transformers' table lacks it
+        values["head_dim"] = key_length  # for qwen3, whose default head_dim is 128, not h / n
     tensors = {t.name: t for t in header.tensors}
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{header.path.name}: no token_embd.weight tensor; not a complete model")
@@ -166,7 +171,7 @@ def _config_from_header(header: GGUFHeader) -> Any:
     if rope:
         values["rope_scaling"] = rope
     try:
-        return AutoConfig.for_model(arch, **values)
+        return AutoConfig.for_model(FAMILIES[arch].model_types[0], **values)
     except (ValueError, TypeError) as err:
         raise GGUFError(f"{header.path.name}: metadata do not make a valid config: {err}") from err
 
@@ -241,7 +246,7 @@ def _hf_tensors(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Dequantised tensors under HF names, one at a time, read from a memory map of the file."""
     blob = np.memmap(header.path, mode="r", dtype=np.uint8)
-    permuted = header.architecture in PERMUTED_ARCHS
+    family = FAMILIES[str(header.architecture)]
     for entry in header.tensors:
         target = names.get(entry.name)
         if target is None:
@@ -263,9 +268,11 @@ def _hf_tensors(
         rows = math.prod(entry.shape[:-1])  # (rows, bytes per row), as gguf.quants expects
         raw = blob[start : start + entry.nbytes].reshape(rows, -1)
         values = gguf.quants.dequantize(raw, entry.qtype).reshape(entry.shape)
-        heads = head_count_for(entry.name, config) if permuted else None
+        heads = head_count_for(entry.name, config) if family.permuted else None
         if heads is not None:
             values = permute_qk(values, heads, inverse=True)
+        if family.norm_offset and is_norm(entry.name):
+            values = values - 1.0  # stored as 1 + w (Gemma's norms scale by 1 + w)
         yield hf_name, torch.from_numpy(np.require(values, np.float32, ["C", "W"])).to(dtype)
 
 

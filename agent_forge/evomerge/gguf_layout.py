@@ -7,6 +7,7 @@ correspondence in opposite directions.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import Any
 
 import gguf
@@ -14,13 +15,50 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_ARCHITECTURES = {"llama": gguf.MODEL_ARCH.LLAMA, "qwen2": gguf.MODEL_ARCH.QWEN2}
-PERMUTED_ARCHS = {"llama"}  # llama.cpp keeps llama's Q/K rows interleaved for its rope kernel
+
+@dataclass(frozen=True)
+class GGUFFamily:
+    """One GGUF architecture as EvoMerge reads and writes it.
+
+    ``model_types``: the transformers model types written as it (the first is what a file of it
+    becomes). ``permuted``: llama.cpp keeps Q/K rows interleaved for its rope kernel (Llama
+    only). ``norm_offset``: the file stores RMSNorm weights as 1 + w, since Gemma's norms scale
+    by (1 + w) and llama.cpp's by w. ``sliding_window``: the metadata carry the window size.
+    """
+
+    arch: gguf.MODEL_ARCH
+    model_types: tuple[str, ...]
+    name: str
+    permuted: bool = False
+    norm_offset: bool = False
+    sliding_window: bool = False
+
+
+FAMILIES = {
+    "llama": GGUFFamily(
+        gguf.MODEL_ARCH.LLAMA, ("llama", "mistral"), "Llama, Mistral, SmolLM", permuted=True
+    ),
+    "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2, ("qwen2",), "Qwen2"),
+    "qwen3": GGUFFamily(gguf.MODEL_ARCH.QWEN3, ("qwen3",), "Qwen3"),
+    "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, ("phi3",), "Phi-3"),
+    "gemma3": GGUFFamily(
+        gguf.MODEL_ARCH.GEMMA3, ("gemma3_text",), "Gemma 3 (text)", norm_offset=True,
+        sliding_window=True,
+    ),
+}  # fmt: skip
+SUPPORTED_ARCHITECTURES = {name: family.arch for name, family in FAMILIES.items()}
+#: transformers model type → GGUF architecture name.
+ARCH_OF_MODEL_TYPE = {t: name for name, family in FAMILIES.items() for t in family.model_types}
 
 
 def tensor_name_map(architecture: str, n_layers: int) -> gguf.TensorNameMap:
     """gguf-py's HF <-> GGUF name table for a supported architecture with ``n_layers`` blocks."""
     return gguf.get_tensor_name_map(SUPPORTED_ARCHITECTURES[architecture], n_layers)
+
+
+def is_norm(gguf_name: str) -> bool:
+    """Whether GGUF tensor ``gguf_name`` is an RMSNorm weight (``…norm.weight``)."""
+    return gguf_name.endswith("norm.weight")
 
 
 def gguf_tensor_name(name_map: gguf.TensorNameMap, hf_name: str) -> str | None:
