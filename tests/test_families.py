@@ -67,3 +67,140 @@ def test_layer_count_is_read_from_the_key_the_config_uses(key):
     assert source_layers({key: 7, "vocab_size": 10}) == 7
     with pytest.raises(ConfigurationError, match="no layer count"):
         source_layers({"vocab_size": 10})
+
+
+# -- every family: merge, per-layer values, layer stacks, reload; the DFS scale by hand ----------
+
+#: model type → the config fields of a tiny model of it (3 layers, hidden 32, 4 heads).
+FAMILIES = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 8},
+    "phi3": {"pad_token_id": 1},
+    "gemma2": {"head_dim": 8, "query_pre_attn_scalar": 8},
+    "gemma3_text": {"head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 4},
+    "olmo2": {},
+    "gpt2": {"n_embd": 32, "n_layer": 3, "n_head": 4, "n_positions": 64},
+    "gpt_neox": {"num_key_value_heads": None},
+    "mixtral": {"num_local_experts": 4, "num_experts_per_tok": 2},
+    "qwen2_moe": {
+        "num_experts": 4,
+        "num_experts_per_tok": 2,
+        "moe_intermediate_size": 32,
+        "shared_expert_intermediate_size": 32,
+    },
+}
+#: model type → the modules of a layer whose outputs are what enters the residual stream.
+BRANCH_OUTPUTS = {
+    "gemma2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "gemma3_text": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "olmo2": ("post_attention_layernorm", "post_feedforward_layernorm"),
+    "gpt2": ("attn", "mlp"),
+    "gpt_neox": ("attention", "mlp"),
+}
+
+
+def tiny_config(model_type: str, vocab_size: int):
+    from transformers import AutoConfig
+
+    fields = dict(FAMILIES[model_type])
+    if model_type != "gpt2":
+        fields = {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 3,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "max_position_embeddings": 64,
+            **fields,
+        }
+        fields = {k: v for k, v in fields.items() if v is not None}
+    return AutoConfig.for_model(
+        model_type, vocab_size=vocab_size, bos_token_id=0, eos_token_id=0, **fields
+    )
+
+
+@pytest.fixture(scope="module")
+def family_folders(tmp_path_factory, tiny_tokenizer) -> dict[str, dict[str, Path]]:
+    """Per family: a base and three perturbed models (norms perturbed too, so a wrong gain
+    offset shows)."""
+    root = tmp_path_factory.mktemp("families")
+    return {
+        t: save_perturbed_family(root / t, tiny_tokenizer, tiny_config(t, len(tiny_tokenizer)))
+        for t in FAMILIES
+    }
+
+
+def _layers(model):
+    if hasattr(model, "transformer"):
+        return model.transformer.h
+    return model.gpt_neox.layers if hasattr(model, "gpt_neox") else model.model.layers
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_a_dfs_slot_scale_multiplies_that_layers_branch_outputs(
+    model_type, family_folders, tmp_path
+):
+    """The stacked model's logits equal the source's with layer 1's attention and MLP outputs
+    (after Gemma's and OLMo 2's post-norms) multiplied by the slot's scale, by forward hooks:
+    the scale acts in every family (on Gemma a scaled o_proj would cancel in its norm)."""
+    from transformers import AutoModelForCausalLM
+
+    from agent_forge.evomerge.merger import AdvancedModelMerger
+    from agent_forge.evomerge.recipe import LayerSlot, LayerStack, Source
+    from agent_forge.evomerge.sources import open_source
+
+    folder = family_folders[model_type]["m1"]
+    merger = AdvancedModelMerger(sources={"m": open_source("m", str(folder))})
+    stack = LayerStack((Source("m"),), (LayerSlot(0, 0), LayerSlot(0, 1, 0.5), LayerSlot(0, 2)))
+    stacked = AutoModelForCausalLM.from_pretrained(merger.merge(stack, tmp_path / "dfs")).eval()
+    source = AutoModelForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([[5, 17, 42, 9, 100, 3, 8, 11]])
+    with torch.no_grad():
+        unscaled = source(ids).logits
+
+        def halve(module, args, output):
+            return (output[0] * 0.5, *output[1:]) if isinstance(output, tuple) else output * 0.5
+
+        layer = _layers(source)[1]
+        names = BRANCH_OUTPUTS.get(model_type, ("self_attn", "mlp"))
+        hooks = [getattr(layer, name).register_forward_hook(halve) for name in names]
+        expected = source(ids).logits
+        for hook in hooks:
+            hook.remove()
+        actual = stacked(ids).logits
+    assert (expected - unscaled).abs().max() > 1e-3  # the scale changes the output
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", list(FAMILIES))
+def test_every_family_merges_per_layer_and_stacked_and_reloads(
+    model_type, family_folders, tmp_path
+):
+    """TIES with per-layer weights, and a stack of two models' layers, written and reloaded
+    with transformers; the TIES tensors match the formula's shape of things (finite, the
+    right layer count)."""
+    from transformers import AutoModelForCausalLM
+
+    from agent_forge.evomerge.merger import AdvancedModelMerger
+    from agent_forge.evomerge.recipe import LayerSlot, LayerStack, Merge, Source
+    from agent_forge.evomerge.sources import open_source
+
+    folders = family_folders[model_type]
+    sources = {name: open_source(name, str(path)) for name, path in folders.items()}
+    merger = AdvancedModelMerger(sources=sources, base="base")
+    inputs = [Source("m1"), Source("m2"), Source("m3")]
+    per_layer = [[0.2, 0.5, 0.8, 1.0, 0.4]] * 3  # embeddings, 3 layers, head
+    ties = Merge("ties", inputs, {"weight": per_layer, "density": 0.5}, Source("base"))
+    stack = LayerStack(
+        (ties, Source("m2")), (LayerSlot(0, 0), LayerSlot(1, 0), LayerSlot(1, 2), LayerSlot(0, 2))
+    )
+    ids = torch.tensor([[5, 17, 42, 9]])
+    for recipe, layers in ((ties, 3), (stack, 4)):
+        model = AutoModelForCausalLM.from_pretrained(
+            merger.merge(recipe, tmp_path / recipe.short_hash)
+        )
+        assert len(_layers(model)) == layers
+        with torch.no_grad():
+            assert torch.isfinite(model(ids).logits).all()

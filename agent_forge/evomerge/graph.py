@@ -28,8 +28,8 @@ from .blockwise import add_, parallel_map, subtract_rows_
 from .exceptions import ConfigurationError, MergeError
 from .fused import FusedKernels, KernelPlan, TrimRows, fusable, plan_for, row_pieces
 from .layout import (
+    branch_gain_offset,
     component_of,
-    is_residual_output,
     order_names,
     parse_layer,
     remap_layer_config,
@@ -184,7 +184,7 @@ class RecipeGraph:
             if found is None:
                 found = self._shapes[key] = tuple(self.pool.source(node.name).info(name).shape)
             return found
-        child, child_name, _ = self._slot_lookup(node, name)  # type: ignore[arg-type]
+        child, child_name, _, _ = self._slot_lookup(node, name)  # type: ignore[arg-type]
         return self.shape(child, child_name)
 
     def config(self, node: RecipeNode) -> dict[str, Any]:
@@ -285,10 +285,10 @@ class RecipeGraph:
             self._merge_into(node, [name], value.view(-1), shared=False)
         else:
             assert isinstance(node, LayerStack)
-            child, child_name, scale = self._slot_lookup(node, name)
+            child, child_name, scale, offset = self._slot_lookup(node, name)
             value = self._compute(child, child_name)
-            if scale != 1.0:
-                value = value * scale
+            if scale != 1.0:  # the branch's gain (offset + value) times the slot's scale
+                value = (value + offset) * scale - offset if offset else value * scale
         self._memo[key] = value
         if not root and self._subtree_limit:
             self._remember(key, value)
@@ -612,19 +612,30 @@ class RecipeGraph:
         ]
         return embeddings[0] if len(embeddings) == 1 else None
 
-    def _slot_lookup(self, node: LayerStack, name: str) -> tuple[RecipeNode, str, float]:
+    def _slot_lookup(self, node: LayerStack, name: str) -> tuple[RecipeNode, str, float, float]:
+        """Where tensor ``name`` of the stack comes from: (input, its tensor name, the slot's
+        scale if the tensor sets the branch's output size else 1, that gain's offset)."""
         parsed = parse_layer(name)
         if name == HEAD_TENSOR and parsed is None:
             embedding = self._head_from_embedding(node)
             if embedding is not None:
-                return node.inputs[node.head_input], embedding, 1.0
+                return node.inputs[node.head_input], embedding, 1.0, 0.0
         if parsed is None:
-            return node.inputs[node.head_input if _is_post(name) else node.embed_from], name, 1.0
+            source = node.inputs[node.head_input if _is_post(name) else node.embed_from]
+            return source, name, 1.0, 0.0
         if parsed.index >= len(node.slots):
             raise MergeError(f"tensor {name} is beyond the layer stack's {len(node.slots)} layers")
         slot = node.slots[parsed.index]
-        scale = slot.scale if is_residual_output(parsed.rest) else 1.0
-        return node.inputs[slot.input], parsed.with_index(slot.layer), scale
+        child = node.inputs[slot.input]
+        offset = branch_gain_offset(parsed.rest, self._model_type(child))
+        scale = slot.scale if offset is not None else 1.0
+        return child, parsed.with_index(slot.layer), scale, offset or 0.0
+
+    def _model_type(self, node: RecipeNode) -> str | None:
+        """The transformers model type ``node``'s tensors belong to (its first source's)."""
+        while not isinstance(node, Source):
+            node = node.inputs[0]  # type: ignore[attr-defined]
+        return self.pool.source(node.name).config.get("model_type")
 
     def _remember(self, key: tuple[str, str], value: Tensor) -> None:
         size = value.numel() * value.element_size()

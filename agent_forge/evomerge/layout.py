@@ -1,5 +1,6 @@
-"""Where a tensor sits in a transformer: its layer, its component, and which tensors carry a
-layer's residual-branch output (the ones a DFS slot scale multiplies).
+"""Where a tensor sits in a transformer: its layer, its component, and which tensors set the
+size of a layer's residual-branch output (the ones a DFS slot scale multiplies: the output
+projections, or in Gemma 2/3 and OLMo 2 the norms after them).
 
 Covers the decoder families EvoMerge merges (Llama, Mistral, Qwen2, SmolLM, Gemma, Phi-3,
 GPT-2-style ``h.N`` blocks); names are matched by pattern, not by a per-architecture table
@@ -29,9 +30,13 @@ RESIDUAL_OUTPUTS = (
     "self_attention.dense",
     "mlp.dense_4h_to_h",
     "attention.o_proj",
+    "attention.dense",  # GPT-NeoX
     "feed_forward.w2",
-    "block_sparse_moe.experts",  # each expert's w2 (matched by the rule below)
+    "mlp.shared_expert.down_proj",  # Qwen-MoE's shared expert
 )
+#: Each expert's output projection (Mixtral's ``block_sparse_moe.experts.N.w2``, Qwen-MoE's
+#: ``mlp.experts.N.down_proj``), and transformers 5's fused ``mlp.experts.down_proj`` of all.
+_EXPERT_OUTPUT = re.compile(r"experts(?:\.\d+)?\.(?:w2|down_proj)(?:\.weight|\.bias)?$")
 
 
 @dataclass(frozen=True)
@@ -55,19 +60,18 @@ def parse_layer(name: str) -> LayerName | None:
 def is_residual_output(rest: str) -> bool:
     """Whether a layer tensor (name after the layer index) is a residual-branch output
     projection."""
-    module = rest.rsplit(".", 1)[0]
-    if module.startswith("block_sparse_moe.experts."):
-        return module.endswith(".w2")
-    return module in RESIDUAL_OUTPUTS
+    if _EXPERT_OUTPUT.search(rest):
+        return True
+    return rest.rsplit(".", 1)[0] in RESIDUAL_OUTPUTS
 
 
 def component_of(name: str) -> str:
     """``embeddings``, ``attention``, ``mlp``, ``norms``, ``head`` or ``default``."""
     lowered = name.lower()
+    if lowered.startswith(("lm_head", "output.", "embed_out.")) or ".lm_head." in lowered:
+        return "head"  # embed_out: GPT-NeoX's head
     if "embed" in lowered or lowered.endswith(("wte.weight", "wpe.weight")):
         return "embeddings"
-    if lowered.startswith(("lm_head", "output.")) or ".lm_head." in lowered:
-        return "head"
     if "norm" in lowered or ".ln_" in lowered or lowered.startswith("ln_"):
         return "norms"
     if "attn" in lowered or "attention" in lowered:
@@ -75,6 +79,29 @@ def component_of(name: str) -> str:
     if "mlp" in lowered or "feed_forward" in lowered or "moe" in lowered:
         return "mlp"
     return "default"
+
+
+#: Families whose sub-layers' outputs are normalised before the residual add (Gemma 2 and 3,
+#: OLMo 2): a scale on the output projection cancels in that norm, so a DFS slot scale goes to
+#: the norm's gain. Values: those norms, and the offset of the gain (Gemma's RMSNorm multiplies
+#: by 1 + w, so scaling the branch by s makes w' = s·(1 + w) − 1).
+POST_NORM_FAMILIES: dict[str, tuple[tuple[str, ...], float]] = {
+    "gemma2": (("post_attention_layernorm", "post_feedforward_layernorm"), 1.0),
+    "gemma3_text": (("post_attention_layernorm", "post_feedforward_layernorm"), 1.0),
+    "olmo2": (("post_attention_layernorm", "post_feedforward_layernorm"), 0.0),
+}
+
+
+def branch_gain_offset(rest: str, model_type: str | None) -> float | None:
+    """For a layer tensor (name after the layer index) that sets the size of its branch's
+    output in the residual stream — what a DFS slot scale multiplies — the offset of that gain
+    (0: the tensor itself scales; 1: Gemma's 1 + w); None for any other tensor."""
+    family = POST_NORM_FAMILIES.get(model_type or "")
+    if family is None:
+        return 0.0 if is_residual_output(rest) else None
+    norms, offset = family
+    module, _, kind = rest.rpartition(".")
+    return offset if module in norms and kind == "weight" else None
 
 
 def tensor_locations(names: Sequence[str], layers: int) -> dict[str, TensorLocation]:
