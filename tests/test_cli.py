@@ -94,6 +94,88 @@ def test_merge_rebuilds_the_best_model_from_its_recipe(default_run, tmp_path):
     assert digest[0] == digest[1]
 
 
+def front_matter(card: Path) -> dict:
+    text = card.read_text()
+    assert text.startswith("---\n")
+    return yaml.safe_load(text.split("---", 2)[1])
+
+
+def test_the_best_model_card_carries_its_test_scores_and_no_local_paths(default_run):
+    front = front_matter(default_run / "best" / "README.md")
+    summary = json.loads((default_run / "summary.json").read_text())
+    (index,) = front["model-index"]
+    scores = {r["dataset"]["name"]: r["metrics"][0]["value"] for r in index["results"]}
+    weights = summary["task_weights"]
+    expected = {t: round(100 * v, 2) for t, v in summary["test"]["best"].items() if weights.get(t)}
+    assert scores == expected and scores
+    assert "base_model" not in front  # the embedded models are local folders, not hub ids
+    assert front["pipeline_tag"] == "text-generation" and "merge" in front["tags"]
+    assert front["license"] == "other"  # the embedded models state none
+    document = json.loads((default_run / "best" / "evomerge_recipe.json").read_text())
+    for name, info in document["source_info"].items():
+        assert len(info["sha256"]) == 64 and info["hub_id"] is None, name
+
+
+def test_merge_reads_a_moved_model_from_source_and_warns_when_it_changed(default_run, tmp_path):
+    import shutil
+
+    recipe = json.loads((default_run / "best" / "evomerge_recipe.json").read_text())
+    name = sorted(recipe["sources"])[0]
+    moved = tmp_path / "moved"
+    shutil.copytree(recipe["sources"][name], moved)
+    recipe["sources"][name] = str(tmp_path / "gone")  # the folder the recipe names has moved
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(recipe))
+    assert_clean_error(cli("--merge", str(path), "--output", str(tmp_path / "a")), "gone")
+    result = cli(
+        "--merge", str(path), "--output", str(tmp_path / "b"), "--source", f"{name}={moved}"
+    )
+    assert result.returncode == 0, result.stderr
+    assert "is not the one the recipe was made from" not in result.stderr
+    original = (default_run / "best" / "model.safetensors").read_bytes()
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == original
+    other = next(p for n, p in recipe["sources"].items() if n != name)
+    result = cli(
+        "--merge", str(path), "--output", str(tmp_path / "c"), "--source", f"{name}={other}"
+    )
+    assert result.returncode == 0, result.stderr
+    assert f"model {name} ({other}) is not the one the recipe was made from" in result.stderr
+    assert_clean_error(
+        cli("--merge", str(path), "--output", str(tmp_path / "d"), "--source", "nobody=x"),
+        "the recipe has no model 'nobody'",
+    )
+
+
+def test_model_card_lists_hub_ids_and_the_shared_license(tiny_family, tmp_path):
+    """A source saved from a Hub model records its id (_name_or_path) and its card's license:
+    the card's base_model names that id, never the local folder."""
+    import shutil
+
+    from agent_forge.evomerge.merger import AdvancedModelMerger
+    from agent_forge.evomerge.recipe import Merge, Source
+    from agent_forge.evomerge.sources import open_source
+
+    folders = {}
+    for name, hub in (("m1", "org/tuned-one"), ("m2", "org/tuned-two")):
+        folders[name] = tmp_path / name
+        shutil.copytree(tiny_family[name], folders[name])
+        config = json.loads((folders[name] / "config.json").read_text())
+        (folders[name] / "config.json").write_text(json.dumps({**config, "_name_or_path": hub}))
+        (folders[name] / "README.md").write_text("---\nlicense: apache-2.0\n---\n# a model\n")
+    merger = AdvancedModelMerger(sources={n: open_source(n, str(p)) for n, p in folders.items()})
+    recipe = Merge("slerp", [Source("m1"), Source("m2")], {"t": 0.3})
+    out = merger.merge(recipe, tmp_path / "out")
+    front = front_matter(out / "README.md")
+    assert front["base_model"] == ["org/tuned-one", "org/tuned-two"]
+    assert front["license"] == "apache-2.0" and "slerp" in front["tags"]
+    assert str(tmp_path) not in yaml.safe_dump(front)
+    (folders["m2"] / "README.md").write_text("---\nlicense: mit\n---\n")
+    merger = AdvancedModelMerger(sources={n: open_source(n, str(p)) for n, p in folders.items()})
+    assert (
+        front_matter(merger.merge(recipe, tmp_path / "mixed") / "README.md")["license"] == "other"
+    )
+
+
 def test_merge_with_gguf_export(default_run, tmp_path):
     out = tmp_path / "merged"
     result = cli(

@@ -82,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     models.add_argument(
         "--base", metavar="MODEL", help="base model the task vectors are taken against"
     )
+    models.add_argument(
+        "--source",
+        action="append",
+        metavar="NAME=PATH",
+        help="with --merge: read the recipe's model NAME from PATH (a model that has moved); "
+        "repeat for several",
+    )
     run = parser.add_argument_group("run settings")
     run.add_argument("--config", metavar="PATH", help="JSON or YAML configuration file")
     run.add_argument("--output", metavar="DIR", help="run folder (--run) or model folder (--merge)")
@@ -183,6 +190,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 else "nothing to do: give --run, --evaluate, --generate, --merge or "
                 "--resume (see --help)"
             )
+        if args.source and operations[0] != "merge":
+            raise _UsageError("--source NAME=PATH applies to --merge only")
         args.given_flags = given_flags(parser, args)
         setup_logging(args)
         from . import commands

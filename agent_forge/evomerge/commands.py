@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -368,6 +369,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         }
     recipe_dir = Path(args.merge).resolve().parent
     sources = {name: _relative_to(path, recipe_dir) for name, path in sources.items()}
+    sources.update(_moved_sources(args.source or [], sources))
     settings = config.merge_settings if config is not None else None
     opened = {
         name: open_source(
@@ -379,6 +381,17 @@ def cmd_merge(args: argparse.Namespace) -> int:
         for name, path in sources.items()
     }
     check_compatible(list(opened.values()), layer_stacking=_has_layer_stack(document.recipe))
+    for name, recorded in document.source_info.items():
+        expected = recorded.get("sha256")
+        if name in opened and expected and opened[name].content_hash() != expected:
+            logger.warning(
+                "model %s (%s) is not the one the recipe was made from (weights SHA-256 %s…, "
+                "recorded %s…): the merge will differ from the original",
+                name,
+                sources[name],
+                opened[name].content_hash()[:12],
+                expected[:12],
+            )
     merger = AdvancedModelMerger(config, sources=opened, base=document.base)
     if document.dtype:
         merger.settings = merger.settings.model_copy(update={"dtype": document.dtype})
@@ -388,6 +401,23 @@ def cmd_merge(args: argparse.Namespace) -> int:
     if args.export_gguf:
         _export(out, out.with_name(f"{out.name}-{args.outtype}.gguf"), args.outtype, console)
     return 0
+
+
+def _moved_sources(given: list[str], sources: Mapping[str, str]) -> dict[str, str]:
+    """``--source NAME=PATH`` flags as ``{name: path}``, each naming one of the recipe's
+    models."""
+    moved = {}
+    for item in given:
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            raise ConfigurationError(f"--source {item!r}: write it as NAME=PATH")
+        if name not in sources:
+            raise ConfigurationError(
+                f"--source {name}=…: the recipe has no model {name!r}; "
+                f"its models: {', '.join(sorted(sources))}"
+            )
+        moved[name] = path
+    return moved
 
 
 def _relative_to(path: str, folder: Path) -> str:

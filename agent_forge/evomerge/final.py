@@ -14,7 +14,7 @@ from typing import Any
 from .config import Configuration
 from .exceptions import ConfigurationError
 from .executors import CandidateScorer
-from .merger import RECIPE_FILE, AdvancedModelMerger, describe
+from .merger import RECIPE_FILE, AdvancedModelMerger, describe, model_card
 from .recipe import Merge, RecipeNode, Source
 from .report import verdict, write_report
 from .storage import atomic_write_text
@@ -152,6 +152,10 @@ def finish_run(
         },
     }
     task_names = [t for t in next(iter(test.values())) if t != "mean"]
+    weights = task_weights(run)
+    scored = {t: 100 * test["best"][t] for t in task_names if weights.get(t, 0) > 0}
+    document = json.loads((best_dir / RECIPE_FILE).read_text())
+    atomic_write_text(best_dir / "README.md", model_card(document, scored))
     write_report(run.run_dir, summary, run.history, records, task_names, describe(best))
     atomic_write_text(run.run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     progress("done", summary=summary, task_names=task_names)

@@ -11,11 +11,9 @@ by the file's SHA-256, and reused next time.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 from collections import Counter
@@ -37,6 +35,7 @@ from .gguf_layout import (
     permute_qk,
     tensor_name_map,
 )
+from .storage import cache_root, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -47,25 +46,7 @@ _IGNORED_GGUF_TENSORS = {"rope_freqs.weight"}  # rope frequency factors: derived
 
 def default_cache_dir() -> Path:
     """``$EVOMERGE_CACHE/gguf``, else ``~/.cache/evomerge/gguf``."""
-    root = os.environ.get("EVOMERGE_CACHE")
-    return Path(root) / "gguf" if root else Path.home() / ".cache" / "evomerge" / "gguf"
-
-
-def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
-    """SHA-256 of the file's bytes, memoised per (path, size, mtime) so big files hash once."""
-    stat = path.stat()
-    stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
-    memo = memo_dir / hashlib.sha256(stamp).hexdigest() if memo_dir else None
-    if memo is not None and memo.is_file():
-        return memo.read_text().strip()
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(1 << 23):
-            digest.update(chunk)
-    if memo is not None:
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        memo.write_text(digest.hexdigest())
-    return digest.hexdigest()
+    return cache_root() / "gguf"
 
 
 def gguf_to_hf(
@@ -141,6 +122,7 @@ def _convert_gguf(header: GGUFHeader, out: Path, dtype: torch.dtype) -> None:
         "source_file": header.path.name,
         "architecture": header.architecture,
         "tensor_types": Counter(t.qtype.name for t in header.tensors),
+        "license": header.metadata.get("general.license"),
     }
     (out / "gguf_source.json").write_text(json.dumps(source, indent=2) + "\n")
 

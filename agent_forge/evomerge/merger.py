@@ -32,7 +32,7 @@ from .config import Configuration, MergeSettings, parse_size
 from .exceptions import ConfigurationError, EvoMergeException, MergeError
 from .fused import FusedKernels, wanted
 from .graph import RecipeGraph, SourcePool
-from .recipe import LayerSlot, LayerStack, Merge, RecipeNode, Source
+from .recipe import LayerSlot, LayerStack, Merge, RecipeNode, Source, recipe_from_dict
 from .sources import ModelSource, check_compatible, open_source
 from .storage import (
     StreamingSafetensorsWriter,
@@ -306,9 +306,19 @@ class AdvancedModelMerger:
             name: (source_paths or {}).get(name, source.path)
             for name, source in self.sources.items()
         }
-        document = recipe_document(recipe, paths, self.base, dtype_name)
+        used = recipe.source_names()
+        info = {
+            name: {
+                "hub_id": source.hub_id(),
+                "sha256": source.content_hash(),
+                "license": source.license(),
+            }
+            for name, source in self.sources.items()
+            if name in used
+        }
+        document = recipe_document(recipe, paths, self.base, dtype_name, info)
         (folder / RECIPE_FILE).write_text(json.dumps(document, indent=2) + "\n")
-        (folder / "README.md").write_text(model_card(recipe, paths, self.base))
+        (folder / "README.md").write_text(model_card(document))
 
     def _template_source(self, recipe: RecipeNode) -> ModelSource:
         node = recipe
@@ -366,19 +376,31 @@ class AdvancedModelMerger:
 
 
 def recipe_document(
-    recipe: RecipeNode, sources: Mapping[str, str], base: str | None, dtype: str
+    recipe: RecipeNode,
+    sources: Mapping[str, str],
+    base: str | None,
+    dtype: str,
+    source_info: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """The content of ``evomerge_recipe.json``: enough for ``--merge`` to rebuild the model."""
+    """The content of ``evomerge_recipe.json``: enough for ``--merge`` to rebuild the model.
+
+    ``sources`` maps each model name to the id or path it was given as; ``source_info`` adds,
+    per model, its Hugging Face id (or None), the SHA-256 of its weights (so a moved or
+    re-downloaded model can be checked) and its license.
+    """
     used = recipe.source_names()
-    return {
+    document: dict[str, Any] = {
         "format": "evomerge-recipe",
         "version": 1,
         "hash": recipe.hash,
         "dtype": dtype,
         "base": base if base in used else None,
         "sources": {name: path for name, path in sources.items() if name in used},
-        "recipe": recipe.to_dict(),
     }
+    if source_info:
+        document["source_info"] = {n: dict(v) for n, v in source_info.items() if n in used}
+    document["recipe"] = recipe.to_dict()
+    return document
 
 
 def describe(recipe: RecipeNode, indent: str = "") -> str:
@@ -399,22 +421,61 @@ def describe(recipe: RecipeNode, indent: str = "") -> str:
     return text + "".join(describe(i, indent + "  ") for i in recipe.inputs)
 
 
-def model_card(recipe: RecipeNode, sources: Mapping[str, str], base: str | None) -> str:
+def model_card(document: Mapping[str, Any], scores: Mapping[str, float] | None = None) -> str:
+    """The merged model's README.md (a Hugging Face model card) from its recipe document.
+
+    The front matter lists as ``base_model`` only Hugging Face ids (never local or cache
+    paths), the license the sources share (``other`` with a note when they differ or say
+    none), ``pipeline_tag``, tags naming the techniques, and, given ``scores`` (per-task test
+    accuracy in %), a model-index with them.
+    """
+    import yaml
+
+    recipe = recipe_from_dict(document["recipe"])
+    sources, info = document.get("sources", {}), document.get("source_info", {})
     used = sorted(recipe.source_names())
-    lines = ["---", "library_name: transformers", "tags:", "- merge", "- evomerge", "base_model:"]
-    lines += [f"- {sources[name]}" for name in used if name in sources]
-    lines += [
-        "---",
-        "",
-        f"# Merged model `{recipe.short_hash}`",
-        "",
-        "Made with EvoMerge (`agent_forge.evomerge`) from these models:",
-        "",
-    ]
-    lines += [
-        f"- **{name}**: `{sources.get(name, '?')}`" + (" (base)" if name == base else "")
-        for name in used
-    ]
+    hub_ids = sorted({i for n in used if (i := (info.get(n) or {}).get("hub_id"))})
+    licenses = {(info.get(n) or {}).get("license") for n in used}
+    license_ = licenses.pop() if len(licenses) == 1 and None not in licenses else "other"
+    front: dict[str, Any] = {}
+    if hub_ids:
+        front["base_model"] = hub_ids
+        front["base_model_relation"] = "merge"
+    front["library_name"] = "transformers"
+    front["license"] = license_
+    front["pipeline_tag"] = "text-generation"
+    front["tags"] = ["merge", "evomerge", *sorted(_techniques_of(recipe))]
+    name = f"evomerge-{recipe.short_hash}"
+    if scores:
+        front["model-index"] = [
+            {
+                "name": name,
+                "results": [
+                    {
+                        "task": {"type": "text-generation"},
+                        "dataset": {"name": task, "type": task, "split": "test"},
+                        "metrics": [{"type": "accuracy", "value": round(value, 2)}],
+                    }
+                    for task, value in scores.items()
+                ],
+            }
+        ]
+    lines = ["---", yaml.safe_dump(front, sort_keys=False).rstrip(), "---", ""]
+    lines += [f"# Merged model `{name}`", "", "Made with EvoMerge (`agent_forge.evomerge`) of:", ""]
+    for source in used:
+        hub = (info.get(source) or {}).get("hub_id")
+        where = f"[{hub}](https://huggingface.co/{hub})" if hub else f"`{sources.get(source, '?')}`"
+        note = " (base)" if source == document.get("base") else ""
+        stated = (info.get(source) or {}).get("license")
+        lines.append(f"- **{source}**{note}: {where}, license {stated or 'not stated'}")
+    if license_ == "other":
+        lines += [
+            "",
+            "The source models do not state one common license; check each one's before use.",
+        ]
+    if scores:
+        lines += ["", "## Test scores", "", "| task | accuracy (%) |", "|---|---|"]
+        lines += [f"| {task} | {value:.1f} |" for task, value in scores.items()]
     lines += [
         "",
         "## Recipe",
@@ -427,8 +488,17 @@ def model_card(recipe: RecipeNode, sources: Mapping[str, str], base: str | None)
         f"python -m agent_forge.evomerge.cli --merge {RECIPE_FILE} --output DIR",
         "```",
         "",
+        "(`--source NAME=PATH` points it at a model that has moved.)",
+        "",
     ]
     return "\n".join(lines)
+
+
+def _techniques_of(recipe: RecipeNode) -> set[str]:
+    if isinstance(recipe, Source):
+        return set()
+    own = {recipe.technique} if isinstance(recipe, Merge) else {"layer-stack"}
+    return own.union(*(_techniques_of(c) for c in recipe.children()))
 
 
 class _ResidentModel:

@@ -14,7 +14,7 @@ translated: parameters it leaves out take the defaults mergekit documents for th
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,9 @@ class RecipeDocument:
     sources: dict[str, str]
     base: str | None = None
     dtype: str | None = None
+    #: Per model, what the merge recorded of it: ``hub_id``, ``sha256`` of its weights,
+    #: ``license`` (EvoMerge documents only; empty otherwise).
+    source_info: dict[str, dict] = field(default_factory=dict)
 
 
 def load_recipe_file(path: str | Path, *, layer_count: Any = None) -> RecipeDocument:
@@ -71,8 +74,15 @@ def load_recipe_file(path: str | Path, *, layer_count: Any = None) -> RecipeDocu
         dtype = data.get("dtype")
         if dtype is not None and dtype not in _DTYPES:
             raise ConfigurationError(f"{path}: dtype {dtype!r}; allowed: {', '.join(_DTYPES)}")
+        info = data.get("source_info") or {}
+        if not isinstance(info, Mapping):
+            raise ConfigurationError(f"{path}: 'source_info' must map model names to records")
         return RecipeDocument(
-            recipe, {str(k): str(v) for k, v in sources.items()}, data.get("base"), dtype
+            recipe,
+            {str(k): str(v) for k, v in sources.items()},
+            data.get("base"),
+            dtype,
+            {str(k): dict(v) for k, v in info.items() if isinstance(v, Mapping)},
         )
     if "type" in data:
         return RecipeDocument(recipe_from_dict(data, f"{path}: recipe"), {})

@@ -24,6 +24,7 @@ import torch
 from safetensors import safe_open
 
 from .exceptions import IncompatibleModelsError, MergeError, ModelLoadError
+from .storage import files_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +300,39 @@ class ModelSource:
 
     def tokenizer_files(self) -> list[Path]:
         return [self.folder / f for f in TOKENIZER_FILES if (self.folder / f).is_file()]
+
+    def content_hash(self) -> str:
+        """SHA-256 over the weight files (their names and bytes; memoised per file)."""
+        return files_sha256(sorted(set(self.weight_files.values())))
+
+    def hub_id(self) -> str | None:
+        """The Hugging Face repository this model is (the id it was given as, else the
+        ``_name_or_path`` its config records), or None for a model known only locally."""
+        recorded = str(self.config.get("_name_or_path") or "")
+        for candidate in (self.path, recorded if "/" in recorded else ""):  # owner/name there
+            if candidate and _HUB_ID.match(candidate) and not Path(candidate).expanduser().exists():
+                return candidate
+        return None
+
+    def license(self) -> str | None:
+        """The license the model's card (README.md front matter) or GGUF metadata states."""
+        card = self.folder / "README.md"
+        if card.is_file():
+            text = card.read_text(encoding="utf-8", errors="replace")
+            if text.startswith("---"):
+                import yaml
+
+                try:
+                    front = yaml.safe_load(text.split("---", 2)[1]) or {}
+                except yaml.YAMLError:
+                    front = {}
+                if isinstance(front, dict) and front.get("license"):
+                    return str(front["license"])
+        origin = self.folder / "gguf_source.json"
+        if origin.is_file():
+            value = json.loads(origin.read_text()).get("license")
+            return str(value) if value else None
+        return None
 
 
 def read_safetensors_header(file: Path) -> dict[str, _Entry]:

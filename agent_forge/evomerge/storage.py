@@ -9,6 +9,7 @@ computes the next.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -348,3 +349,38 @@ def write_shard_index(
     total = sum(item.nbytes for shard in shards for item in shard)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+
+
+# -- content hashes --------------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """EvoMerge's cache folder: ``$EVOMERGE_CACHE``, else ``~/.cache/evomerge``."""
+    root = os.environ.get("EVOMERGE_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "evomerge"
+
+
+def file_sha256(path: Path, memo_dir: Path | None = None) -> str:
+    """SHA-256 of the file's bytes, memoised per (path, size, mtime) so big files hash once."""
+    stat = path.stat()
+    stamp = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()
+    memo = memo_dir / hashlib.sha256(stamp).hexdigest() if memo_dir else None
+    if memo is not None and memo.is_file():
+        return memo.read_text().strip()
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 23):
+            digest.update(chunk)
+    if memo is not None:
+        atomic_write_text(memo, digest.hexdigest())
+    return digest.hexdigest()
+
+
+def files_sha256(files: Sequence[Path]) -> str:
+    """One SHA-256 for a set of files: over each file's name and SHA-256, in name order (so a
+    model's content hash does not depend on where its folder lies)."""
+    memo = cache_root() / "hash-memo"
+    digest = hashlib.sha256()
+    for file in sorted(files, key=lambda f: f.name):
+        digest.update(f"{file.name}\0{file_sha256(file, memo)}\n".encode())
+    return digest.hexdigest()
