@@ -94,6 +94,23 @@ def sentencepiece_tokenizer():
     return LlamaTokenizer(vocab=vocab, merges=merges, add_bos_token=True)
 
 
+def phi3_tokenizer():
+    """Phi-3's kind of SentencePiece: the prefix space from a normalizer (no pre-tokenizer),
+    ``<s>``/``</s>``/``<unk>`` and Phi-3's ``<|endoftext|>`` and ``<|end|>`` (llama.cpp looks
+    those up by name in any model it takes for a Phi-3)."""
+    from tokenizers import normalizers
+
+    tokenizer = sentencepiece_tokenizer()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|endoftext|>", "<|end|>"]})
+    tokenizer.pad_token = "<|endoftext|>"  # as Phi-3's
+    backend = tokenizer.backend_tokenizer
+    backend.normalizer = normalizers.Sequence(
+        [normalizers.Prepend(prepend="\u2581"), normalizers.Replace(pattern=" ", content="\u2581")]
+    )
+    backend.pre_tokenizer = None
+    return tokenizer
+
+
 def gemma_tokenizer():
     """Gemma's kind of SentencePiece: BPE over ``▁``-words with no prefix space, byte fallback,
     Gemma's special tokens (the way transformers rebuilds a Gemma GGUF's tokenizer)."""
@@ -171,7 +188,7 @@ MODELS = {  # name: (tokenizer builder, layers, tied, arch, head_dim (0: hidden 
     # transformers' GGUF reader takes Qwen3's head_dim as 128 and Gemma 3's query scale as 256
     # (their defaults), whatever the file says: the tiny models use those values
     "qwen3-bpe-2layers-tied": (bpe_tokenizer, 2, True, "qwen3", 128),
-    "phi3-bpe-2layers-untied": (bpe_tokenizer, 2, False, "phi3", 0),
+    "phi3-spm-2layers-untied": (phi3_tokenizer, 2, False, "phi3", 0),
     "gemma3-spm-2layers-tied": (gemma_tokenizer, 2, True, "gemma3_text", 256),
 }
 
@@ -369,7 +386,7 @@ def test_export_layout_of_qwen3_phi3_and_gemma3(model_dirs, tmp_path):
         arch: export_gguf(model_dirs[name], tmp_path / f"{arch}.gguf", "f32")
         for arch, name in (
             ("qwen3", "qwen3-bpe-2layers-tied"),
-            ("phi3", "phi3-bpe-2layers-untied"),
+            ("phi3", "phi3-spm-2layers-untied"),
             ("gemma3", "gemma3-spm-2layers-tied"),
         )
     }

