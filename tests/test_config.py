@@ -135,3 +135,12 @@ def test_parse_size():
     assert parse_size("1.5kb") == 1500
     with pytest.raises(ValueError):
         parse_size("-3GB")
+
+
+def test_a_small_population_in_a_file_shrinks_the_default_tournament_and_elite():
+    """A file that sets population_size 2 and leaves the tournament (3) and elite (2) at their
+    defaults gets them shrunk to fit; sizes it sets itself are still checked."""
+    settings = Configuration.from_dict({"evolution_settings": {"population_size": 2}})
+    assert settings.evolution_settings.tournament_size == 2
+    assert settings.evolution_settings.elite_size == 1
+    assert Configuration.from_dict({}).evolution_settings.tournament_size == 3

@@ -155,6 +155,12 @@ class EvolutionSettings(_Strict):
 
     @model_validator(mode="after")
     def _sizes_fit(self) -> EvolutionSettings:
+        # defaults shrink to fit a small population; values the user set are checked
+        given = self.model_fields_set
+        if "tournament_size" not in given and self.tournament_size > self.population_size:
+            object.__setattr__(self, "tournament_size", self.population_size)
+        if "elite_size" not in given and self.elite_size >= self.population_size:
+            object.__setattr__(self, "elite_size", max(0, self.population_size - 1))
         if self.tournament_size > self.population_size:
             raise ValueError(
                 f"tournament_size = {self.tournament_size} exceeds population_size = "
