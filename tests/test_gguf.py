@@ -770,6 +770,10 @@ def test_smollm2_import_matches_transformers_then_merge_and_export(tmp_path):
     print(f"SmolLM2 merged f16 export: {seconds:.1f} s, {megabytes:.1f} MB")
     info = gguf_info(out)
     assert info["tied_embeddings"] and info["block_count"] == 30
+    # the source's pre-tokenizer is kept (transformers' conversion turns smollm into plain
+    # byte-level splitting; the import restores it: one piece per digit, as llama.cpp splits)
+    assert info["tokenizer"]["pre"] == gguf_info(source)["tokenizer"]["pre"] == "smollm"
+    assert tokenizer.tokenize("12345") == ["1", "2", "3", "4", "5"]
     assert info["tensor_types"] == {"F16": 211, "F32": 61}
     back, back_tokenizer = load_hf(gguf_to_hf(out))
     absolute, relative = max_error(reference, logits(back, back_tokenizer, PROMPTS))

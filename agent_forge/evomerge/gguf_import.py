@@ -107,6 +107,7 @@ def _convert_gguf(header: GGUFHeader, out: Path, dtype: torch.dtype) -> None:
 
     config = _config_from_header(header)
     tokenizer = _tokenizer_from_file(header.path)
+    _restore_pre_tokenizer(tokenizer, header.metadata.get("tokenizer.ggml.pre"))
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config)
     config.architectures = [type(skeleton).__name__]
@@ -198,6 +199,21 @@ def _tokenizer_from_file(path: Path) -> Any:
         raise GGUFError(
             f"{path.name}: transformers could not rebuild the tokenizer: {err}"
         ) from err
+
+
+def _restore_pre_tokenizer(tokenizer: Any, pre: Any) -> None:
+    """Give the tokenizer the pre-tokenizer the file names where transformers' conversion
+    drops it: ``smollm`` (SmolLM's: every digit its own piece, then byte-level splitting), which
+    it turns into plain byte-level splitting, so ``12345`` would be one piece, not five."""
+    if pre == "smollm":
+        from tokenizers import pre_tokenizers
+
+        tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
 
 
 def _gguf_to_hf_names(
