@@ -42,6 +42,9 @@ logger = logging.getLogger(__name__)
 _IMPORT_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _MAX_SHARD_BYTES = 1 << 30
 _IGNORED_GGUF_TENSORS = {"rope_freqs.weight"}  # rope frequency factors: derived, not learned
+#: Part of each cached folder's name: raised when a conversion changes (2: the smollm
+#: pre-tokenizer restored), so folders converted before are not reused.
+CONVERSION_VERSION = 2
 
 
 def default_cache_dir() -> Path:
@@ -69,7 +72,8 @@ def gguf_to_hf(
     header = read_header(path)
     _check_architecture(path, header.architecture)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    target = cache / f"{file_sha256(path, cache / '.hash-memo')[:32]}-{dtype}"
+    digest = file_sha256(path, cache / ".hash-memo")[:32]
+    target = cache / f"{digest}-{dtype}-v{CONVERSION_VERSION}"
     if (target / "config.json").is_file():
         logger.info("GGUF %s: reusing cached conversion %s", path.name, target)
         return target
