@@ -204,3 +204,45 @@ def test_every_family_merges_per_layer_and_stacked_and_reloads(
         assert len(_layers(model)) == layers
         with torch.no_grad():
             assert torch.isfinite(model(ids).logits).all()
+
+
+@pytest.mark.parametrize("model_type", ["mixtral", "qwen2_moe"])
+def test_moe_experts_router_and_shared_experts_are_components(model_type, family_folders, tmp_path):
+    """A linear merge taking the experts from m1 and everything else (router, shared expert,
+    attention) from m2: each tensor is the one model's, expert by expert."""
+    from safetensors.torch import load_file
+
+    from agent_forge.evomerge.merger import AdvancedModelMerger
+    from agent_forge.evomerge.recipe import Merge, Source
+    from agent_forge.evomerge.sources import open_source
+
+    folders = family_folders[model_type]
+    sources = {n: open_source(n, str(folders[n])) for n in ("m1", "m2")}
+    weights = [{"experts": 1.0, "default": 0.0}, {"experts": 0.0, "default": 1.0}]
+    recipe = Merge("linear", [Source("m1"), Source("m2")], {"weight": weights})
+    merged = load_file(
+        AdvancedModelMerger(sources=sources).merge(recipe, tmp_path / "out") / "model.safetensors"
+    )
+    m1, m2 = (load_file(folders[n] / "model.safetensors") for n in ("m1", "m2"))
+    kinds = {"experts": 0, "router": 0, "other": 0}
+    for name, tensor in merged.items():
+        expert = ".experts." in name
+        kind = (
+            "experts"
+            if expert
+            else "router"
+            if name.endswith(("mlp.gate.weight", "moe.gate.weight"))
+            else "other"
+        )
+        kinds[kind] += 1
+        assert torch.equal(tensor, (m1 if expert else m2)[name]), name
+    assert all(kinds.values()), kinds
+
+
+def test_an_moe_part_a_mapping_does_not_name_takes_the_mlp_value():
+    from agent_forge.evomerge.techniques import TensorLocation, resolve_value
+
+    router = TensorLocation("router", position=1, layers=2, name="model.layers.0.mlp.gate.weight")
+    assert resolve_value({"mlp": 0.3, "default": 0.9}, router) == 0.3
+    assert resolve_value({"mlp": 0.3, "router": 0.1, "default": 0.9}, router) == 0.1
+    assert resolve_value({"attention": 0.3, "default": 0.9}, router) == 0.9

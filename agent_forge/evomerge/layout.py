@@ -65,8 +65,15 @@ def is_residual_output(rest: str) -> bool:
     return rest.rsplit(".", 1)[0] in RESIDUAL_OUTPUTS
 
 
+#: Mixture-of-experts parts: the experts, the router that weighs them, the shared expert(s).
+_EXPERTS = re.compile(r"\.experts(\.|$)")
+_ROUTER = re.compile(r"(mlp|block_sparse_moe|moe)\.(gate|router)\.(weight|bias)$")
+_SHARED_EXPERT = re.compile(r"\.shared_experts?(_gate)?\.")
+
+
 def component_of(name: str) -> str:
-    """``embeddings``, ``attention``, ``mlp``, ``norms``, ``head`` or ``default``."""
+    """``embeddings``, ``attention``, ``mlp``, ``experts``, ``router``, ``shared_experts``,
+    ``norms``, ``head`` or ``default``."""
     lowered = name.lower()
     if lowered.startswith(("lm_head", "output.", "embed_out.")) or ".lm_head." in lowered:
         return "head"  # embed_out: GPT-NeoX's head
@@ -76,6 +83,12 @@ def component_of(name: str) -> str:
         return "norms"
     if "attn" in lowered or "attention" in lowered:
         return "attention"
+    if _SHARED_EXPERT.search(lowered):
+        return "shared_experts"
+    if _EXPERTS.search(lowered):
+        return "experts"
+    if _ROUTER.search(lowered):
+        return "router"
     if "mlp" in lowered or "feed_forward" in lowered or "moe" in lowered:
         return "mlp"
     return "default"

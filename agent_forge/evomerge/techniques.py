@@ -1044,6 +1044,8 @@ def ramplus_tl(deltas: Tensor, *, r: float, alpha: float, epsilon: float) -> Ten
 # -- parameter values that vary by layer -----------------------------------------------------------
 
 COMPONENTS = ("embeddings", "attention", "mlp", "norms", "head")
+#: A mixture-of-experts MLP's parts: a mapping that does not name one gives it ``mlp``'s value.
+MLP_PARTS = ("experts", "router", "shared_experts")
 #: The key of a value given by name filters (see :func:`resolve_value`).
 FILTERS = "filters"
 
@@ -1071,7 +1073,8 @@ def resolve_value(value: Any, location: TensorLocation | None) -> Any:
 
     A value is a scalar; a list over layer groups (``[v_0, …, v_{n-1}]`` splits the positions
     into n equal runs); a mapping from component (``embeddings``, ``attention``, ``mlp``,
-    ``norms``, ``head``, ``default``) to one of those; or name filters,
+    ``norms``, ``head``, ``default``; an MoE's ``experts``, ``router`` and ``shared_experts``
+    take ``mlp``'s value unless named) to one of those; or name filters,
     ``{"filters": [[substring, v], …], "default": v}``: the first pair whose substring occurs
     in the tensor's name gives the value, else ``default`` (mergekit's filter semantics).
     """
@@ -1081,6 +1084,8 @@ def resolve_value(value: Any, location: TensorLocation | None) -> Any:
         return resolve_value(chosen, location)
     if isinstance(value, Mapping):
         key = location.component if location is not None else "default"
+        if key in MLP_PARTS and key not in value:
+            key = "mlp"
         if key not in value:
             key = "default"
         return resolve_value(value[key], location)
@@ -1096,11 +1101,11 @@ def check_value(param: Param, value: Any, technique_name: str) -> Any:
     if isinstance(value, Mapping) and FILTERS in value:
         return _check_filters(param, value, technique_name)
     if isinstance(value, Mapping):
-        unknown = sorted(set(value) - set(COMPONENTS) - {"default"})
+        unknown = sorted(set(value) - set(COMPONENTS) - set(MLP_PARTS) - {"default"})
         if unknown:
             raise ConfigurationError(
                 f"{technique_name}: parameter '{param.name}' has unknown component {unknown[0]!r}; "
-                f"allowed: {', '.join(COMPONENTS)}, default"
+                f"allowed: {', '.join((*COMPONENTS, *MLP_PARTS))}, default"
             )
         if "default" not in value and not set(COMPONENTS) <= set(value):
             raise ConfigurationError(
