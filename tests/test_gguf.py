@@ -134,6 +134,7 @@ def save_model(
     """A tiny seeded model of ``arch`` with ``tokenizer``, saved with save_pretrained."""
     from transformers import (
         AutoModelForCausalLM,
+        Gemma2Config,
         Gemma3TextConfig,
         LlamaConfig,
         Phi3Config,
@@ -147,9 +148,13 @@ def save_model(
         "qwen3": Qwen3Config,
         "phi3": Phi3Config,
         "gemma3_text": Gemma3TextConfig,
+        "gemma2": Gemma2Config,
     }[arch]
     extra = {"head_dim": head_dim} if head_dim else {}
-    if arch == "gemma3_text":  # sliding-window layers with their own rope base (10⁴; global 10⁶)
+    if arch in (
+        "gemma2",
+        "gemma3_text",
+    ):  # sliding-window layers with their own rope base (10⁴; global 10⁶)
         extra |= {"sliding_window": 16}
     else:
         extra |= {"rope_theta": 10000.0}
@@ -190,6 +195,7 @@ MODELS = {  # name: (tokenizer builder, layers, tied, arch, head_dim (0: hidden 
     "qwen3-bpe-2layers-tied": (bpe_tokenizer, 2, True, "qwen3", 128),
     "phi3-spm-2layers-untied": (phi3_tokenizer, 2, False, "phi3", 0),
     "gemma3-spm-2layers-tied": (gemma_tokenizer, 2, True, "gemma3_text", 256),
+    "gemma2-spm-2layers-tied": (gemma_tokenizer, 2, True, "gemma2", 256),
 }
 
 

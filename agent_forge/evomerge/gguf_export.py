@@ -102,24 +102,24 @@ def _load_hf_config(model_dir: Path) -> Any:
     return config
 
 
-#: llama.cpp's Gemma 3: every sixth layer attends globally, the others in a sliding window.
-GEMMA3_GLOBAL_EVERY = 6
+#: llama.cpp's Gemma: every n-th layer attends globally, the others in a sliding window.
+GLOBAL_LAYER_EVERY = {"gemma2": 2, "gemma3_text": 6}
 
 
 def _check_expressible(config: Any) -> None:
     """Refuse a config whose model a GGUF reader would rebuild differently (GGUF has no key for
     it), rather than write a file that computes another model."""
-    if config.model_type != "gemma3_text":
+    every = GLOBAL_LAYER_EVERY.get(config.model_type)
+    if every is None:
         return
     layers = config.num_hidden_layers
     pattern = [
-        "full_attention" if (i + 1) % GEMMA3_GLOBAL_EVERY == 0 else "sliding_attention"
-        for i in range(layers)
+        "full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)
     ]
     if list(getattr(config, "layer_types", None) or pattern) != pattern:
         raise GGUFError(
-            "this Gemma 3 model's layer_types do not follow llama.cpp's fixed pattern (every "
-            f"{GEMMA3_GLOBAL_EVERY}th layer global), which GGUF cannot override (a layer-stacking "
+            "this Gemma model's layer_types do not follow llama.cpp's fixed pattern (every "
+            f"{every}th layer global), which GGUF cannot override (a layer-stacking "
             "merge moves them); use the Hugging Face folder"
         )
     head_dim = config.head_dim
@@ -128,7 +128,7 @@ def _check_expressible(config: Any) -> None:
         config.hidden_size // config.num_attention_heads,
     ):
         raise GGUFError(
-            f"this Gemma 3 model scales queries by query_pre_attn_scalar = "
+            f"this Gemma model scales queries by query_pre_attn_scalar = "
             f"{config.query_pre_attn_scalar}; GGUF readers assume head_dim ({head_dim}); "
             "use the Hugging Face folder"
         )
@@ -192,6 +192,9 @@ def _add_model_metadata(
     local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention")
     if local is not None:
         writer.add_rope_freq_base_swa(float(local["rope_theta"]))
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2
+        if getattr(config, key, None) is not None:
+            getattr(writer, f"add_{key}")(float(getattr(config, key)))
     window = getattr(config, "sliding_window", None)
     if FAMILIES[ARCH_OF_MODEL_TYPE[config.model_type]].sliding_window and window:
         writer.add_sliding_window(int(window))

@@ -145,6 +145,9 @@ def _config_from_header(header: GGUFHeader) -> Any:
             value = header.metadata.get(f"{section}.{key}")
             if hf_key is not None and value is not None and not isinstance(value, GGUFArray):
                 values[hf_key] = value
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):  # Gemma 2: not in the table
+        if isinstance(header.metadata.get(f"{arch}.{key}"), float):
+            values[key] = header.metadata[f"{arch}.{key}"]
     key_length = header.metadata.get(f"{arch}.attention.key_length")
     if isinstance(key_length, int) and "head_dim" not in values:  # transformers' table lacks it
         values["head_dim"] = key_length  # for qwen3, whose default head_dim is 128, not h / n
