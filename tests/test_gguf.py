@@ -137,6 +137,7 @@ def save_model(
         Gemma2Config,
         Gemma3TextConfig,
         LlamaConfig,
+        Olmo2Config,
         Phi3Config,
         Qwen2Config,
         Qwen3Config,
@@ -149,6 +150,7 @@ def save_model(
         "phi3": Phi3Config,
         "gemma3_text": Gemma3TextConfig,
         "gemma2": Gemma2Config,
+        "olmo2": Olmo2Config,
     }[arch]
     extra = {"head_dim": head_dim} if head_dim else {}
     if arch in (
@@ -196,7 +198,10 @@ MODELS = {  # name: (tokenizer builder, layers, tied, arch, head_dim (0: hidden 
     "phi3-spm-2layers-untied": (phi3_tokenizer, 2, False, "phi3", 0),
     "gemma3-spm-2layers-tied": (gemma_tokenizer, 2, True, "gemma3_text", 256),
     "gemma2-spm-2layers-tied": (gemma_tokenizer, 2, True, "gemma2", 256),
+    "olmo2-bpe-2layers-untied": (bpe_tokenizer, 2, False, "olmo2", 0),
 }
+#: Architectures EvoMerge writes and reads that transformers' own GGUF loader does not know.
+TRANSFORMERS_CANNOT_READ = {"olmo2"}
 
 
 @pytest.fixture(scope="module")
@@ -263,13 +268,13 @@ def test_f32_round_trip_is_exact_through_both_readers(model_dirs, tmp_path, name
     reference = logits(original, tokenizer)
     out = export_gguf(model_dirs[name], tmp_path / f"{name}.gguf", "f32")
 
-    via_transformers, tok_t = load_gguf_with_transformers(out)
     via_ours, tok_o = load_hf(gguf_to_hf(out))
-
-    assert_same_tokenizer(tokenizer, tok_t)
     assert_same_tokenizer(tokenizer, tok_o)
-    assert max_error(reference, logits(via_transformers, tok_t))[0] <= 1e-4
     assert max_error(reference, logits(via_ours, tok_o))[0] <= 1e-4
+    if MODELS[name][3] not in TRANSFORMERS_CANNOT_READ:
+        via_transformers, tok_t = load_gguf_with_transformers(out)
+        assert_same_tokenizer(tokenizer, tok_t)
+        assert max_error(reference, logits(via_transformers, tok_t))[0] <= 1e-4
     assert via_ours.config.num_hidden_layers == original.config.num_hidden_layers
     assert via_ours.config.tie_word_embeddings == original.config.tie_word_embeddings
     for key, value in original.state_dict().items():

@@ -141,7 +141,8 @@ def _config_from_header(header: GGUFHeader) -> Any:
     table = cast(dict[str, dict[str, Any]], GGUF_CONFIG_MAPPING)
     values: dict[str, Any] = {}
     for section in (arch, "tokenizer"):
-        for key, hf_key in table[section].items():
+        # an architecture transformers' table lacks (olmo2) uses the common keys (llama's)
+        for key, hf_key in table.get(section, table["llama"]).items():
             value = header.metadata.get(f"{section}.{key}")
             if hf_key is not None and value is not None and not isinstance(value, GGUFArray):
                 values[hf_key] = value

@@ -41,6 +41,7 @@ FAMILIES = {
     "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2, ("qwen2",), "Qwen2"),
     "qwen3": GGUFFamily(gguf.MODEL_ARCH.QWEN3, ("qwen3",), "Qwen3"),
     "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, ("phi3",), "Phi-3"),
+    "olmo2": GGUFFamily(gguf.MODEL_ARCH.OLMO2, ("olmo2",), "OLMo 2"),
     "gemma2": GGUFFamily(
         gguf.MODEL_ARCH.GEMMA2, ("gemma2",), "Gemma 2", norm_offset=True, sliding_window=True
     ),
