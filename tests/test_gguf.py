@@ -132,8 +132,16 @@ def save_model(
     path: Path, tokenizer, *, layers: int, tied: bool, arch: str = "llama", head_dim: int = 0
 ) -> Path:
     """A tiny seeded model of ``arch`` with ``tokenizer``, saved with save_pretrained."""
+    if arch == "gpt2":  # its own field names, a tied head, learned positions (1024, as
+        # transformers' GGUF reader assumes whatever the file says)
+        from transformers import GPT2Config
+
+        config = GPT2Config(
+            vocab_size=len(tokenizer), n_embd=64, n_layer=layers, n_head=4, n_positions=1024,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        return _save_seeded(path, tokenizer, config, layers * 10 + tied)
     from transformers import (
-        AutoModelForCausalLM,
         Gemma2Config,
         Gemma3TextConfig,
         LlamaConfig,
@@ -176,7 +184,13 @@ def save_model(
         pad_token_id=tokenizer.pad_token_id,
         **extra,
     )
-    torch.manual_seed(layers * 10 + tied)
+    return _save_seeded(path, tokenizer, config, layers * 10 + tied)
+
+
+def _save_seeded(path: Path, tokenizer, config, seed: int) -> Path:
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():  # norms away from 1 and q/k biases non-zero, so layout bugs show
         for param in model.parameters():
@@ -199,6 +213,7 @@ MODELS = {  # name: (tokenizer builder, layers, tied, arch, head_dim (0: hidden 
     "gemma3-spm-2layers-tied": (gemma_tokenizer, 2, True, "gemma3_text", 256),
     "gemma2-spm-2layers-tied": (gemma_tokenizer, 2, True, "gemma2", 256),
     "olmo2-bpe-2layers-untied": (bpe_tokenizer, 2, False, "olmo2", 0),
+    "gpt2-bpe-2layers-tied": (bpe_tokenizer, 2, True, "gpt2", 0),
 }
 #: Architectures EvoMerge writes and reads that transformers' own GGUF loader does not know.
 TRANSFORMERS_CANNOT_READ = {"olmo2"}
@@ -676,11 +691,13 @@ def test_missing_file_and_bad_export_inputs(tmp_path, model_dirs):
         export_gguf(tmp_path, tmp_path / "x.gguf")
     with pytest.raises(GGUFError, match="outtype 'q4_k'"):
         export_gguf(model_dirs["bpe-2layers-untied"], tmp_path / "x.gguf", "q4_k")
-    from transformers import GPT2Config
+    from transformers import GPTNeoXConfig
 
-    GPT2Config(n_layer=1, n_embd=32, n_head=2).save_pretrained(tmp_path / "gpt2")
-    with pytest.raises(GGUFError, match="model type 'gpt2' cannot be exported"):
-        export_gguf(tmp_path / "gpt2", tmp_path / "x.gguf")
+    GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4).save_pretrained(
+        tmp_path / "neox"
+    )
+    with pytest.raises(GGUFError, match="model type 'gpt_neox' cannot be exported"):
+        export_gguf(tmp_path / "neox", tmp_path / "x.gguf")
     (tmp_path / "no-tokenizer").mkdir()
     for name in ("config.json", "model.safetensors"):
         source = model_dirs["bpe-2layers-untied"] / name

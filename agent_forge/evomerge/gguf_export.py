@@ -167,10 +167,13 @@ def _rope(config: Any) -> tuple[float, dict[str, Any]]:
 def _add_model_metadata(
     writer: gguf.GGUFWriter, config: Any, model_dir: Path, qtype: QType
 ) -> None:
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_type("model")
     writer.add_name(Path(getattr(config, "_name_or_path", "") or model_dir.name).name or "model")
     writer.add_file_type(_FILE_TYPES[qtype])
+    if FAMILIES[ARCH_OF_MODEL_TYPE[config.model_type]].conv1d:
+        _add_gpt2_metadata(writer, config)
+        return
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -198,6 +201,17 @@ def _add_model_metadata(
     window = getattr(config, "sliding_window", None)
     if FAMILIES[ARCH_OF_MODEL_TYPE[config.model_type]].sliding_window and window:
         writer.add_sliding_window(int(window))
+
+
+def _add_gpt2_metadata(writer: gguf.GGUFWriter, config: Any) -> None:
+    """GPT-2's hyper-parameters: learned positions, LayerNorm, no rope."""
+    writer.add_context_length(config.n_positions)
+    writer.add_embedding_length(config.n_embd)
+    writer.add_block_count(config.n_layer)
+    writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
+    writer.add_head_count(config.n_head)
+    writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    writer.add_vocab_size(config.vocab_size)
 
 
 def _add_rope_scaling(writer: gguf.GGUFWriter, params: dict[str, Any]) -> None:
@@ -261,6 +275,8 @@ def _tensor_plan(
                 if gguf_name is None:
                     raise GGUFError(f"tensor {hf_name!r} has no GGUF name for architecture {arch}")
                 shape = tuple(handle.get_slice(hf_name).get_shape())
+                if FAMILIES[arch].transposed(gguf_name):
+                    shape = shape[::-1]
                 plan.append(_OutTensor(hf_name, gguf_name, shape, _pick_type(shape, outtype)))
     if not tied and "lm_head.weight" not in sources:
         raise GGUFError("config says embeddings are untied but lm_head.weight is missing")
@@ -317,6 +333,8 @@ def _write_tensors(
             values = permute_qk(values, heads)
         if family.norm_offset and is_norm(entry.gguf_name):
             values = values + 1.0  # llama.cpp scales by w, Gemma by 1 + w
+        if family.transposed(entry.gguf_name):
+            values = np.ascontiguousarray(values.T)
         writer.write_tensor_data(_encode(values, entry.qtype))
 
 

@@ -156,6 +156,10 @@ def _config_from_header(header: GGUFHeader) -> Any:
     if "token_embd.weight" not in tensors:
         raise GGUFError(f"{header.path.name}: no token_embd.weight tensor; not a complete model")
     values.setdefault("vocab_size", tensors["token_embd.weight"].shape[0])
+    if FAMILIES[arch].conv1d:  # GPT-2: transformers' table names keys GPT2Config does not read
+        values["n_positions"] = tensors["position_embd.weight"].shape[0]
+        values["n_inner"] = values.pop("feed_forward_length", None)
+        values.pop("n_ctx", None)
     _check_sizes(header.path.name, values, tensors)
     values["tie_word_embeddings"] = "output.weight" not in tensors
     rope = _rope_scaling_from(header.metadata, arch)
@@ -171,14 +175,16 @@ def _check_sizes(file_name: str, values: dict[str, Any], tensors: dict[str, Tens
     """The metadata's layer count and width must match the tensors (bounds what gets built)."""
     blocks = {n.split(".")[1] for n in tensors if n.startswith("blk.")}
     layers = 1 + max((int(b) for b in blocks if b.isdigit()), default=-1)
-    if values.get("num_hidden_layers") != layers:
+    declared = values.get("num_hidden_layers", values.get("n_layer"))
+    if declared != layers:
         raise GGUFError(
-            f"{file_name}: metadata say {values.get('num_hidden_layers')} layers but the file "
+            f"{file_name}: metadata say {declared} layers but the file "
             f"holds tensors for {layers}; the file is inconsistent"
         )
-    if values.get("hidden_size") != tensors["token_embd.weight"].shape[1]:
+    width = values.get("hidden_size", values.get("n_embd"))
+    if width != tensors["token_embd.weight"].shape[1]:
         raise GGUFError(
-            f"{file_name}: metadata say hidden size {values.get('hidden_size')} but "
+            f"{file_name}: metadata say hidden size {width} but "
             f"token_embd.weight is {list(tensors['token_embd.weight'].shape)}; inconsistent file"
         )
 
@@ -265,6 +271,8 @@ def _hf_tensors(
                 continue
             raise GGUFError(f"GGUF tensor {entry.name!r} has no Hugging Face counterpart")
         hf_name, shape = target
+        if family.transposed(entry.name):
+            shape = shape[::-1]
         if entry.shape != shape:
             raise GGUFError(
                 f"{header.path.name}: tensor {entry.name} has shape {list(entry.shape)} but the "
@@ -279,6 +287,8 @@ def _hf_tensors(
             values = permute_qk(values, heads, inverse=True)
         if family.norm_offset and is_norm(entry.name):
             values = values - 1.0  # stored as 1 + w (Gemma's norms scale by 1 + w)
+        if family.transposed(entry.name):
+            values = values.T  # GPT-2's Conv1D keeps (in, out)
         yield hf_name, torch.from_numpy(np.require(values, np.float32, ["C", "W"])).to(dtype)
 
 

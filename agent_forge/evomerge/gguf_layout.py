@@ -24,6 +24,8 @@ class GGUFFamily:
     becomes). ``permuted``: llama.cpp keeps Q/K rows interleaved for its rope kernel (Llama
     only). ``norm_offset``: the file stores RMSNorm weights as 1 + w, since Gemma's norms scale
     by (1 + w) and llama.cpp's by w. ``sliding_window``: the metadata carry the window size.
+    ``conv1d``: GPT-2's projections, stored (in, out) by Hugging Face and (out, in) by GGUF;
+    such a family also has learned positions and LayerNorm (not RMSNorm) and no rope.
     """
 
     arch: gguf.MODEL_ARCH
@@ -32,6 +34,11 @@ class GGUFFamily:
     permuted: bool = False
     norm_offset: bool = False
     sliding_window: bool = False
+    conv1d: tuple[str, ...] = ()
+
+    def transposed(self, gguf_name: str) -> bool:
+        """Whether tensor ``gguf_name`` is stored transposed relative to Hugging Face's."""
+        return gguf_name.endswith(".weight") and any(f".{m}." in gguf_name for m in self.conv1d)
 
 
 FAMILIES = {
@@ -42,6 +49,10 @@ FAMILIES = {
     "qwen3": GGUFFamily(gguf.MODEL_ARCH.QWEN3, ("qwen3",), "Qwen3"),
     "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, ("phi3",), "Phi-3"),
     "olmo2": GGUFFamily(gguf.MODEL_ARCH.OLMO2, ("olmo2",), "OLMo 2"),
+    "gpt2": GGUFFamily(
+        gguf.MODEL_ARCH.GPT2, ("gpt2",), "GPT-2",
+        conv1d=("attn_qkv", "attn_output", "ffn_up", "ffn_down"),
+    ),
     "gemma2": GGUFFamily(
         gguf.MODEL_ARCH.GEMMA2, ("gemma2",), "Gemma 2", norm_offset=True, sliding_window=True
     ),
