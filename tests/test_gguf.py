@@ -145,6 +145,7 @@ def save_model(
         Gemma2Config,
         Gemma3TextConfig,
         LlamaConfig,
+        MixtralConfig,
         Olmo2Config,
         Phi3Config,
         Qwen2Config,
@@ -159,8 +160,11 @@ def save_model(
         "gemma3_text": Gemma3TextConfig,
         "gemma2": Gemma2Config,
         "olmo2": Olmo2Config,
+        "mixtral": MixtralConfig,
     }[arch]
     extra = {"head_dim": head_dim} if head_dim else {}
+    if arch == "mixtral":
+        extra |= {"num_local_experts": 4, "num_experts_per_tok": 2}
     if arch in (
         "gemma2",
         "gemma3_text",
@@ -214,9 +218,10 @@ MODELS = {  # name: (tokenizer builder, layers, tied, arch, head_dim (0: hidden 
     "gemma2-spm-2layers-tied": (gemma_tokenizer, 2, True, "gemma2", 256),
     "olmo2-bpe-2layers-untied": (bpe_tokenizer, 2, False, "olmo2", 0),
     "gpt2-bpe-2layers-tied": (bpe_tokenizer, 2, True, "gpt2", 0),
+    "mixtral-bpe-2layers-untied": (bpe_tokenizer, 2, False, "mixtral", 0),
 }
 #: Architectures EvoMerge writes and reads that transformers' own GGUF loader does not know.
-TRANSFORMERS_CANNOT_READ = {"olmo2"}
+TRANSFORMERS_CANNOT_READ = {"olmo2", "mixtral"}
 
 
 @pytest.fixture(scope="module")
@@ -438,6 +443,28 @@ def test_export_layout_of_qwen3_phi3_and_gemma3(model_dirs, tmp_path):
     assert gemma.get_field("gemma3.rope.freq_base").contents() == 1_000_000.0
     assert gemma.get_field("gemma3.rope.freq_base_swa").contents() == 10_000.0
     assert gemma.get_field("gemma3.attention.key_length").contents() == 256
+
+
+def test_mixtral_experts_are_stacked_per_kind(model_dirs, tmp_path):
+    """llama.cpp's Mixtral: each layer's experts stacked into ffn_{gate,down,up}_exps (w1, w2,
+    w3), the router as ffn_gate_inp, the expert counts in the metadata."""
+    from safetensors.torch import load_file
+
+    folder = model_dirs["mixtral-bpe-2layers-untied"]
+    reader = gguf.GGUFReader(export_gguf(folder, tmp_path / "mixtral.gguf", "f32"))
+    stored = {t.name: np.asarray(t.data) for t in reader.tensors}
+    state = load_file(folder / "model.safetensors")
+    for kind, stem in (("w1", "gate"), ("w2", "down"), ("w3", "up")):
+        stacked = stored[f"blk.1.ffn_{stem}_exps.weight"]
+        assert stacked.shape[0] == 4
+        for expert in range(4):
+            hf = state[f"model.layers.1.block_sparse_moe.experts.{expert}.{kind}.weight"]
+            np.testing.assert_array_equal(stacked[expert], hf.numpy())
+    router = state["model.layers.0.block_sparse_moe.gate.weight"].numpy()
+    np.testing.assert_array_equal(stored["blk.0.ffn_gate_inp.weight"], router)
+    assert reader.get_field("llama.expert_count").contents() == 4
+    assert reader.get_field("llama.expert_used_count").contents() == 2
+    assert not any(".experts." in name for name in stored)
 
 
 def test_a_gemma3_whose_layer_types_gguf_cannot_carry_is_refused(model_dirs, tmp_path):

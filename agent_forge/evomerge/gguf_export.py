@@ -28,10 +28,12 @@ from .exceptions import GGUFError
 from .gguf_layout import (
     ARCH_OF_MODEL_TYPE,
     FAMILIES,
+    HF_EXPERT,
     gguf_tensor_name,
     head_count_for,
     is_norm,
     permute_qk,
+    stacked_expert_name,
     tensor_name_map,
 )
 from .gguf_tokenizer import add_tokenizer
@@ -192,6 +194,9 @@ def _add_model_metadata(
     theta, params = _rope(config)
     writer.add_rope_freq_base(theta)
     _add_rope_scaling(writer, params)
+    if getattr(config, "num_local_experts", None):  # Mixtral
+        writer.add_expert_count(config.num_local_experts)
+        writer.add_expert_used_count(config.num_experts_per_tok)
     local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention")
     if local is not None:
         writer.add_rope_freq_base_swa(float(local["rope_theta"]))
@@ -250,7 +255,7 @@ def _rope_freqs(config: Any) -> torch.Tensor | None:
 
 @dataclass
 class _OutTensor:
-    hf_name: str | None  # None for tensors computed here (rope_freqs)
+    hf_names: tuple[str, ...]  # () for tensors computed here (rope_freqs); several: stacked
     gguf_name: str
     shape: tuple[int, ...]
     qtype: QType
@@ -264,6 +269,7 @@ def _tensor_plan(
     name_map = tensor_name_map(arch, config.num_hidden_layers)
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plan: list[_OutTensor] = []
+    experts: dict[tuple[int, str], dict[int, tuple[str, tuple[int, ...]]]] = {}
     for file in sorted(set(sources.values())):
         with safe_open(file, framework="pt") as handle:
             for hf_name in handle.keys():
@@ -271,18 +277,28 @@ def _tensor_plan(
                     tied and hf_name == "lm_head.weight"
                 ):
                     continue
+                if expert := HF_EXPERT.match(hf_name):  # stacked below, one tensor per kind
+                    layer, index, kind = int(expert[1]), int(expert[2]), expert[3]
+                    shape = tuple(handle.get_slice(hf_name).get_shape())
+                    experts.setdefault((layer, kind), {})[index] = (hf_name, shape)
+                    continue
                 gguf_name = gguf_tensor_name(name_map, hf_name)
                 if gguf_name is None:
                     raise GGUFError(f"tensor {hf_name!r} has no GGUF name for architecture {arch}")
                 shape = tuple(handle.get_slice(hf_name).get_shape())
                 if FAMILIES[arch].transposed(gguf_name):
                     shape = shape[::-1]
-                plan.append(_OutTensor(hf_name, gguf_name, shape, _pick_type(shape, outtype)))
+                plan.append(_OutTensor((hf_name,), gguf_name, shape, _pick_type(shape, outtype)))
+    for (layer, kind), members in sorted(experts.items()):
+        names = tuple(members[i][0] for i in sorted(members))
+        shape = (len(names), *members[0][1])
+        name = stacked_expert_name(layer, kind)
+        plan.append(_OutTensor(names, name, shape, _pick_type(shape, outtype)))
     if not tied and "lm_head.weight" not in sources:
         raise GGUFError("config says embeddings are untied but lm_head.weight is missing")
     plan.sort(key=_tensor_order)
     if (freqs := _rope_freqs(config)) is not None:
-        plan.append(_OutTensor(None, "rope_freqs.weight", tuple(freqs.shape), QType.F32))
+        plan.append(_OutTensor((), "rope_freqs.weight", tuple(freqs.shape), QType.F32))
     return plan
 
 
@@ -342,10 +358,13 @@ def _source_values(entry: _OutTensor, sources: dict[str, Path], config: Any) -> 
     """One tensor as float32, read from its safetensors file (or computed, for rope_freqs)."""
     from safetensors import safe_open
 
-    if entry.hf_name is None:
+    if not entry.hf_names:
         freqs = _rope_freqs(config)
         if freqs is None:
             raise GGUFError(f"no values for computed tensor {entry.gguf_name}")
         return freqs.numpy()
-    with safe_open(sources[entry.hf_name], framework="pt") as handle:
-        return handle.get_tensor(entry.hf_name).float().numpy()
+    values = []
+    for name in entry.hf_names:
+        with safe_open(sources[name], framework="pt") as handle:
+            values.append(handle.get_tensor(name).float().numpy())
+    return values[0] if len(values) == 1 else np.stack(values)

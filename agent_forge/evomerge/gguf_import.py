@@ -33,6 +33,7 @@ from .gguf_layout import (
     head_count_for,
     is_norm,
     permute_qk,
+    stacked_expert_name,
     tensor_name_map,
 )
 from .storage import cache_root, file_sha256
@@ -117,6 +118,9 @@ def _convert_gguf(header: GGUFHeader, out: Path, dtype: torch.dtype) -> None:
     config.architectures = [type(skeleton).__name__]
     config.dtype = dtype
     names = _gguf_to_hf_names(skeleton, str(header.architecture), config.num_hidden_layers)
+    experts = getattr(config, "num_local_experts", 0) or 0
+    if experts:  # Mixtral: written as Hugging Face's files hold it, expert by expert
+        names.update(_mixtral_names(config))
     written = _write_shards(_hf_tensors(header, config, names, dtype), out)
     if missing := sorted(_expected_keys(skeleton, config) - written):
         raise GGUFError(f"{header.path.name}: tensors missing from the file: {missing[:5]}")
@@ -165,8 +169,14 @@ def _config_from_header(header: GGUFHeader) -> Any:
     rope = _rope_scaling_from(header.metadata, arch)
     if rope:
         values["rope_scaling"] = rope
+    model_type = FAMILIES[arch].model_types[0]
+    experts = header.metadata.get(f"{arch}.expert_count")
+    if arch == "llama" and isinstance(experts, int) and experts > 0:  # Mixtral
+        model_type = "mixtral"
+        values["num_local_experts"] = experts
+        values["num_experts_per_tok"] = int(header.metadata[f"{arch}.expert_used_count"])
     try:
-        return AutoConfig.for_model(FAMILIES[arch].model_types[0], **values)
+        return AutoConfig.for_model(model_type, **values)
     except (ValueError, TypeError) as err:
         raise GGUFError(f"{header.path.name}: metadata do not make a valid config: {err}") from err
 
@@ -243,7 +253,38 @@ def _gguf_to_hf_names(
     return mapping
 
 
+def _mixtral_names(config: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """Mixtral's router and stacked experts: GGUF name → (HF name, shape); a stacked tensor's
+    HF name holds ``{e}`` for the expert index (its shape is the stack's)."""
+    names: dict[str, tuple[str, tuple[int, ...]]] = {}
+    count, hidden, inner = config.num_local_experts, config.hidden_size, config.intermediate_size
+    for layer in range(config.num_hidden_layers):
+        stem = f"model.layers.{layer}.block_sparse_moe"
+        names[f"blk.{layer}.ffn_gate_inp.weight"] = (f"{stem}.gate.weight", (count, hidden))
+        for kind, shape in (
+            ("w1", (inner, hidden)),
+            ("w2", (hidden, inner)),
+            ("w3", (inner, hidden)),
+        ):
+            names[stacked_expert_name(layer, kind)] = (
+                f"{stem}.experts.{{e}}.{kind}.weight",
+                (count, *shape),
+            )
+    return names
+
+
 def _expected_keys(skeleton: torch.nn.Module, config: Any) -> set[str]:
+    if getattr(config, "num_local_experts", 0):  # Mixtral: the files' names, not the fused ones
+        keys = {k for k in skeleton.state_dict() if ".mlp." not in k}
+        for layer in range(config.num_hidden_layers):
+            stem = f"model.layers.{layer}.block_sparse_moe"
+            keys.add(f"{stem}.gate.weight")
+            keys |= {
+                f"{stem}.experts.{e}.{kind}.weight"
+                for e in range(config.num_local_experts)
+                for kind in ("w1", "w2", "w3")
+            }
+        return keys
     keys = set(skeleton.state_dict())
     if getattr(config, "tie_word_embeddings", False):
         keys.discard("lm_head.weight")
@@ -289,6 +330,11 @@ def _hf_tensors(
             values = values - 1.0  # stored as 1 + w (Gemma's norms scale by 1 + w)
         if family.transposed(entry.name):
             values = values.T  # GPT-2's Conv1D keeps (in, out)
+        if "{e}" in hf_name:  # stacked experts, one tensor each
+            for index, expert in enumerate(values):
+                array = np.require(expert, np.float32, ["C", "W"])
+                yield hf_name.format(e=index), torch.from_numpy(array).to(dtype)
+            continue
         yield hf_name, torch.from_numpy(np.require(values, np.float32, ["C", "W"])).to(dtype)
 
 

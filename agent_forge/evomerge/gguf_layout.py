@@ -7,6 +7,7 @@ correspondence in opposite directions.
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +44,10 @@ class GGUFFamily:
 
 FAMILIES = {
     "llama": GGUFFamily(
-        gguf.MODEL_ARCH.LLAMA, ("llama", "mistral"), "Llama, Mistral, SmolLM", permuted=True
+        gguf.MODEL_ARCH.LLAMA,
+        ("llama", "mistral", "mixtral"),
+        "Llama, Mistral, SmolLM, Mixtral",
+        permuted=True,
     ),
     "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2, ("qwen2",), "Qwen2"),
     "qwen3": GGUFFamily(gguf.MODEL_ARCH.QWEN3, ("qwen3",), "Qwen3"),
@@ -64,6 +68,21 @@ FAMILIES = {
 SUPPORTED_ARCHITECTURES = {name: family.arch for name, family in FAMILIES.items()}
 #: transformers model type → GGUF architecture name.
 ARCH_OF_MODEL_TYPE = {t: name for name, family in FAMILIES.items() for t in family.model_types}
+
+
+#: A Mixtral expert's projection in Hugging Face's files; GGUF stacks each kind over the experts.
+HF_EXPERT = re.compile(
+    r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$"
+)
+#: A stacked expert tensor in a GGUF file (w1: gate, w2: down, w3: up).
+GGUF_EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|down|up)_exps\.weight$")
+EXPERT_KINDS = {"gate": "w1", "down": "w2", "up": "w3"}
+
+
+def stacked_expert_name(layer: int, kind: str) -> str:
+    """The GGUF name of layer ``layer``'s stacked Mixtral experts of ``kind`` (w1, w2, w3)."""
+    stem = {"w1": "gate", "w2": "down", "w3": "up"}[kind]
+    return f"blk.{layer}.ffn_{stem}_exps.weight"
 
 
 def tensor_name_map(architecture: str, n_layers: int) -> gguf.TensorNameMap:
