@@ -149,6 +149,7 @@ def save_model(
         Olmo2Config,
         Phi3Config,
         Qwen2Config,
+        Qwen2MoeConfig,
         Qwen3Config,
     )
 
@@ -161,10 +162,14 @@ def save_model(
         "gemma2": Gemma2Config,
         "olmo2": Olmo2Config,
         "mixtral": MixtralConfig,
+        "qwen2_moe": Qwen2MoeConfig,
     }[arch]
     extra = {"head_dim": head_dim} if head_dim else {}
     if arch == "mixtral":
         extra |= {"num_local_experts": 4, "num_experts_per_tok": 2}
+    if arch == "qwen2_moe":  # experts narrower than the dense MLP, a shared expert
+        extra |= {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 32}
+        extra |= {"shared_expert_intermediate_size": 48}
     if arch in (
         "gemma2",
         "gemma3_text",
@@ -219,9 +224,11 @@ MODELS = {  # name: (tokenizer builder, layers, tied, arch, head_dim (0: hidden 
     "olmo2-bpe-2layers-untied": (bpe_tokenizer, 2, False, "olmo2", 0),
     "gpt2-bpe-2layers-tied": (bpe_tokenizer, 2, True, "gpt2", 0),
     "mixtral-bpe-2layers-untied": (bpe_tokenizer, 2, False, "mixtral", 0),
+    "qwen2moe-bpe-2layers-untied": (bpe_tokenizer, 2, False, "qwen2_moe", 0),
 }
 #: Architectures EvoMerge writes and reads that transformers' own GGUF loader does not know.
-TRANSFORMERS_CANNOT_READ = {"olmo2", "mixtral"}
+#: (Qwen2-MoE: its table leaves out the experts' widths, so only the default widths load.)
+TRANSFORMERS_CANNOT_READ = {"olmo2", "mixtral", "qwen2_moe"}
 
 
 @pytest.fixture(scope="module")

@@ -28,7 +28,7 @@ from .exceptions import GGUFError
 from .gguf_layout import (
     ARCH_OF_MODEL_TYPE,
     FAMILIES,
-    HF_EXPERT,
+    MOE_LAYOUTS,
     gguf_tensor_name,
     head_count_for,
     is_norm,
@@ -194,9 +194,15 @@ def _add_model_metadata(
     theta, params = _rope(config)
     writer.add_rope_freq_base(theta)
     _add_rope_scaling(writer, params)
-    if getattr(config, "num_local_experts", None):  # Mixtral
-        writer.add_expert_count(config.num_local_experts)
+    moe = MOE_LAYOUTS.get(config.model_type)
+    if moe is not None:
+        writer.add_expert_count(getattr(config, moe.count))
         writer.add_expert_used_count(config.num_experts_per_tok)
+        if moe.width != "intermediate_size":  # Qwen-MoE: experts narrower than the dense MLP
+            writer.add_expert_feed_forward_length(getattr(config, moe.width))
+        shared = getattr(config, "shared_expert_intermediate_size", None)
+        if shared:
+            writer.add_expert_shared_feed_forward_length(shared)
     local = (getattr(config, "rope_parameters", None) or {}).get("sliding_attention")
     if local is not None:
         writer.add_rope_freq_base_swa(float(local["rope_theta"]))
@@ -270,6 +276,7 @@ def _tensor_plan(
     tied = bool(getattr(config, "tie_word_embeddings", False))
     plan: list[_OutTensor] = []
     experts: dict[tuple[int, str], dict[int, tuple[str, tuple[int, ...]]]] = {}
+    moe = MOE_LAYOUTS.get(config.model_type)
     for file in sorted(set(sources.values())):
         with safe_open(file, framework="pt") as handle:
             for hf_name in handle.keys():
@@ -277,8 +284,8 @@ def _tensor_plan(
                     tied and hf_name == "lm_head.weight"
                 ):
                     continue
-                if expert := HF_EXPERT.match(hf_name):  # stacked below, one tensor per kind
-                    layer, index, kind = int(expert[1]), int(expert[2]), expert[3]
+                if moe is not None and (expert := moe.match(hf_name)):  # stacked below, per kind
+                    layer, index, kind = expert
                     shape = tuple(handle.get_slice(hf_name).get_shape())
                     experts.setdefault((layer, kind), {})[index] = (hf_name, shape)
                     continue

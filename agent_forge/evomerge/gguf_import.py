@@ -29,6 +29,7 @@ from .exceptions import GGUFError
 from .gguf_header import GGUFArray, GGUFHeader, TensorEntry, read_header
 from .gguf_layout import (
     FAMILIES,
+    MOE_LAYOUTS,
     gguf_tensor_name,
     head_count_for,
     is_norm,
@@ -118,9 +119,8 @@ def _convert_gguf(header: GGUFHeader, out: Path, dtype: torch.dtype) -> None:
     config.architectures = [type(skeleton).__name__]
     config.dtype = dtype
     names = _gguf_to_hf_names(skeleton, str(header.architecture), config.num_hidden_layers)
-    experts = getattr(config, "num_local_experts", 0) or 0
-    if experts:  # Mixtral: written as Hugging Face's files hold it, expert by expert
-        names.update(_mixtral_names(config))
+    if config.model_type in MOE_LAYOUTS:  # written as Hugging Face's files hold it, by expert
+        names.update(_expert_names(config))
     written = _write_shards(_hf_tensors(header, config, names, dtype), out)
     if missing := sorted(_expected_keys(skeleton, config) - written):
         raise GGUFError(f"{header.path.name}: tensors missing from the file: {missing[:5]}")
@@ -145,8 +145,11 @@ def _config_from_header(header: GGUFHeader) -> Any:
     table = cast(dict[str, dict[str, Any]], GGUF_CONFIG_MAPPING)
     values: dict[str, Any] = {}
     for section in (arch, "tokenizer"):
-        # an architecture transformers' table lacks (olmo2) uses the common keys (llama's)
-        for key, hf_key in table.get(section, table["llama"]).items():
+        # the table is keyed by GGUF architecture or model type (qwen2moe: qwen2_moe); one it
+        # lacks (olmo2) uses the common keys (llama's)
+        model_type = FAMILIES[arch].model_types[0] if section == arch else section
+        keys = table.get(section) or table.get(model_type) or table["llama"]
+        for key, hf_key in keys.items():
             value = header.metadata.get(f"{section}.{key}")
             if hf_key is not None and value is not None and not isinstance(value, GGUFArray):
                 values[hf_key] = value
@@ -175,6 +178,12 @@ def _config_from_header(header: GGUFHeader) -> Any:
         model_type = "mixtral"
         values["num_local_experts"] = experts
         values["num_experts_per_tok"] = int(header.metadata[f"{arch}.expert_used_count"])
+    for key, field in (  # Qwen-MoE's widths, which transformers' table leaves out
+        ("expert_feed_forward_length", "moe_intermediate_size"),
+        ("expert_shared_feed_forward_length", "shared_expert_intermediate_size"),
+    ):
+        if isinstance(header.metadata.get(f"{arch}.{key}"), int):
+            values[field] = header.metadata[f"{arch}.{key}"]
     try:
         return AutoConfig.for_model(model_type, **values)
     except (ValueError, TypeError) as err:
@@ -253,37 +262,39 @@ def _gguf_to_hf_names(
     return mapping
 
 
-def _mixtral_names(config: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """Mixtral's router and stacked experts: GGUF name → (HF name, shape); a stacked tensor's
-    HF name holds ``{e}`` for the expert index (its shape is the stack's)."""
+def _expert_names(config: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """An MoE model's router and stacked experts: GGUF name → (HF name, shape); a stacked
+    tensor's HF name holds ``{e}`` for the expert index (its shape is the stack's)."""
+    moe = MOE_LAYOUTS[config.model_type]
+    count, hidden, width = (
+        getattr(config, moe.count),
+        config.hidden_size,
+        getattr(config, moe.width),
+    )
     names: dict[str, tuple[str, tuple[int, ...]]] = {}
-    count, hidden, inner = config.num_local_experts, config.hidden_size, config.intermediate_size
+    shapes = {"gate": (width, hidden), "down": (hidden, width), "up": (width, hidden)}
     for layer in range(config.num_hidden_layers):
-        stem = f"model.layers.{layer}.block_sparse_moe"
-        names[f"blk.{layer}.ffn_gate_inp.weight"] = (f"{stem}.gate.weight", (count, hidden))
-        for kind, shape in (
-            ("w1", (inner, hidden)),
-            ("w2", (hidden, inner)),
-            ("w3", (inner, hidden)),
-        ):
+        names[f"blk.{layer}.ffn_gate_inp.weight"] = (moe.router_name(layer), (count, hidden))
+        for kind, shape in shapes.items():
             names[stacked_expert_name(layer, kind)] = (
-                f"{stem}.experts.{{e}}.{kind}.weight",
+                moe.expert_name(layer, kind, "{e}"),
                 (count, *shape),
             )
     return names
 
 
 def _expected_keys(skeleton: torch.nn.Module, config: Any) -> set[str]:
-    if getattr(config, "num_local_experts", 0):  # Mixtral: the files' names, not the fused ones
-        keys = {k for k in skeleton.state_dict() if ".mlp." not in k}
+    moe = MOE_LAYOUTS.get(config.model_type)
+    if moe is not None:  # the files' per-expert names, not the fused parameters
+        count = getattr(config, moe.count)
+        keys = {
+            k
+            for k in skeleton.state_dict()
+            if ".experts." not in k and not k.endswith(".mlp.gate.weight")
+        }
         for layer in range(config.num_hidden_layers):
-            stem = f"model.layers.{layer}.block_sparse_moe"
-            keys.add(f"{stem}.gate.weight")
-            keys |= {
-                f"{stem}.experts.{e}.{kind}.weight"
-                for e in range(config.num_local_experts)
-                for kind in ("w1", "w2", "w3")
-            }
+            keys.add(moe.router_name(layer))
+            keys |= {moe.expert_name(layer, kind, e) for e in range(count) for kind in moe.kinds}
         return keys
     keys = set(skeleton.state_dict())
     if getattr(config, "tie_word_embeddings", False):

@@ -52,6 +52,7 @@ FAMILIES = {
     "qwen2": GGUFFamily(gguf.MODEL_ARCH.QWEN2, ("qwen2",), "Qwen2"),
     "qwen3": GGUFFamily(gguf.MODEL_ARCH.QWEN3, ("qwen3",), "Qwen3"),
     "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, ("phi3",), "Phi-3"),
+    "qwen2moe": GGUFFamily(gguf.MODEL_ARCH.QWEN2MOE, ("qwen2_moe",), "Qwen2-MoE"),
     "olmo2": GGUFFamily(gguf.MODEL_ARCH.OLMO2, ("olmo2",), "OLMo 2"),
     "gpt2": GGUFFamily(
         gguf.MODEL_ARCH.GPT2, ("gpt2",), "GPT-2",
@@ -70,19 +71,47 @@ SUPPORTED_ARCHITECTURES = {name: family.arch for name, family in FAMILIES.items(
 ARCH_OF_MODEL_TYPE = {t: name for name, family in FAMILIES.items() for t in family.model_types}
 
 
-#: A Mixtral expert's projection in Hugging Face's files; GGUF stacks each kind over the experts.
-HF_EXPERT = re.compile(
-    r"^model\.layers\.(\d+)\.block_sparse_moe\.experts\.(\d+)\.(w[123])\.weight$"
-)
-#: A stacked expert tensor in a GGUF file (w1: gate, w2: down, w3: up).
-GGUF_EXPERTS = re.compile(r"^blk\.(\d+)\.ffn_(gate|down|up)_exps\.weight$")
-EXPERT_KINDS = {"gate": "w1", "down": "w2", "up": "w3"}
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Where a mixture-of-experts model keeps its experts in Hugging Face's files (one tensor
+    per expert and projection); GGUF stacks each projection over the experts."""
+
+    stem: str  # the MoE block under each layer
+    kinds: dict[str, str]  # GGUF's gate / down / up → the projection's name
+    count: str  # the config field with the expert count
+    width: str  # the config field with an expert's inner width
+
+    def expert_name(self, layer: int, kind: str, expert: int | str) -> str:
+        return f"model.layers.{layer}.{self.stem}.experts.{expert}.{self.kinds[kind]}.weight"
+
+    def router_name(self, layer: int) -> str:
+        return f"model.layers.{layer}.{self.stem}.gate.weight"
+
+    def match(self, hf_name: str) -> tuple[int, int, str] | None:
+        """(layer, expert, GGUF kind) of an expert tensor, else None."""
+        found = re.match(
+            rf"^model\.layers\.(\d+)\.{self.stem}\.experts\.(\d+)\.(\w+)\.weight$", hf_name
+        )
+        kind = {v: k for k, v in self.kinds.items()}.get(found[3]) if found else None
+        return (int(found[1]), int(found[2]), kind) if found and kind else None
+
+
+#: transformers model type → its experts' layout (Mixtral, Qwen2-MoE).
+MOE_LAYOUTS = {
+    "mixtral": ExpertLayout(
+        "block_sparse_moe", {"gate": "w1", "down": "w2", "up": "w3"}, "num_local_experts",
+        "intermediate_size",
+    ),
+    "qwen2_moe": ExpertLayout(
+        "mlp", {"gate": "gate_proj", "down": "down_proj", "up": "up_proj"}, "num_experts",
+        "moe_intermediate_size",
+    ),
+}  # fmt: skip
 
 
 def stacked_expert_name(layer: int, kind: str) -> str:
-    """The GGUF name of layer ``layer``'s stacked Mixtral experts of ``kind`` (w1, w2, w3)."""
-    stem = {"w1": "gate", "w2": "down", "w3": "up"}[kind]
-    return f"blk.{layer}.ffn_{stem}_exps.weight"
+    """The GGUF name of layer ``layer``'s stacked experts of ``kind`` (gate, down, up)."""
+    return f"blk.{layer}.ffn_{kind}_exps.weight"
 
 
 def tensor_name_map(architecture: str, n_layers: int) -> gguf.TensorNameMap:
