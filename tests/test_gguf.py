@@ -141,6 +141,16 @@ def save_model(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         )  # fmt: skip
         return _save_seeded(path, tokenizer, config, layers * 10 + tied)
+    if arch == "gpt_neox":  # LayerNorm, rope over a quarter of each head, parallel residual
+        from transformers import GPTNeoXConfig
+
+        config = GPTNeoXConfig(
+            vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=layers,
+            num_attention_heads=4, intermediate_size=128, max_position_embeddings=128,
+            tie_word_embeddings=tied, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )  # fmt: skip
+        return _save_seeded(path, tokenizer, config, layers * 10 + tied)
     from transformers import (
         Gemma2Config,
         Gemma3TextConfig,
@@ -225,10 +235,11 @@ MODELS = {  # name: (tokenizer builder, layers, tied, arch, head_dim (0: hidden 
     "gpt2-bpe-2layers-tied": (bpe_tokenizer, 2, True, "gpt2", 0),
     "mixtral-bpe-2layers-untied": (bpe_tokenizer, 2, False, "mixtral", 0),
     "qwen2moe-bpe-2layers-untied": (bpe_tokenizer, 2, False, "qwen2_moe", 0),
+    "neox-bpe-2layers-untied": (bpe_tokenizer, 2, False, "gpt_neox", 0),
 }
 #: Architectures EvoMerge writes and reads that transformers' own GGUF loader does not know.
 #: (Qwen2-MoE: its table leaves out the experts' widths, so only the default widths load.)
-TRANSFORMERS_CANNOT_READ = {"olmo2", "mixtral", "qwen2_moe"}
+TRANSFORMERS_CANNOT_READ = {"olmo2", "mixtral", "qwen2_moe", "gpt_neox"}
 
 
 @pytest.fixture(scope="module")

@@ -33,6 +33,7 @@ from .gguf_layout import (
     head_count_for,
     is_norm,
     permute_qk,
+    regroup_qkv,
     stacked_expert_name,
     tensor_name_map,
 )
@@ -175,6 +176,9 @@ def _add_model_metadata(
     if FAMILIES[ARCH_OF_MODEL_TYPE[config.model_type]].conv1d:
         _add_gpt2_metadata(writer, config)
         return
+    if FAMILIES[ARCH_OF_MODEL_TYPE[config.model_type]].neox:
+        _add_neox_metadata(writer, config)
+        return
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
@@ -222,6 +226,24 @@ def _add_gpt2_metadata(writer: gguf.GGUFWriter, config: Any) -> None:
     writer.add_feed_forward_length(config.n_inner or 4 * config.n_embd)
     writer.add_head_count(config.n_head)
     writer.add_layer_norm_eps(config.layer_norm_epsilon)
+    writer.add_vocab_size(config.vocab_size)
+
+
+def _add_neox_metadata(writer: gguf.GGUFWriter, config: Any) -> None:
+    """GPT-NeoX's hyper-parameters: LayerNorm, rope over part of each head, parallel residual."""
+    theta, params = _rope(config)
+    if params.get("rope_type", "default") not in ("default", None):
+        raise GGUFError(f"rope scaling {params['rope_type']!r} of GPT-NeoX cannot be exported")
+    head_dim = config.hidden_size // config.num_attention_heads
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_rope_dimension_count(int(params.get("partial_rotary_factor", 1.0) * head_dim))
+    writer.add_rope_freq_base(theta)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_parallel_residual(bool(config.use_parallel_residual))
+    writer.add_layer_norm_eps(config.layer_norm_eps)
     writer.add_vocab_size(config.vocab_size)
 
 
@@ -280,9 +302,7 @@ def _tensor_plan(
     for file in sorted(set(sources.values())):
         with safe_open(file, framework="pt") as handle:
             for hf_name in handle.keys():
-                if hf_name.endswith("rotary_emb.inv_freq") or (
-                    tied and hf_name == "lm_head.weight"
-                ):
+                if hf_name.endswith("rotary_emb.inv_freq"):
                     continue
                 if moe is not None and (expert := moe.match(hf_name)):  # stacked below, per kind
                     layer, index, kind = expert
@@ -292,6 +312,8 @@ def _tensor_plan(
                 gguf_name = gguf_tensor_name(name_map, hf_name)
                 if gguf_name is None:
                     raise GGUFError(f"tensor {hf_name!r} has no GGUF name for architecture {arch}")
+                if tied and gguf_name == "output.weight":  # the head is the embedding
+                    continue
                 shape = tuple(handle.get_slice(hf_name).get_shape())
                 if FAMILIES[arch].transposed(gguf_name):
                     shape = shape[::-1]
@@ -301,8 +323,8 @@ def _tensor_plan(
         shape = (len(names), *members[0][1])
         name = stacked_expert_name(layer, kind)
         plan.append(_OutTensor(names, name, shape, _pick_type(shape, outtype)))
-    if not tied and "lm_head.weight" not in sources:
-        raise GGUFError("config says embeddings are untied but lm_head.weight is missing")
+    if not tied and not any(entry.gguf_name == "output.weight" for entry in plan):
+        raise GGUFError("config says embeddings are untied but the model has no head tensor")
     plan.sort(key=_tensor_order)
     if (freqs := _rope_freqs(config)) is not None:
         plan.append(_OutTensor((), "rope_freqs.weight", tuple(freqs.shape), QType.F32))
@@ -358,6 +380,8 @@ def _write_tensors(
             values = values + 1.0  # llama.cpp scales by w, Gemma by 1 + w
         if family.transposed(entry.gguf_name):
             values = np.ascontiguousarray(values.T)
+        if family.neox and ".attn_qkv." in entry.gguf_name:
+            values = regroup_qkv(values, config.num_attention_heads)
         writer.write_tensor_data(_encode(values, entry.qtype))
 
 

@@ -34,6 +34,7 @@ from .gguf_layout import (
     head_count_for,
     is_norm,
     permute_qk,
+    regroup_qkv,
     stacked_expert_name,
     tensor_name_map,
 )
@@ -178,6 +179,19 @@ def _config_from_header(header: GGUFHeader) -> Any:
         model_type = "mixtral"
         values["num_local_experts"] = experts
         values["num_experts_per_tok"] = int(header.metadata[f"{arch}.expert_used_count"])
+    if FAMILIES[arch].neox:  # transformers has no GPT-NeoX table: its own keys
+        meta = header.metadata
+        values["layer_norm_eps"] = float(meta[f"{arch}.attention.layer_norm_epsilon"])
+        values["use_parallel_residual"] = bool(meta.get(f"{arch}.use_parallel_residual", True))
+        head_dim = values["hidden_size"] // values["num_attention_heads"]
+        rotary = meta.get(f"{arch}.rope.dimension_count", head_dim) / head_dim
+        values["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": float(values.pop("rope_theta", 10000.0)),
+            "partial_rotary_factor": rotary,
+        }
+        values.pop("num_key_value_heads", None)
+        values.pop("head_dim", None)  # llama's table reads the rope width as the head size
     for key, field in (  # Qwen-MoE's widths, which transformers' table leaves out
         ("expert_feed_forward_length", "moe_intermediate_size"),
         ("expert_shared_feed_forward_length", "shared_expert_intermediate_size"),
@@ -341,6 +355,8 @@ def _hf_tensors(
             values = values - 1.0  # stored as 1 + w (Gemma's norms scale by 1 + w)
         if family.transposed(entry.name):
             values = values.T  # GPT-2's Conv1D keeps (in, out)
+        if family.neox and ".attn_qkv." in entry.name:
+            values = regroup_qkv(values, config.num_attention_heads, inverse=True)
         if "{e}" in hf_name:  # stacked experts, one tensor each
             for index, expert in enumerate(values):
                 array = np.require(expert, np.float32, ["C", "W"])

@@ -36,6 +36,9 @@ class GGUFFamily:
     norm_offset: bool = False
     sliding_window: bool = False
     conv1d: tuple[str, ...] = ()
+    #: GPT-NeoX: its fused QKV rows go head by head (q, k, v of head 0, then head 1, …) where
+    #: GGUF keeps all q rows, then all k, then all v; also LayerNorm and partial rope.
+    neox: bool = False
 
     def transposed(self, gguf_name: str) -> bool:
         """Whether tensor ``gguf_name`` is stored transposed relative to Hugging Face's."""
@@ -54,6 +57,7 @@ FAMILIES = {
     "phi3": GGUFFamily(gguf.MODEL_ARCH.PHI3, ("phi3",), "Phi-3"),
     "qwen2moe": GGUFFamily(gguf.MODEL_ARCH.QWEN2MOE, ("qwen2_moe",), "Qwen2-MoE"),
     "olmo2": GGUFFamily(gguf.MODEL_ARCH.OLMO2, ("olmo2",), "OLMo 2"),
+    "gptneox": GGUFFamily(gguf.MODEL_ARCH.GPTNEOX, ("gpt_neox",), "GPT-NeoX, Pythia", neox=True),
     "gpt2": GGUFFamily(
         gguf.MODEL_ARCH.GPT2, ("gpt2",), "GPT-2",
         conv1d=("attn_qkv", "attn_output", "ffn_up", "ffn_down"),
@@ -107,6 +111,15 @@ MOE_LAYOUTS = {
         "moe_intermediate_size",
     ),
 }  # fmt: skip
+
+
+def regroup_qkv(values: np.ndarray, n_head: int, *, inverse: bool = False) -> np.ndarray:
+    """GPT-NeoX's fused QKV (weight or bias rows) from head-by-head (q, k, v per head) to GGUF's
+    all-q, all-k, all-v order (``inverse``: back)."""
+    rest = values.shape[1:]
+    per_head = values.shape[0] // (3 * n_head)
+    split = (3, n_head, per_head) if inverse else (n_head, 3, per_head)
+    return np.ascontiguousarray(values.reshape(*split, *rest).swapaxes(0, 1).reshape(values.shape))
 
 
 def stacked_expert_name(layer: int, kind: str) -> str:
