@@ -1,4 +1,6 @@
-"""How GGUF lays out a Hugging Face model: supported architectures, tensor names, Q/K row order.
+"""How GGUF lays out a Hugging Face model: the supported families (``FAMILIES``), tensor names,
+and the layouts that differ from Hugging Face's (Llama's Q/K row order, Gemma's 1 + w norms,
+GPT-2's transposed Conv1D, GPT-NeoX's QKV grouping, MoE experts stacked per kind).
 
 Shared by the import (``gguf_import``) and the export (``gguf_export``), which walk the same
 correspondence in opposite directions.
