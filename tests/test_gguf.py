@@ -736,13 +736,13 @@ def test_missing_file_and_bad_export_inputs(tmp_path, model_dirs):
         export_gguf(tmp_path, tmp_path / "x.gguf")
     with pytest.raises(GGUFError, match="outtype 'q4_k'"):
         export_gguf(model_dirs["bpe-2layers-untied"], tmp_path / "x.gguf", "q4_k")
-    from transformers import GPTNeoXConfig
+    from transformers import FalconConfig
 
-    GPTNeoXConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4).save_pretrained(
-        tmp_path / "neox"
+    FalconConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=4).save_pretrained(
+        tmp_path / "falcon"
     )
-    with pytest.raises(GGUFError, match="model type 'gpt_neox' cannot be exported"):
-        export_gguf(tmp_path / "neox", tmp_path / "x.gguf")
+    with pytest.raises(GGUFError, match="model type 'falcon' cannot be exported"):
+        export_gguf(tmp_path / "falcon", tmp_path / "x.gguf")
     (tmp_path / "no-tokenizer").mkdir()
     for name in ("config.json", "model.safetensors"):
         source = model_dirs["bpe-2layers-untied"] / name
