@@ -1,11 +1,11 @@
-"""GGUF out: a Hugging Face model folder (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 3) written
-as one GGUF file.
+"""GGUF out: a Hugging Face model folder (a family of ``gguf_layout.FAMILIES``) written as one
+GGUF file.
 
 Architecture metadata come from the HF config (rope scaling included; Llama 3.1-style rope as the
 ``rope_freqs`` tensor), the tokenizer from ``gguf_tokenizer``, and the tensors under GGUF names
-and layout (Llama's Q/K permuted, Gemma's norms as 1 + w: ``gguf_layout``) as f32, f16, bf16 or
+and layout (``gguf_layout.convert_layout``; MoE experts stacked per kind) as f32, f16, bf16 or
 q8_0 (1-D tensors stay F32), read from safetensors and written by ``gguf.GGUFWriter`` one at a
-time into a temp file that is renamed when complete. A config GGUF cannot express (Gemma 3
+time into a temp file that is renamed when complete. A config GGUF cannot express (Gemma
 layer types off llama.cpp's fixed pattern) is refused.
 """
 
@@ -29,11 +29,8 @@ from .gguf_layout import (
     ARCH_OF_MODEL_TYPE,
     FAMILIES,
     MOE_LAYOUTS,
+    convert_layout,
     gguf_tensor_name,
-    head_count_for,
-    is_norm,
-    permute_qk,
-    regroup_qkv,
     stacked_expert_name,
     tensor_name_map,
 )
@@ -173,10 +170,11 @@ def _add_model_metadata(
     writer.add_type("model")
     writer.add_name(Path(getattr(config, "_name_or_path", "") or model_dir.name).name or "model")
     writer.add_file_type(_FILE_TYPES[qtype])
-    if FAMILIES[ARCH_OF_MODEL_TYPE[config.model_type]].conv1d:
+    family = FAMILIES[ARCH_OF_MODEL_TYPE[config.model_type]]
+    if family.conv1d:
         _add_gpt2_metadata(writer, config)
         return
-    if FAMILIES[ARCH_OF_MODEL_TYPE[config.model_type]].neox:
+    if family.neox:
         _add_neox_metadata(writer, config)
         return
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -214,7 +212,7 @@ def _add_model_metadata(
         if getattr(config, key, None) is not None:
             getattr(writer, f"add_{key}")(float(getattr(config, key)))
     window = getattr(config, "sliding_window", None)
-    if FAMILIES[ARCH_OF_MODEL_TYPE[config.model_type]].sliding_window and window:
+    if family.sliding_window and window:
         writer.add_sliding_window(int(window))
 
 
@@ -373,15 +371,7 @@ def _write_tensors(
     family = FAMILIES[arch]
     for entry in plan:
         values = _source_values(entry, sources, config)
-        heads = head_count_for(entry.gguf_name, config) if family.permuted else None
-        if heads is not None:
-            values = permute_qk(values, heads)
-        if family.norm_offset and is_norm(entry.gguf_name):
-            values = values + 1.0  # llama.cpp scales by w, Gemma by 1 + w
-        if family.transposed(entry.gguf_name):
-            values = np.ascontiguousarray(values.T)
-        if family.neox and ".attn_qkv." in entry.gguf_name:
-            values = regroup_qkv(values, config.num_attention_heads)
+        values = convert_layout(family, entry.gguf_name, values, config, to_gguf=True)
         writer.write_tensor_data(_encode(values, entry.qtype))
 
 

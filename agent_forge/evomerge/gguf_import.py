@@ -1,12 +1,12 @@
 """GGUF in: a GGUF file becomes an ordinary Hugging Face model folder in a content-keyed cache.
 
 After the bounded header parse (``gguf_header``), tensors are dequantised with ``gguf.quants``,
-renamed to Hugging Face names and, for llama, un-permuted, for Gemma 3 with norms back from
-1 + w (``gguf_layout.FAMILIES``); the config comes from transformers' GGUF key table (plus the
-head size, which its Qwen3 table leaves out), the tokenizer from transformers' GGUF tokenizer
-conversion. The
-folder (``$EVOMERGE_CACHE/gguf``, else ``~/.cache/evomerge/gguf``) is written atomically, keyed
-by the file's SHA-256, and reused next time.
+renamed to Hugging Face names and brought back to Hugging Face's layout
+(``gguf_layout.convert_layout``; MoE experts unstacked); the config comes from transformers'
+GGUF key table (plus what it leaves out: head sizes, soft-capping, expert widths, GPT-NeoX),
+the tokenizer from transformers' GGUF tokenizer conversion. The folder
+(``$EVOMERGE_CACHE/gguf``, else ``~/.cache/evomerge/gguf``) is written atomically, keyed by the
+file's SHA-256 and the conversion's version, and reused next time.
 """
 
 from __future__ import annotations
@@ -30,11 +30,8 @@ from .gguf_header import GGUFArray, GGUFHeader, TensorEntry, read_header
 from .gguf_layout import (
     FAMILIES,
     MOE_LAYOUTS,
+    convert_layout,
     gguf_tensor_name,
-    head_count_for,
-    is_norm,
-    permute_qk,
-    regroup_qkv,
     stacked_expert_name,
     tensor_name_map,
 )
@@ -348,15 +345,7 @@ def _hf_tensors(
         rows = math.prod(entry.shape[:-1])  # (rows, bytes per row), as gguf.quants expects
         raw = blob[start : start + entry.nbytes].reshape(rows, -1)
         values = gguf.quants.dequantize(raw, entry.qtype).reshape(entry.shape)
-        heads = head_count_for(entry.name, config) if family.permuted else None
-        if heads is not None:
-            values = permute_qk(values, heads, inverse=True)
-        if family.norm_offset and is_norm(entry.name):
-            values = values - 1.0  # stored as 1 + w (Gemma's norms scale by 1 + w)
-        if family.transposed(entry.name):
-            values = values.T  # GPT-2's Conv1D keeps (in, out)
-        if family.neox and ".attn_qkv." in entry.name:
-            values = regroup_qkv(values, config.num_attention_heads, inverse=True)
+        values = convert_layout(family, entry.name, values, config, to_gguf=False)
         if "{e}" in hf_name:  # stacked experts, one tensor each
             for index, expert in enumerate(values):
                 array = np.require(expert, np.float32, ["C", "W"])

@@ -165,3 +165,21 @@ def head_count_for(name: str, config: Any) -> int | None:
     if ".attn_k." in name:
         return config.num_key_value_heads
     return None
+
+
+def convert_layout(
+    family: GGUFFamily, gguf_name: str, values: np.ndarray, config: Any, *, to_gguf: bool
+) -> np.ndarray:
+    """Tensor ``gguf_name`` from Hugging Face's layout to GGUF's (``to_gguf``) or back, for
+    ``family``: Llama's Q/K rows, Gemma's 1 + w norms, GPT-2's transposed Conv1D, GPT-NeoX's QKV
+    grouping. Each step touches its own tensors, so their order does not matter."""
+    heads = head_count_for(gguf_name, config) if family.permuted else None
+    if heads is not None:
+        values = permute_qk(values, heads, inverse=not to_gguf)
+    if family.norm_offset and is_norm(gguf_name):
+        values = values + 1.0 if to_gguf else values - 1.0
+    if family.transposed(gguf_name):
+        values = np.ascontiguousarray(values.T)
+    if family.neox and ".attn_qkv." in gguf_name:
+        values = regroup_qkv(values, config.num_attention_heads, inverse=not to_gguf)
+    return values
