@@ -234,6 +234,7 @@ MODELS = {  # name: (tokenizer builder, layers, tied, arch, head_dim (0: hidden 
     "olmo2-bpe-2layers-untied": (bpe_tokenizer, 2, False, "olmo2", 0),
     "gpt2-bpe-2layers-tied": (bpe_tokenizer, 2, True, "gpt2", 0),
     "mixtral-bpe-2layers-untied": (bpe_tokenizer, 2, False, "mixtral", 0),
+    "mixtral-bpe-2layers-tied": (bpe_tokenizer, 2, True, "mixtral", 0),
     "qwen2moe-bpe-2layers-untied": (bpe_tokenizer, 2, False, "qwen2_moe", 0),
     "neox-bpe-2layers-untied": (bpe_tokenizer, 2, False, "gpt_neox", 0),
 }

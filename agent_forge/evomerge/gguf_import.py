@@ -295,19 +295,14 @@ def _expert_names(config: Any) -> dict[str, tuple[str, tuple[int, ...]]]:
 
 
 def _expected_keys(skeleton: torch.nn.Module, config: Any) -> set[str]:
+    keys = set(skeleton.state_dict())
     moe = MOE_LAYOUTS.get(config.model_type)
     if moe is not None:  # the files' per-expert names, not the fused parameters
         count = getattr(config, moe.count)
-        keys = {
-            k
-            for k in skeleton.state_dict()
-            if ".experts." not in k and not k.endswith(".mlp.gate.weight")
-        }
+        keys = {k for k in keys if ".experts." not in k and not k.endswith(".mlp.gate.weight")}
         for layer in range(config.num_hidden_layers):
             keys.add(moe.router_name(layer))
             keys |= {moe.expert_name(layer, kind, e) for e in range(count) for kind in moe.kinds}
-        return keys
-    keys = set(skeleton.state_dict())
     if getattr(config, "tie_word_embeddings", False):
         keys.discard("lm_head.weight")
     return keys
