@@ -383,13 +383,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     check_compatible(list(opened.values()), layer_stacking=_has_layer_stack(document.recipe))
     for name, recorded in document.source_info.items():
         expected = recorded.get("sha256")
-        if name in opened and expected and opened[name].content_hash() != expected:
+        found = opened[name].content_hash() if name in opened and expected else expected
+        if found != expected:
             logger.warning(
                 "model %s (%s) is not the one the recipe was made from (weights SHA-256 %s…, "
                 "recorded %s…): the merge will differ from the original",
                 name,
                 sources[name],
-                opened[name].content_hash()[:12],
+                found[:12],
                 expected[:12],
             )
     merger = AdvancedModelMerger(config, sources=opened, base=document.base)
